@@ -21,4 +21,5 @@ d = { 'settings': { 'branch': 'main',
                                  'anime_pose.core.load_image': ('core.html#load_image', 'anime_pose/core.py'),
                                  'anime_pose.core.seed_everything': ('core.html#seed_everything', 'anime_pose/core.py'),
                                  'anime_pose.core.show_images': ('core.html#show_images', 'anime_pose/core.py'),
-                                 'anime_pose.core.to_rgb': ('core.html#to_rgb', 'anime_pose/core.py')}}}
+                                 'anime_pose.core.to_rgb': ('core.html#to_rgb', 'anime_pose/core.py'),
+                                 'anime_pose.core.triple_features': ('core.html#triple_features', 'anime_pose/core.py')}}}

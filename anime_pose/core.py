@@ -13,8 +13,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['MAX_IMAGE_PIXELS', 'AnimePoseError', 'ImageError', 'to_rgb', 'load_image', 'image_grid', 'show_images',
-           'seed_everything', 'default_device', 'default_dtype', 'atomic_path']
+__all__ = ['MAX_IMAGE_PIXELS', 'N_BODY_KEYPOINTS', 'AnimePoseError', 'ImageError', 'to_rgb', 'load_image', 'image_grid',
+           'show_images', 'seed_everything', 'default_device', 'default_dtype', 'triple_features', 'atomic_path']
 
 # %% ../nbs/00_core.ipynb #503cae92
 class AnimePoseError(ValueError):
@@ -145,6 +145,20 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     if device.type == 'cuda': return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == 'mps': return torch.float16
     return torch.float32
+
+# %% ../nbs/00_core.ipynb #93b8437f
+N_BODY_KEYPOINTS = 18  # OpenPose COCO-18, the order ControlNet draws
+
+def triple_features(**extra):
+    "The `datasets.Features` every source of triples shares, plus `extra` source-specific columns."
+    import datasets
+    return datasets.Features({
+        'reference': datasets.Image(),  # character A in some pose
+        'target': datasets.Image(),  # character A in the target pose (the ground truth)
+        'pose': datasets.Array2D(shape=(N_BODY_KEYPOINTS, 3), dtype='float32'),  # target pose: x, y in [0, 1] of the image, confidence (0 = missing)
+        'character': datasets.Value('string'),  # who A is: a Danbooru character tag or a synthetic id
+        'tags': datasets.Sequence(datasets.Value('string')),  # Danbooru-style tags describing A
+        **extra})
 
 # %% ../nbs/00_core.ipynb #6525d554
 @contextmanager
