@@ -1,0 +1,221 @@
+"Training machinery: configuration, data order, checkpoints, exact resume, divergence, command line, accelerate launch."
+import json, os, shutil, signal, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from anime_pose.cli import main
+from anime_pose.train import (ConfigError, ToyMethod, TrainConfig, TrainingDiverged, batch_indices, list_checkpoints,
+                              load_config, load_method, override_config, read_losses, save_checkpoint, train)
+
+BIN = Path(sys.executable).parent
+
+
+def toy_config(**overrides):
+    values = dict(method='toy', max_steps=30, batch_size=8, learning_rate=3e-2, validate_every=10, checkpoint_every=10,
+                  keep_checkpoints=3, sample_every=0)
+    return override_config(TrainConfig(), {**values, **overrides})
+
+
+def weights(run: Path) -> dict:
+    return load_file(run / 'final' / 'model.safetensors')
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a: assert torch.equal(a[k], b[k]), k
+
+
+# ---- configuration ----
+
+def test_config_file_round_trip_and_overrides(tmp_path):
+    config = override_config(load_config('tiny'), {'learning_rate': '5e-5', 'train_reference': 'no', 'loss': 'huber'})
+    assert (config.learning_rate, config.train_reference, config.loss) == (5e-5, False, 'huber')
+    config.save(tmp_path / 'c.json')
+    assert load_config(tmp_path / 'c.json') == config
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'loss': 'l3'}, "loss='l3' is invalid"),
+    ({'resolution': 60}, 'multiple of 8'),
+    ({'batch_size': 0}, 'batch_size=0 is invalid'),
+    ({'conditioning_dropout': 1.5}, 'probability'),
+    ({'mixed_precision': 'fp8'}, 'one of no, fp16, bf16'),
+    ({'lerning_rate': 1}, "unknown field 'lerning_rate'"),
+    ({'cache': 'maybe'}, "cache='maybe' is not a bool"),
+])
+def test_bad_config_values_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message): override_config(TrainConfig(), overrides)
+
+
+def test_bad_config_files(tmp_path):
+    (tmp_path / 'broken.json').write_text('{"seed": ')
+    (tmp_path / 'list.json').write_text('[1, 2]')
+    (tmp_path / 'typo.json').write_text('{"max_step": 3}')
+    with pytest.raises(ConfigError, match='not a JSON file'): load_config(tmp_path / 'broken.json')
+    with pytest.raises(ConfigError, match='expected a JSON object'): load_config(tmp_path / 'list.json')
+    with pytest.raises(ConfigError, match="typo.json': unknown field 'max_step'"): load_config(tmp_path / 'typo.json')
+    with pytest.raises(ConfigError, match='no such configuration file'): load_config(tmp_path / 'missing.json')
+
+
+def test_methods_are_imported_by_name_only_when_chosen():
+    assert load_method('toy') is ToyMethod
+    assert load_method('anime_pose.train:ToyMethod') is ToyMethod
+    with pytest.raises(ConfigError, match="method 'nope' is unknown"): load_method('nope')
+    with pytest.raises(ConfigError, match='cannot import'): load_method('no_such_package.x:Y')
+    with pytest.raises(ConfigError, match='no TrainMethod subclass called Nope'): load_method('anime_pose.train:Nope')
+    source = (Path(__file__).parents[1] / 'anime_pose' / 'train.py').read_text()
+    assert 'anime_pose.gan' not in [line.split()[1] for line in source.splitlines() if line.startswith(('import ', 'from '))]
+
+
+# ---- data order ----
+
+def test_batch_indices_cover_each_epoch_and_split_across_processes():
+    n, size = 12, 4
+    stream = [i for m in range(6) for i in batch_indices(n, size, m, seed=5)]
+    assert sorted(stream[:12]) == list(range(12)) and sorted(stream[12:]) == list(range(12)) and stream[:12] != stream[12:]
+    two = [batch_indices(n, size // 2, m, seed=5, rank=r, world_size=2) for m in range(6) for r in range(2)]
+    assert [i for b in two for i in b] == stream  # two processes of 2 see what one process of 4 sees
+    assert batch_indices(n, size, 3, seed=6) != batch_indices(n, size, 3, seed=5)
+
+
+def test_batch_smaller_than_dataset_wraps_into_next_epoch():
+    indices = batch_indices(3, 5, 0, seed=0)
+    assert len(indices) == 5 and set(indices) == {0, 1, 2}
+
+
+# ---- the loop ----
+
+def test_toy_training_learns_and_writes_the_run_directory(tmp_path):
+    summary = train(toy_config(), tmp_path / 'run', progress=False)
+    rows = read_losses(tmp_path / 'run')
+    train_losses = [r['loss'] for r in rows if r['split'] == 'train']
+    assert len(train_losses) == 30 and summary['steps'] == 30
+    assert [r['step'] for r in rows if r['split'] == 'test'] == [0, 10, 20, 30]
+    assert rows[-1]['loss'] < rows[0]['loss'] / 3
+    assert [p.name for p in list_checkpoints(tmp_path / 'run')] == ['checkpoint-10', 'checkpoint-20']
+    assert load_config(tmp_path / 'run' / 'config.json') == toy_config()
+    assert (tmp_path / 'run' / 'final' / 'model.safetensors').exists()
+
+
+class Crash(Exception): pass
+
+
+def crashing(at_call: int):
+    class CrashingToy(ToyMethod):
+        calls = 0
+        def training_step(self, batch):
+            CrashingToy.calls += 1
+            if CrashingToy.calls == at_call: raise Crash(f'killed in call {at_call}')
+            return super().training_step(batch)
+    return CrashingToy
+
+
+@pytest.mark.parametrize('accumulation, crash_call', [(1, 17), (2, 25), (1, 3)])
+def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path, accumulation, crash_call):
+    config = toy_config(gradient_accumulation=accumulation)
+    train(config, tmp_path / 'straight', progress=False)
+    with pytest.raises(Crash): train(config, tmp_path / 'killed', method=crashing(crash_call), progress=False)
+    assert not (tmp_path / 'killed' / 'final').exists()
+    train(config, tmp_path / 'killed', resume=True, progress=False)
+    assert_same_weights(weights(tmp_path / 'killed'), weights(tmp_path / 'straight'))
+    assert read_losses(tmp_path / 'killed') == read_losses(tmp_path / 'straight')
+
+
+def test_resume_ignores_a_half_written_checkpoint(tmp_path):
+    config = toy_config()
+    train(config, tmp_path / 'straight', progress=False)
+    with pytest.raises(Crash): train(config, tmp_path / 'run', method=crashing(25), progress=False)
+    half = tmp_path / 'run' / '.checkpoint-30.abc.tmp'
+    half.mkdir()
+    (half / 'model.safetensors').write_bytes(b'\0' * 10)
+    (tmp_path / 'run' / 'checkpoint-40').mkdir()  # a directory without trainer_state.json is not a checkpoint
+    assert list_checkpoints(tmp_path / 'run')[-1].name == 'checkpoint-20'
+    train(config, tmp_path / 'run', resume=True, progress=False)
+    assert not half.exists()
+    assert_same_weights(weights(tmp_path / 'run'), weights(tmp_path / 'straight'))
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    train(toy_config(max_steps=2), tmp_path / 'run', progress=False)
+    with pytest.raises(ConfigError.__mro__[1], match='already holds a training run'):
+        train(toy_config(max_steps=2), tmp_path / 'run', progress=False)
+
+
+def test_nan_loss_stops_naming_step_and_last_good_checkpoint(tmp_path):
+    class Exploding(ToyMethod):
+        calls = 0
+        def training_step(self, batch):
+            Exploding.calls += 1
+            loss = super().training_step(batch)
+            return loss * float('inf') if Exploding.calls == 14 else loss
+    with pytest.raises(TrainingDiverged, match=r"loss is (inf|nan) at step 14; the last good checkpoint is .*checkpoint-10"):
+        train(toy_config(), tmp_path / 'run', method=Exploding, progress=False)
+    with pytest.raises(TrainingDiverged, match='no checkpoint was written yet'):
+        Exploding.calls = 0
+        train(toy_config(checkpoint_every=0), tmp_path / 'run2', method=Exploding, progress=False)
+
+
+def test_checkpoints_are_safetensors_and_json_only(tmp_path):
+    train(toy_config(), tmp_path / 'run', progress=False)
+    checkpoint = list_checkpoints(tmp_path / 'run')[-1]
+    assert {p.suffix for p in checkpoint.iterdir()} == {'.safetensors', '.json'}
+    assert json.loads((checkpoint / 'trainer_state.json').read_text())['step'] == 20
+
+
+# ---- command line ----
+
+def anime_pose(*args, **kwargs):
+    return subprocess.run([str(BIN / 'anime-pose'), *args], capture_output=True, text=True, **kwargs)
+
+
+def test_cli_trains_resumes_and_reports(tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert main(['train', '--method', 'toy', '--out', str(out), '--max-steps', '6', '--checkpoint-every', '2', '--seed', '4',
+                 '--loss', 'l1', '--set', 'validate_every=3']) == 0
+    assert 'trained 6 steps' in capsys.readouterr().out
+    saved = load_config(out / 'config.json')
+    assert (saved.seed, saved.loss, saved.max_steps, saved.validate_every) == (4, 'l1', 6, 3)
+    assert main(['train', '--out', str(out), '--resume', '--max-steps', '8']) == 0  # the saved config is the base
+    assert load_config(out / 'config.json').max_steps == 8 and load_config(out / 'config.json').seed == 4
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = anime_pose('train', '--method', 'toy', '--out', str(tmp_path), '--set', 'batch_size=-1')
+    assert result.returncode == 1 and result.stderr.strip().count('\n') == 0 and 'batch_size=-1 is invalid' in result.stderr
+    result = anime_pose('train', '--method', 'toy')
+    assert result.returncode == 1 and '--out DIR is required' in result.stderr
+    result = anime_pose('train', '--config', str(tmp_path / 'nothing.json'), '--out', str(tmp_path / 'x'))
+    assert result.returncode == 1 and 'no such configuration file' in result.stderr
+
+
+def test_cli_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
+    args = ['train', '--method', 'toy', '--max-steps', '1500', '--checkpoint-every', '50', '--set', 'validate_every=0',
+            '--set', 'keep_checkpoints=2']
+    assert anime_pose(*args, '--out', str(tmp_path / 'straight')).returncode == 0
+    process = subprocess.Popen([str(BIN / 'anime-pose'), *args, '--out', str(tmp_path / 'killed')],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list_checkpoints(tmp_path / 'killed') and time.time() < deadline and process.poll() is None: time.sleep(0.05)
+    process.send_signal(signal.SIGKILL); process.wait()
+    assert not (tmp_path / 'killed' / 'final').exists(), 'the run finished before it could be killed'
+    assert anime_pose(*args, '--out', str(tmp_path / 'killed'), '--resume').returncode == 0
+    assert_same_weights(weights(tmp_path / 'killed'), weights(tmp_path / 'straight'))
+
+
+def test_accelerate_launch_with_two_cpu_processes(tmp_path):
+    out = tmp_path / 'ddp'
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}  # two CPU processes, DDP over gloo, even on a machine with a GPU
+    result = subprocess.run([str(BIN / 'accelerate'), 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+                             '--mixed_precision', 'no', '--dynamo_backend', 'no', str(BIN / 'anime-pose'), 'train',
+                             '--method', 'toy', '--out', str(out), '--max-steps', '20', '--checkpoint-every', '10',
+                             '--batch-size', '4'], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / 'checkpoint-10' / 'trainer_state.json').read_text())
+    assert state['world_size'] == 2
+    assert result.stdout.count('trained 20 steps') == 1  # reported once, by the main process
+    rows = read_losses(out)
+    assert [r['step'] for r in rows if r['split'] == 'train'] == list(range(1, 21))
+    assert rows[-1]['loss'] < rows[0]['loss']
