@@ -1,0 +1,127 @@
+"The GAN baseline: shapes, losses, learning on a tiny batch, save/load, and training through `anime-pose train`."
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anime_pose.core import AnimePoseError
+from anime_pose.gan import (GanConfig, GanTransfer, PatchDiscriminator, PoseTransferGenerator, build_gan, discriminator_loss,
+                            gan_config, gan_step, generator_adversarial_loss, keypoint_heatmaps, load_gan, pose_condition)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    "Tiny convolutions gain nothing from threads, and on a shared CPU (pytest -n 2) threads contend badly."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def keypoints(seed=0):
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(0.15, 0.85, (18, 3)).astype(np.float32)
+    points[:, 2] = 1
+    points[[14, 15], 2] = 0  # the eyes are missing
+    return points
+
+
+def tiny_batch(n=2, size=32, seed=0):
+    "A batch whose target depends on the pose, so a generator can only fit it by reading the pose."
+    generator = torch.Generator().manual_seed(seed)
+    poses = [keypoints(seed + i) for i in range(n)]
+    pose = pose_condition(np.stack(poses), size)
+    reference = torch.rand(n, 3, size, size, generator=generator) * 2 - 1
+    target = (reference * 0.5 + pose[:, :3] - 0.5).clamp(-1, 1)
+    return dict(reference=reference, target=target, pose=pose)
+
+
+@pytest.mark.parametrize('pose_input,channels', [('skeleton', 3), ('heatmaps', 18), ('both', 21)])
+def test_generator_and_discriminator_shapes(pose_input, channels):
+    generator = PoseTransferGenerator(pose_input=pose_input, sample_size=32, base_channels=8, n_blocks=2)
+    discriminator = PatchDiscriminator(pose_input=pose_input, base_channels=8)
+    reference, pose = torch.rand(3, 3, 32, 32) * 2 - 1, torch.rand(3, channels, 32, 32)
+    fake = generator(reference, pose)
+    assert fake.shape == (3, 3, 32, 32) and fake.abs().max() <= 1
+    assert discriminator(fake, reference, pose).shape == (3, 1, 6, 6)
+    assert pose_condition(keypoints(), 32, pose_input).shape == (channels, 32, 32)
+
+
+def test_generator_output_depends_on_the_pose_and_the_reference():
+    generator = PoseTransferGenerator(sample_size=32, base_channels=8).eval()
+    reference = torch.rand(1, 3, 32, 32) * 2 - 1
+    pose_a, pose_b = (pose_condition(keypoints(s), 32)[None] for s in (1, 2))
+    with torch.no_grad():
+        assert not torch.allclose(generator(reference, pose_a), generator(reference, pose_b))
+        assert not torch.allclose(generator(reference, pose_a), generator(-reference, pose_a))
+
+
+def test_heatmaps_peak_at_the_keypoints_and_skip_missing_ones():
+    points = keypoints()
+    maps = keypoint_heatmaps(points, 40)
+    for joint in (0, 4, 10):
+        row, col = divmod(int(maps[joint].argmax()), 40)
+        assert abs(col - points[joint, 0] * 40 + 0.5) <= 1 and abs(row - points[joint, 1] * 40 + 0.5) <= 1
+    assert maps[14].sum() == 0 and maps[15].sum() == 0
+
+
+def test_bad_inputs_are_refused_with_a_reason():
+    with pytest.raises(AnimePoseError, match='pose_input must be one of'): PoseTransferGenerator(pose_input='depth')
+    with pytest.raises(AnimePoseError, match=r'pose must be \(18, 3\)'): pose_condition(np.zeros((17, 3)), 32)
+    with pytest.raises(AnimePoseError, match='adversarial loss must be one of'): discriminator_loss(torch.ones(1), torch.ones(1), 'wgan')
+    with pytest.raises(AnimePoseError, match="unknown GAN option 'blocks'"): gan_config({'blocks': 2})
+    with pytest.raises(AnimePoseError, match='is not a float'): gan_config({'l1_weight': 'ten'})
+    with pytest.raises(AnimePoseError, match='must be zero or more'): gan_config({'cycle_weight': -1.0})
+    with pytest.raises(AnimePoseError, match='must be a multiple of 2\\*\\*n_down'): build_gan(GanConfig(n_down=3), 36)
+
+
+@pytest.mark.parametrize('kind', ['hinge', 'lsgan'])
+def test_adversarial_losses_reward_the_right_side(kind):
+    real, fake = torch.full((2, 1, 4, 4), 1.5), torch.full((2, 1, 4, 4), -1.5)
+    assert discriminator_loss(real, fake, kind) < discriminator_loss(fake, real, kind)
+    assert generator_adversarial_loss(real, kind) < generator_adversarial_loss(fake, kind)
+    assert discriminator_loss(real, fake, kind) >= 0
+
+
+def test_a_few_steps_reduce_l1_on_a_tiny_batch():
+    torch.manual_seed(0)
+    gan = GanConfig(generator_channels=8, n_blocks=2, discriminator_channels=8)
+    generator, discriminator = build_gan(gan, 32)
+    optimizers = {'generator': torch.optim.Adam(generator.parameters(), 2e-3, betas=(0.5, 0.999)),
+                  'discriminator': torch.optim.Adam(discriminator.parameters(), 2e-3, betas=(0.5, 0.999))}
+    def update(name):
+        optimizers[name].step(); optimizers[name].zero_grad(set_to_none=True)
+    batch = tiny_batch()
+    l1 = [gan_step(generator, discriminator, batch, gan, update=update)['l1'].item() for _ in range(40)]
+    assert np.mean(l1[-5:]) < 0.6 * l1[0]
+
+
+def test_discriminator_learns_to_separate_real_from_generated():
+    torch.manual_seed(0)
+    gan = GanConfig(generator_channels=8, n_blocks=1, discriminator_channels=8, l1_weight=0.0, adversarial_weight=0.0)
+    generator, discriminator = build_gan(gan, 32)
+    optimizer = torch.optim.Adam(discriminator.parameters(), 2e-3, betas=(0.5, 0.999))
+    def update(name):
+        if name == 'discriminator': optimizer.step()
+        optimizer.zero_grad(set_to_none=True); generator.zero_grad(set_to_none=True)
+    batch = tiny_batch()
+    losses = [gan_step(generator, discriminator, batch, gan, update=update)['discriminator'].item() for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_save_load_round_trip(tmp_path):
+    generator = PoseTransferGenerator(sample_size=32, base_channels=8, n_blocks=1)
+    for p in generator.parameters(): p.data.normal_(0, 0.1)
+    generator.save_pretrained(tmp_path / 'run/final/generator')
+    assert (tmp_path / 'run/final/generator/diffusion_pytorch_model.safetensors').exists()
+    reference = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    expected = GanTransfer(generator).generate(reference, keypoints())
+    for path in (tmp_path / 'run', tmp_path / 'run/final', tmp_path / 'run/final/generator'):
+        drawn = load_gan(path).generate(reference, keypoints())
+        assert drawn.size == (30, 40) and np.array_equal(np.asarray(drawn), np.asarray(expected))
+
+
+def test_load_gan_names_what_is_missing(tmp_path):
+    with pytest.raises(AnimePoseError, match='no such directory'): load_gan(tmp_path / 'absent')
+    (tmp_path / 'config.json').write_text('{"_class_name": "UNet2DModel"}')
+    with pytest.raises(AnimePoseError, match='no GAN generator found'): load_gan(tmp_path)
