@@ -1,0 +1,150 @@
+"""How fast Danbooru metadata goes through `anime_pose.data.filter_metadata`, against a plain `json` loop and
+`datasets.load_dataset("json")` + `filter`, on generated metadata in both real formats (about 2 KB a row).
+
+    python benchmarks/danbooru_filter.py                  # 1 M posts (~2.4 GB under benchmarks/data/, deleted afterwards)
+    python benchmarks/danbooru_filter.py --posts 20000    # a quick run
+
+The goal (issue 6): the filter over Danbooru2021's ~4.9 M posts (~9.8 GB) in at most 60 s on 2 cores. The figure is
+scaled from the measured run. Files are read from the page cache (they were just written); the machine's load average
+is printed, since other processes share its cores.
+"""
+from __future__ import annotations
+import argparse, json, multiprocessing, os, resource, shutil, sys, time
+from pathlib import Path
+
+from anime_pose.data import FilterSpec, MalformedPost, fake_metadata, filter_metadata, parse_post, spec_rules
+
+HERE = Path(__file__).resolve().parent
+DANBOORU2021_POSTS = 4_900_000
+
+
+def cpu_seconds() -> float:
+    "CPU time of this process and its reaped children."
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _write(task):
+    path, n_posts, flavour, seed, first_id = task
+    fake_metadata(path, n_posts, flavour, seed=seed, first_id=first_id)
+    return path
+
+
+def generate(folder: Path, n_posts: int, n_files: int, workers: int) -> dict[str, list[Path]]:
+    "Half the posts in the legacy format, half as Danbooru2021 posts*.json (BigQuery export), in `n_files` files."
+    per_file = -(-n_posts // n_files)
+    tasks = []
+    for i in range(n_files):
+        flavour = 'legacy' if i % 2 == 0 else 'bigquery'
+        count = min(per_file, n_posts - i * per_file)
+        tasks.append((folder / f'{flavour}_{i:02d}.jsonl', count, flavour, i, 1 + i * per_file))
+    with multiprocessing.get_context('fork').Pool(workers) as pool: pool.map(_write, tasks)
+    files = {'legacy': [], 'bigquery': []}
+    for path, *_ in tasks: files[path.name.split('_')[0]].append(path)
+    return files
+
+
+def timed(function):
+    "(result, wall seconds, CPU seconds) of calling `function`."
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    result = function()
+    return result, time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def json_loop(files: list[Path], spec: FilterSpec) -> int:
+    "The plain way: the json module, one process, the same normalisation and rules."
+    rules, kept = spec_rules(spec), 0
+    for path in files:
+        with open(path, 'rb') as f:
+            for line in f:
+                try: post = parse_post(json.loads(line))
+                except (ValueError, MalformedPost): continue
+                kept += all(passes(post) for _, passes in rules)
+    return kept
+
+
+def datasets_filter(files: dict[str, list[Path]], spec: FilterSpec, cache_dir: Path, workers: int) -> int:
+    "`datasets.load_dataset('json')` + `Dataset.filter` with the same normalisation and rules (one load per format)."
+    import datasets
+    datasets.disable_progress_bars()
+    rules = spec_rules(spec)
+
+    def keep(row: dict) -> bool:
+        try: post = parse_post({k: v for k, v in row.items() if v is not None})
+        except MalformedPost: return False
+        return all(passes(post) for _, passes in rules)
+
+    kept = 0
+    for paths in files.values():
+        dataset = datasets.load_dataset('json', data_files=[str(p) for p in paths], split='train', cache_dir=str(cache_dir), num_proc=workers)
+        kept += len(dataset.filter(keep, num_proc=workers))
+    return kept
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--posts', type=int, default=1_000_000, help='posts to generate (default 1,000,000)')
+    parser.add_argument('--files', type=int, default=4, help='metadata files, alternating legacy / posts*.json format')
+    parser.add_argument('--workers', type=int, default=2, help='processes (default 2, the target machine)')
+    parser.add_argument('--skip-datasets', action='store_true', help='leave out the datasets comparison')
+    parser.add_argument('--keep', action='store_true', help='keep the generated metadata in benchmarks/data/')
+    parser.add_argument('--results', default=str(HERE / 'results' / 'danbooru_filter.txt'), help='where to write the printed table')
+    args = parser.parse_args(argv)
+
+    folder = HERE / 'data' / 'danbooru_filter'
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    lines = []
+    def say(text=''):
+        print(text, flush=True)
+        lines.append(text)
+    try:
+        say(f'# danbooru_filter: {args.posts:,} posts, {args.files} files, {args.workers} workers, {os.cpu_count()} cores, '
+            f'python {sys.version.split()[0]}')
+        say(f'load average before generating: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}')
+        (files, generate_s, _) = timed(lambda: generate(folder, args.posts, args.files, args.workers))
+        all_files = [p for paths in files.values() for p in paths]
+        total_bytes = sum(p.stat().st_size for p in all_files)
+        say(f'generated {total_bytes / 1e9:.2f} GB ({total_bytes / args.posts:.0f} bytes a row; '
+            + ', '.join(f'{k} {sum(p.stat().st_size for p in v) / sum(1 for p in v for _ in open(p, "rb")):.0f} B/row' for k, v in files.items())
+            + f') in {generate_s:.1f} s')
+
+        spec, results = FilterSpec(), []
+        say(f'load average before timing: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}')
+        report, wall, cpu = timed(lambda: filter_metadata(all_files, folder / 'out', spec, workers=args.workers, progress=False))
+        results.append((f'anime_pose filter_metadata (orjson, {args.workers} processes)', report['kept'], wall, cpu))
+        per_format = {}
+        for flavour, paths in files.items():
+            report_1, wall, cpu = timed(lambda: filter_metadata(paths, folder / 'out1', spec, workers=1, progress=False))
+            per_format[flavour] = (report_1['kept'], wall, cpu, sum(1 for p in paths for _ in open(p, 'rb')))
+        results.append(('anime_pose filter_metadata (orjson, 1 process)', *(sum(v[i] for v in per_format.values()) for i in range(3))))
+        kept, wall, cpu = timed(lambda: json_loop(all_files, spec))
+        results.append(('plain json-module loop (1 process)', kept, wall, cpu))
+        if not args.skip_datasets:
+            kept, wall, cpu = timed(lambda: datasets_filter(files, spec, folder / 'hf_cache', args.workers))
+            results.append((f'datasets.load_dataset("json") + filter (num_proc={args.workers})', kept, wall, cpu))
+        say(f'load average after timing: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}')
+
+        say(f"read {report['read']:,}, malformed {report['malformed']:,} (id-less rows), kept {report['kept']:,}")
+        ours = results[0][2]
+        say(f"{'method':<62} {'kept':>7} {'wall s':>8} {'CPU s':>8} {'posts/s':>10} {'x ours':>7}")
+        for name, kept, wall, cpu in results:
+            say(f'{name:<62} {kept:>7} {wall:>8.1f} {cpu:>8.1f} {args.posts / wall:>10,.0f} {wall / ours:>7.2f}')
+        for flavour, (kept, wall, cpu, n) in per_format.items():
+            say(f'  1 process, {flavour} rows only: {cpu / n * 1e6:.1f} CPU us/post, {wall / n * 1e6:.1f} wall us/post')
+        cpu_posts = per_format['bigquery'][2] / per_format['bigquery'][3] * DANBOORU2021_POSTS
+        say(f'Danbooru2021 metadata/posts*.json ({DANBOORU2021_POSTS:,} rows, the BigQuery-export format) from the 1-process CPU time: '
+            f'{cpu_posts:.0f} CPU s, {cpu_posts / args.workers:.1f} s on {args.workers} free cores')
+        scaled = ours * DANBOORU2021_POSTS / args.posts
+        say(f'scaled to {DANBOORU2021_POSTS:,} posts ({total_bytes * DANBOORU2021_POSTS / args.posts / 1e9:.1f} GB): '
+            f'{scaled:.1f} s wall ({"meets" if scaled <= 60 else "misses"} the 60 s goal), '
+            f'{results[0][3] * DANBOORU2021_POSTS / args.posts:.1f} CPU s')
+        assert len({kept for _, kept, _, _ in results}) == 1, 'the methods disagree on what to keep'
+    finally:
+        if not args.keep: shutil.rmtree(folder, ignore_errors=True)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text('\n'.join(lines) + '\n')
+
+
+if __name__ == '__main__':
+    main()

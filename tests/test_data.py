@@ -1,0 +1,525 @@
+"Danbooru metadata: both schemas, every filter rule, malformed lines, pairs, splits, the budget, loading, and the CLI."
+import json, subprocess, sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from PIL import Image
+
+from anime_pose.core import triple_features
+from anime_pose.cli import main
+from anime_pose.data import (FilterSpec, MalformedPost, MetadataError, Post, SIZE_512PX, SPLITS, character_split, choose_pairs,
+                             detect_keypoints, drop_similar_poses, fake_image_root, fake_metadata, filter_metadata, image_file,
+                             load_spec, load_triples, make_pairs, parse_bytes, parse_line, parse_post, post_path, read_jsonl,
+                             read_posts, save_spec, scan_metadata, split_pairs, write_budget)
+
+
+# ---- records in the real schemas, written here ----
+
+def legacy_record(**changes):
+    "A legacy-format (Danbooru2017-2020, metadata.json.tar.xz) record: every number a string, tags a list of objects."
+    record = {"id": "1767189", "created_at": "2014-08-16 20:11:29.23325 UTC", "uploader_id": "338432", "score": "12",
+              "source": "", "md5": "6cb2ff75e16357b7f15e32c2b7e1b0ed", "last_commented_at": "1970-01-01 00:00:00 UTC",
+              "rating": "s", "image_width": "1000", "image_height": "1600", "is_note_locked": False, "file_ext": "png",
+              "last_noted_at": "1970-01-01 00:00:00 UTC", "is_rating_locked": False, "parent_id": "0", "has_children": False,
+              "approver_id": "0", "file_size": "437895", "is_status_locked": False, "up_score": "12", "down_score": "0",
+              "is_pending": False, "is_flagged": False, "is_deleted": False, "updated_at": "2017-10-22 19:37:33.55369 UTC",
+              "is_banned": False, "pixiv_id": "0", "pools": [], "favs": ["1", "2", "3"],
+              "tags": [{"id": "1", "name": "solo", "category": "0"}, {"id": "2", "name": "full_body", "category": "0"},
+                       {"id": "3", "name": "eliza_(yunzo)", "category": "4"}, {"id": "4", "name": "original", "category": "3"},
+                       {"id": "5", "name": "mgear", "category": "1"}, {"id": "6", "name": "highres", "category": "5"}]}
+    record.update(changes)
+    return record
+
+
+def api_record(strings=False, **changes):
+    "An API-format record (later dumps; with `strings`, the Danbooru2021 posts*.json BigQuery export: integers as strings, nulls omitted)."
+    record = {"id": 1767189, "created_at": "2014-08-16T20:11:29.233-04:00", "uploader_id": 338432, "score": 12, "source": "",
+              "md5": "6cb2ff75e16357b7f15e32c2b7e1b0ed", "rating": "s", "image_width": 1000, "image_height": 1600,
+              "tag_string": "eliza_(yunzo) full_body highres mgear original solo", "fav_count": 3, "file_ext": "png",
+              "parent_id": None, "has_children": False, "approver_id": None, "file_size": 437895, "up_score": 12, "down_score": 0,
+              "is_pending": False, "is_flagged": False, "is_deleted": False, "is_banned": False, "pixiv_id": None,
+              "tag_string_general": "full_body solo", "tag_string_character": "eliza_(yunzo)", "tag_string_copyright": "original",
+              "tag_string_artist": "mgear", "tag_string_meta": "highres"}
+    if strings: record = {k: str(v) if type(v) is int else v for k, v in record.items() if v is not None}
+    record.update(changes)
+    return record
+
+
+def write_lines(path, records):
+    path.write_bytes(b''.join((r if isinstance(r, bytes) else orjson.dumps(r)) + b'\n' for r in records))
+    return path
+
+
+# ---- both schemas into one post ----
+
+@pytest.mark.parametrize('record', [legacy_record(), api_record(), api_record(strings=True)], ids=['legacy', 'api', 'bigquery'])
+def test_every_format_normalises_to_the_same_post(record):
+    post = parse_post(record)
+    assert (post.id, post.rating, post.width, post.height, post.file_ext, post.file_size, post.score, post.fav_count) == \
+        (1767189, 's', 1000, 1600, 'png', 437895, 12, 3)
+    assert post.parent_id is None and not post.is_deleted
+    assert sorted(post.general) == ['full_body', 'solo'] and post.character == ('eliza_(yunzo)',)
+    assert post.copyright == ('original',) and post.artist == ('mgear',) and post.meta == ('highres',)
+
+
+def test_legacy_details():
+    post = parse_post(legacy_record(parent_id='55', last_commented_at='1970-01-01 00:00:00 UTC', score='-2'))
+    assert post.parent_id == 55 and post.score == -2 and post.fav_count == 3
+    assert parse_post(legacy_record(created_at='1970-01-01 00:00:00 UTC')).created_at is None
+
+
+def test_unknown_tag_category_counts_as_general():
+    post = parse_post(legacy_record(tags=[{"id": "1", "name": "old_tag", "category": "6"}]))
+    assert post.general == ('old_tag',)
+
+
+def test_tag_string_without_categories():
+    record = {k: v for k, v in api_record().items() if not k.startswith('tag_string_')}
+    assert set(parse_post(record).general) == set(api_record()['tag_string'].split())
+
+
+def test_post_round_trips_through_json():
+    post = parse_post(api_record())
+    assert Post.from_dict(orjson.loads(orjson.dumps(post))) == post
+
+
+# ---- malformed records ----
+
+@pytest.mark.parametrize('record, reason', [
+    (api_record(id=None), 'missing id'),
+    ({k: v for k, v in api_record(strings=True).items() if k != 'id'}, 'missing id'),
+    (api_record(id=0), 'id is not positive'),
+    (api_record(rating=None), 'missing rating'),
+    (api_record(rating='safe'), 'is not one of g s q e'),
+    (api_record(image_width='wide'), 'image_width is not an integer'),
+    (api_record(image_width=True), 'image_width is not an integer'),
+    (api_record(image_height=12.5), 'image_height is not an integer'),
+    (api_record(image_height=0), 'not positive'),
+    (api_record(file_size=None), 'missing file_size'),
+    (api_record(file_ext='png/../../x'), 'is not a file extension'),
+    (api_record(file_ext=7), 'file_ext is not a string'),
+    (api_record(is_deleted='yes'), 'is_deleted is not a boolean'),
+    (api_record(tag_string_general=['solo']), 'tag_string_general is not a string'),
+    (legacy_record(tags='solo full_body'), 'tags is not a list'),
+    (legacy_record(tags=[{'id': '1'}]), 'without name and category'),
+    (legacy_record(tags=[{'name': 5, 'category': '0'}]), 'name that is not a string'),
+    ([api_record()], 'not a JSON object'),
+])
+def test_malformed_records_say_why(record, reason):
+    with pytest.raises(MalformedPost, match=reason): parse_post(record)
+
+
+def test_malformed_lines():
+    line = orjson.dumps(api_record())
+    with pytest.raises(MalformedPost, match='invalid JSON'): parse_line(line[:-20])
+    with pytest.raises(MalformedPost, match='invalid JSON'): parse_line(b'{"variants": [Array]}')
+    with pytest.raises(MalformedPost, match='not UTF-8'): parse_line(line.replace(b'mgear', b'mg\xe9ar'))
+
+
+# ---- every filter rule ----
+
+PASSING = dict(id=10, rating='s', width=800, height=1200, file_ext='png', file_size=1000, score=5,
+               general=('solo', 'full_body', 'standing'), character=('alice_(wonderland)',), copyright=('wonderland',))
+
+
+@pytest.mark.parametrize('change, rule', [
+    (dict(is_deleted=True), 'deleted'),
+    (dict(is_banned=True), 'banned'),
+    (dict(rating='e'), 'rating'),
+    (dict(file_ext='gif'), 'file_type'),
+    (dict(width=500), 'too_small'),
+    (dict(width=200, height=1200), 'too_small'),
+    (dict(width=2000, height=700), 'aspect_ratio'),
+    (dict(width=600, height=1600), 'aspect_ratio'),
+    (dict(score=0), 'low_score'),
+    (dict(character=()), 'not_one_character'),
+    (dict(character=('a', 'b')), 'not_one_character'),
+    (dict(general=('solo',)), 'missing_required_tag'),
+    (dict(general=('solo', 'full_body', 'comic')), 'excluded_tag'),
+    (dict(general=('solo', 'full_body'), meta=('lowres',)), 'excluded_tag'),
+])
+def test_each_rule_rejects_what_it_should(tmp_path, change, rule):
+    posts = [Post(**PASSING), Post(**{**PASSING, 'id': 11, **change})]
+    path = write_lines(tmp_path / 'posts.jsonl', [api_from_post(p) for p in posts])
+    report = filter_metadata([path], tmp_path / 'out', progress=False)
+    assert report['kept'] == 1 and report['rejected_by'][rule] == 1 and sum(report['rejected_by'].values()) == 1
+    assert [p.id for p in read_posts(tmp_path / 'out')] == [10]
+
+
+def api_from_post(post: Post) -> dict:
+    "An API record carrying `post`'s fields."
+    return api_record(id=post.id, rating=post.rating, image_width=post.width, image_height=post.height, file_ext=post.file_ext,
+                      file_size=post.file_size, score=post.score, is_deleted=post.is_deleted, is_banned=post.is_banned,
+                      **{f'tag_string_{k}': ' '.join(getattr(post, k)) for k in ('general', 'character', 'copyright', 'artist', 'meta')})
+
+
+def test_switched_off_rules_are_not_applied(tmp_path):
+    path = write_lines(tmp_path / 'p.jsonl', [api_record(is_deleted=True, tag_string_character='a b')])
+    spec = FilterSpec(drop_deleted=False, one_character=False, required_tags=(), min_side=0)
+    report = filter_metadata([path], tmp_path / 'out', spec, progress=False)
+    assert report['kept'] == 1 and 'deleted' not in report['rejected_by']
+
+
+def test_no_rules_keeps_every_well_formed_post(tmp_path):
+    path = write_lines(tmp_path / 'p.jsonl', [api_record(rating='e'), api_record(id=2, is_deleted=True), b'{oops'])
+    report = filter_metadata([path], tmp_path / 'out', apply_rules=False, progress=False)
+    assert (report['read'], report['kept'], report['malformed'], report['rejected_by']) == (2, 2, 1, {})
+
+
+# ---- the filter run: report, malformed lines, parallel chunks ----
+
+def test_report_and_malformed_side_file(tmp_path):
+    good = orjson.dumps(api_record())
+    lines = [good, b'', b'{"id": 5, "rating": "s"', b'not json', orjson.dumps(api_record(image_width='x')),
+             good.replace(b'mgear', b'mg\xffar'), orjson.dumps({k: v for k, v in api_record(strings=True).items() if k != 'id'}), good]
+    path = write_lines(tmp_path / 'meta.json', lines)
+    report = filter_metadata([path], tmp_path / 'out', progress=False)
+    assert (report['read'], report['malformed'], report['kept']) == (2, 5, 2)
+    rows = [line.split('\t') for line in (tmp_path / 'out' / 'malformed.tsv').read_text().splitlines()[1:]]
+    assert [int(r[1]) for r in rows] == [3, 4, 5, 6, 7] and all(r[0] == str(path) for r in rows)
+    assert report['malformed_reasons'] == {'invalid JSON': 2, 'image_width is not an integer': 1, 'not UTF-8': 1,
+                                           'missing id': 1}
+    assert json.loads((tmp_path / 'out' / 'report.json').read_text())['kept'] == 2
+    assert load_spec(tmp_path / 'out' / 'spec.json') == FilterSpec()
+
+
+def test_parallel_chunks_match_one_process(tmp_path):
+    fake_metadata(tmp_path / 'a.jsonl', 400, 'bigquery', seed=3, n_characters=20)
+    fake_metadata(tmp_path / 'b.jsonl', 300, 'legacy', seed=4, first_id=10**5, n_characters=20)
+    with open(tmp_path / 'a.jsonl', 'ab') as f: f.write(b'{"truncated": \n')
+    spec = FilterSpec(min_side=256, required_tags=('solo',))
+    one = filter_metadata([tmp_path], tmp_path / 'one', spec, workers=1, progress=False)
+    two = filter_metadata([tmp_path], tmp_path / 'two', spec, workers=2, chunk_bytes=50_000, progress=False)
+    assert one == {**two, 'files': one['files']} and one['read'] + one['malformed'] == 701 and one['kept'] > 0
+    for name in ('posts.jsonl', 'malformed.tsv'):
+        assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'two' / name).read_bytes()
+    assert '\t401\t' in (tmp_path / 'two' / 'malformed.tsv').read_text()
+    assert sum(r.n_lines for _, r in scan_metadata([tmp_path], spec, workers=2, chunk_bytes=50_000, progress=False)) == 701
+
+
+def test_failing_counts_each_rule_independently(tmp_path):
+    path = write_lines(tmp_path / 'p.jsonl', [api_record(rating='e', image_width=100)])
+    report = filter_metadata([path], tmp_path / 'out', progress=False)
+    assert report['rejected_by']['rating'] == 1 and report['rejected_by']['too_small'] == 0
+    assert report['failing']['rating'] == report['failing']['too_small'] == 1
+
+
+def test_missing_metadata_file_is_an_error_and_writes_nothing(tmp_path):
+    with pytest.raises(MetadataError, match='no such metadata file'):
+        filter_metadata([tmp_path / 'nope.json'], tmp_path / 'out', progress=False)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_directory_means_its_json_files(tmp_path):
+    write_lines(tmp_path / 'posts000000000000.json', [api_record()])
+    write_lines(tmp_path / 'posts000000000001.json', [api_record(id=2)])
+    (tmp_path / 'README.txt').write_text('not metadata')
+    assert filter_metadata([tmp_path], tmp_path / 'out', apply_rules=False, progress=False)['read'] == 2
+
+
+# ---- the specification ----
+
+@pytest.mark.parametrize('name', ['spec.json', 'spec.yaml', 'spec.yml'])
+def test_spec_round_trip(tmp_path, name):
+    spec = FilterSpec(ratings=('g',), required_tags=('solo', 'standing'), min_side=768, aspect_range=(0.5, 1.0))
+    assert load_spec(save_spec(spec, tmp_path / name)) == spec
+
+
+@pytest.mark.parametrize('text, message', [
+    ('{"min_sides": 3}', "unknown filter spec keys ['min_sides']"),
+    ('{"ratings": ["safe"]}', 'unknown ratings'),
+    ('{"aspect_range": [2, 1]}', 'aspect_range'),
+    ('{"min_side": "big"}', 'min_side must be an integer'),
+    ('[1, 2]', 'must be a mapping'),
+    ('{"ratings": ', 'not a readable filter spec'),
+])
+def test_bad_specs(tmp_path, text, message):
+    (tmp_path / 'spec.json').write_text(text)
+    with pytest.raises(MetadataError, match=message.replace('[', r'\[').replace(']', r'\]')): load_spec(tmp_path / 'spec.json')
+
+
+# ---- pairs ----
+
+def post_dict(post_id, character='alice', **changes):
+    return dict(Post(**{**PASSING, 'id': post_id, 'character': (character,), 'md5': f'md5-{post_id}'}).to_dict(), **changes)
+
+
+def test_pairs_are_different_posts_of_one_character_capped_and_reproducible():
+    posts = [post_dict(i, 'alice') for i in range(1, 9)] + [post_dict(i, 'bob') for i in range(20, 23)] + [post_dict(30, 'carol')]
+    pairs = make_pairs(posts, max_pairs_per_character=5, seed=1, progress=False)
+    counts = Counter(p['character'] for p in pairs)
+    assert counts == {'alice': 5, 'bob': 5}  # carol has one post: no pair
+    assert all(p['reference']['id'] != p['target']['id'] and p['reference']['character'] == p['target']['character'] == (p['character'],)
+               for p in pairs)
+    assert len({(p['reference']['id'], p['target']['id']) for p in pairs}) == len(pairs)
+    alice_targets = [p['target']['id'] for p in pairs if p['character'] == 'alice']
+    assert len(set(alice_targets)) == 5  # the first round spreads targets over different posts
+    assert make_pairs(list(reversed(posts)), 5, seed=1, progress=False) == pairs
+    assert make_pairs(posts, 5, seed=2, progress=False) != pairs
+
+
+def test_all_ordered_pairs_when_the_cap_allows():
+    pairs = make_pairs([post_dict(i) for i in range(1, 5)], 100, progress=False)
+    assert len(pairs) == 12
+
+
+def test_related_posts_are_not_paired():
+    posts = [post_dict(1), post_dict(2, parent_id=1), post_dict(3, parent_id=1), post_dict(4), post_dict(5, md5='md5-4')]
+    pairs = make_pairs(posts, 100, progress=False)
+    ids = {frozenset((p['reference']['id'], p['target']['id'])) for p in pairs}
+    assert not ids & {frozenset(s) for s in ({1, 2}, {1, 3}, {2, 3}, {4, 5})}
+    assert frozenset((1, 4)) in ids
+
+
+def test_pairs_refuse_a_zero_cap():
+    with pytest.raises(MetadataError, match='at least 1'): make_pairs([], 0)
+
+
+# ---- pose check ----
+
+class FakePose:
+    def __init__(self, keypoints): self.keypoints = keypoints
+
+
+class FakeDetector:
+    "Stands in for anime_pose.pose's detectors: detect(image) -> list of poses."
+    def __init__(self, by_colour): self.by_colour = by_colour
+    def detect(self, image): return [FakePose(k) for k in self.by_colour.get(image.getpixel((0, 0)), [])]
+
+
+def test_drop_near_identical_poses_with_a_detector():
+    standing = np.stack([np.full(18, 0.5), np.linspace(0.1, 0.9, 18), np.ones(18)], 1).astype(np.float32)
+    kicking = standing.copy()
+    kicking[10:14, 0] += 0.3
+    detector = FakeDetector({(255, 0, 0): [standing], (0, 255, 0): [standing + 0.005], (0, 0, 255): [kicking]})
+    images = {1: Image.new('RGB', (4, 4), 'red'), 2: Image.new('RGB', (4, 4), 'lime'), 3: Image.new('RGB', (4, 4), 'blue'),
+              4: Image.new('RGB', (4, 4), 'white')}
+    keypoints = {i: detect_keypoints(detector, image) for i, image in images.items()}
+    assert not keypoints[4].any()  # nobody found: zeros
+    pairs = make_pairs([post_dict(i) for i in images], 100, progress=False)
+    kept = drop_similar_poses(pairs, keypoints, min_distance=0.02)
+    kept_ids = {(p['reference']['id'], p['target']['id']) for p in kept}
+    assert (1, 2) not in kept_ids and (2, 1) not in kept_ids
+    assert {(1, 3), (3, 2), (1, 4), (4, 3)} <= kept_ids and len(kept) == len(pairs) - 2
+
+
+def test_detector_as_a_function_and_bad_shapes():
+    assert detect_keypoints(lambda image: None, None).shape == (18, 3)
+    with pytest.raises(ValueError, match=r'expected \(18, 3\)'): detect_keypoints(lambda image: np.zeros((25, 3)), None)
+
+
+# ---- splits ----
+
+def test_splits_are_character_disjoint_reproducible_and_proportional():
+    pairs = [dict(character=f'character_{i}', reference={'id': 2 * i}, target={'id': 2 * i + 1}) for i in range(2000)] * 3
+    split = split_pairs(pairs, (0.8, 0.1, 0.1), seed=7, progress=False)
+    by_character = {}
+    for pair in split: by_character.setdefault(pair['character'], set()).add(pair['split'])
+    assert all(len(s) == 1 for s in by_character.values())
+    shares = Counter(s.pop() for s in by_character.values())
+    assert abs(shares['train'] / 2000 - 0.8) < 0.04 and abs(shares['test'] / 2000 - 0.1) < 0.03
+    assert split_pairs(pairs, (0.8, 0.1, 0.1), seed=7, progress=False) == split
+    assert [p['split'] for p in split_pairs(pairs, (0.8, 0.1, 0.1), seed=8, progress=False)] != [p['split'] for p in split]
+    assert split_pairs(pairs[::-1], (0.8, 0.1, 0.1), seed=7, progress=False) == split[::-1]
+
+
+@pytest.mark.parametrize('fractions', [(0.9, 0.2, 0.0), (1.0, 0.0), (1.2, -0.1, -0.1)])
+def test_bad_fractions(fractions):
+    with pytest.raises(MetadataError, match='summing to 1'): character_split('alice', fractions)
+
+
+def test_empty_fraction_gets_nobody():
+    assert {character_split(f'c{i}', (0.5, 0.0, 0.5)) for i in range(200)} == {'train', 'test'}
+
+
+# ---- budget ----
+
+def budget_pair(character, reference_id, target_id, size=100, rating='s', split='train'):
+    post = lambda i: dict(post_dict(i, character), file_size=size, rating=rating)
+    return dict(character=character, copyright='', reference=post(reference_id), target=post(target_id), split=split)
+
+
+def test_budget_keeps_the_most_characters_and_fits():
+    pairs = [budget_pair('alice', 1, 2), budget_pair('alice', 3, 4), budget_pair('alice', 5, 6),
+             budget_pair('bob', 7, 8, size=150), budget_pair('bob', 9, 10, size=50),
+             budget_pair('carol', 11, 12, size=400), budget_pair('dave', 13, 14, size=10_000)]
+    chosen = choose_pairs(pairs, budget_bytes=1300)
+    characters = [p['character'] for p in chosen]
+    assert set(characters) == {'alice', 'bob', 'carol'}  # dave alone would cost more than the budget
+    assert characters[:3] == ['bob', 'alice', 'carol']  # each character's cheapest pair first, cheapest characters first
+    assert chosen[0]['reference']['id'] == 9  # bob's cheapest pair
+    cost = sum(p['file_size'] for p in {q[r]['id']: q[r] for q in chosen for r in ('reference', 'target')}.values())
+    assert cost == 1300 and len(chosen) == 4  # then alice's second pair; bob's second (300) no longer fits
+
+
+def test_budget_pays_once_for_a_shared_image():
+    chosen = choose_pairs([budget_pair('alice', 1, 2), budget_pair('alice', 2, 1), budget_pair('alice', 1, 3)], budget_bytes=300)
+    assert len(chosen) == 3
+
+
+def test_budget_512px_keeps_only_safe_posts_and_counts_the_jpeg_size():
+    pairs = [budget_pair('alice', 1, 2, size=10**9), budget_pair('bob', 3, 4, rating='q')]
+    chosen = choose_pairs(pairs, budget_bytes=2 * SIZE_512PX, variant='512px')
+    assert [p['character'] for p in chosen] == ['alice']
+    with pytest.raises(MetadataError, match='unknown image variant'): choose_pairs(pairs, 10, variant='1024px')
+
+
+def test_write_budget_files(tmp_path):
+    pairs = [budget_pair('alice', 1767189, 2, split='train'), budget_pair('bob', 3, 4, split='test')]
+    summary = write_budget(choose_pairs(pairs, 10**6), tmp_path / 'budget', 10**6)
+    manifest = list(read_jsonl(tmp_path / 'budget' / 'manifest.jsonl'))
+    assert manifest[0]['reference']['path'] == 'original/0189/1767189.png'
+    assert (tmp_path / 'budget' / 'files.txt').read_text().split() == sorted(
+        ['original/0189/1767189.png', 'original/0002/2.png', 'original/0003/3.png', 'original/0004/4.png'])
+    assert summary['pairs'] == {'train': 1, 'validation': 0, 'test': 1} and summary['posts'] == 4 and summary['bytes'] == 400
+    assert summary['characters'] == {'train': 1, 'validation': 0, 'test': 1}
+    assert summary['tag_histogram']['solo'] == 4 and sum(summary['resolution_histogram']['counts']) == 4
+    assert json.loads((tmp_path / 'budget' / 'summary.json').read_text()) == summary
+
+
+@pytest.mark.parametrize('text, expected', [('100GB', 10**11), ('1.5 TB', 1.5e12), ('512MiB', 512 * 2**20), ('77', 77)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_post_path_layout():
+    assert post_path(5020995, 'jpg') == 'original/0995/5020995.jpg'
+    assert post_path(1000, 'png', '512px') == '512px/0000/1000.jpg'
+    for bad in [(0, 'jpg'), ('12', 'jpg'), (12, '../x'), (12, 'j/pg')]:
+        with pytest.raises(MetadataError): post_path(*bad)
+
+
+# ---- loading triples ----
+
+@pytest.mark.parametrize('path', ['../x.png', '/etc/passwd', 'original/0001/../../../../etc/passwd', 'original/1/1.png',
+                                  'original/0001/1.png/../../x', 'other/0001/1.png', 'original/0001/1.p g', None])
+def test_manifest_paths_cannot_escape_the_root(tmp_path, path):
+    with pytest.raises(MetadataError, match='not a Danbooru image path'): image_file(tmp_path, path)
+
+
+@pytest.fixture
+def fetched(tmp_path):
+    "A budgeted manifest and a Danbooru-layout folder holding its images, with one missing, one corrupt, one PNG named .jpg."
+    posts = []
+    for character, ids in (('alice', (1001, 1002, 1003)), ('bob', (2001, 2002)), ('carol', (3001, 3002))):
+        posts += [post_dict(i, character, file_ext='jpg', width=80, height=120) for i in ids]
+    pairs = split_pairs(make_pairs(posts, 100, progress=False), (0.34, 0.33, 0.33), seed=0, progress=False)
+    write_budget(choose_pairs(pairs, 10**9), tmp_path / 'budget', 10**9)
+    manifest = list(read_jsonl(tmp_path / 'budget' / 'manifest.jsonl'))
+    root = fake_image_root(manifest, tmp_path / 'danbooru', size=32)
+    (root / 'original/0002/2002.jpg').unlink()  # never fetched
+    (root / 'original/0001/3001.jpg').write_bytes(b'\xff\xd8\xff\xe0 truncated')  # corrupt
+    Image.new('RGB', (20, 30), 'red').save(root / 'original/0003/1003.jpg', 'PNG')  # a PNG with the wrong extension
+    (root / 'original/0002/1002.jpg').rename(root / 'original/0002/1002.jpeg')  # stored under another extension
+    return tmp_path / 'budget', root, manifest
+
+
+def test_load_triples_skips_bad_images_and_reports_them(fetched, tmp_path):
+    budget, root, manifest = fetched
+    triples, skipped = load_triples(budget, root, cache_dir=str(tmp_path / 'cache'), image_size=24,
+                                    keypoints={1001: np.full((18, 3), 0.5, np.float32)})
+    bad = {2002, 3001}
+    expected = [p for p in manifest if not bad & {p['reference']['id'], p['target']['id']}]
+    assert sum(len(d) for d in triples.values()) == len(expected) and len(skipped) == len(manifest) - len(expected)
+    assert {s['path'] for s in skipped} == {'original/0002/2002.jpg', 'original/0001/3001.jpg'}
+    assert all(('no such file' in s['reason']) == (s['path'] == 'original/0002/2002.jpg') for s in skipped)
+    for split, dataset in triples.items():
+        assert split in SPLITS
+        assert {k: v for k, v in dataset.features.items() if k in triple_features()} == triple_features()
+        for row in dataset:
+            assert row['character'] in ('alice', 'bob', 'carol') and row['tags'][0] == row['character']
+            assert max(row['reference'].size) <= 24 and row['reference'].mode == 'RGB'
+            pose = np.asarray(row['pose'])
+            assert pose.shape == (18, 3) and (pose.any() == (row['target_id'] == 1001))
+    loaded = {r['target_id'] for d in triples.values() for r in d}
+    assert {1002, 1003} <= loaded  # under another extension; a PNG named .jpg
+
+
+def test_load_triples_in_two_processes_gives_the_same_rows(fetched, tmp_path):
+    budget, root, _ = fetched
+    one, skipped_one = load_triples(budget, root, cache_dir=str(tmp_path / 'c1'), image_size=16)
+    two, skipped_two = load_triples(budget, root, num_proc=2, cache_dir=str(tmp_path / 'c2'), image_size=16)
+    rows = lambda triples: sorted((r['reference_id'], r['target_id']) for d in triples.values() for r in d)
+    assert rows(one) == rows(two) and len(skipped_one) == len(skipped_two)
+
+
+def test_load_refuses_an_escaping_manifest(fetched):
+    _, root, manifest = fetched
+    evil = [dict(manifest[0], target=dict(manifest[0]['target'], path='../../outside.png'))]
+    with pytest.raises(MetadataError, match='manifest pair 1'): load_triples(evil, root)
+    with pytest.raises(MetadataError, match='no such image folder'): load_triples(manifest, root / 'nope')
+
+
+# ---- command line ----
+
+def test_cli_steps_end_to_end(tmp_path, capsys):
+    fake_metadata(tmp_path / 'legacy.jsonl', 600, 'legacy', seed=1, n_characters=15)
+    fake_metadata(tmp_path / 'posts.json', 600, 'bigquery', seed=2, first_id=10**5, n_characters=15)
+    spec = save_spec(FilterSpec(min_side=256, required_tags=('solo',)), tmp_path / 'spec.yaml')
+    assert main(['data', 'filter', '--metadata', str(tmp_path / 'legacy.jsonl'), str(tmp_path / 'posts.json'),
+                 '--out', str(tmp_path / 'filtered'), '--spec', str(spec)]) == 0
+    report = json.loads((tmp_path / 'filtered' / 'report.json').read_text())
+    assert report['read'] + report['malformed'] == 1200 and report['kept'] > 10
+    assert load_spec(tmp_path / 'filtered' / 'spec.json') == load_spec(spec)
+    assert main(['data', 'pairs', '--posts', str(tmp_path / 'filtered'), '--out', str(tmp_path / 'pairs.jsonl'),
+                 '--max-pairs-per-character', '3']) == 0
+    assert main(['data', 'split', '--pairs', str(tmp_path / 'pairs.jsonl'), '--out', str(tmp_path / 'split.jsonl'), '--seed', '2']) == 0
+    assert main(['data', 'budget', '--pairs', str(tmp_path / 'split.jsonl'), '--out', str(tmp_path / 'budget'), '--budget', '20MB']) == 0
+    summary = json.loads((tmp_path / 'budget' / 'summary.json').read_text())
+    assert 0 < summary['bytes'] <= 20 * 10**6
+    manifest = list(read_jsonl(tmp_path / 'budget' / 'manifest.jsonl'))
+    fake_image_root(manifest, tmp_path / 'images', size=16)
+    assert main(['data', 'load', '--manifest', str(tmp_path / 'budget'), '--image-root', str(tmp_path / 'images'),
+                 '--out', str(tmp_path / 'triples'), '--image-size', '16']) == 0
+    import datasets
+    triples = datasets.load_from_disk(str(tmp_path / 'triples'))
+    assert sum(len(d) for d in triples.values()) == len(manifest)
+    assert json.loads((tmp_path / 'triples' / 'load_report.json').read_text())['skipped'] == []
+
+
+def test_cli_build_and_no_rules(tmp_path):
+    fake_metadata(tmp_path / 'posts.json', 500, 'api', seed=5, n_characters=10)
+    assert main(['data', 'build', '--metadata', str(tmp_path), '--out', str(tmp_path / 'work'), '--no-rules', '--budget', '1GB']) == 0
+    report = json.loads((tmp_path / 'work' / 'filtered' / 'report.json').read_text())
+    assert report['kept'] == report['read'] == 500 and report['rules_applied'] is False
+    assert sorted(p.name for p in (tmp_path / 'work').iterdir()) == ['budget', 'filtered', 'pairs.jsonl', 'split.jsonl']
+
+
+def test_cli_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
+    assert main(['data', 'filter', '--metadata', str(tmp_path / 'none.json'), '--out', str(tmp_path / 'out')]) == 1
+    assert 'no such metadata file' in capsys.readouterr().err and not (tmp_path / 'out').exists()
+    write_lines(tmp_path / 'p.json', [api_record()])
+    (tmp_path / 'spec.json').write_text('{"colour": true}')
+    assert main(['data', 'filter', '--metadata', str(tmp_path / 'p.json'), '--out', str(tmp_path / 'out'), '--spec', str(tmp_path / 'spec.json')]) == 1
+    assert 'unknown filter spec keys' in capsys.readouterr().err and not (tmp_path / 'out').exists()
+    (tmp_path / 'pairs.jsonl').write_text('{"character": "a"}\n{broken\n')
+    assert main(['data', 'split', '--pairs', str(tmp_path / 'pairs.jsonl'), '--out', str(tmp_path / 'split.jsonl')]) == 1
+    assert "pairs.jsonl' line 2: invalid JSON" in capsys.readouterr().err and not (tmp_path / 'split.jsonl').exists()
+    assert main(['data', 'budget', '--pairs', str(tmp_path / 'pairs.jsonl'), '--out', str(tmp_path / 'b'), '--budget', 'lots']) == 1
+    assert 'is not a size' in capsys.readouterr().err
+
+
+def test_cli_help_lists_the_steps():
+    result = subprocess.run([str(Path(sys.executable).parent / 'anime-pose'), 'data', '--help'], capture_output=True, text=True)
+    assert result.returncode == 0
+    for step in ('filter', 'pairs', 'split', 'budget', 'load', 'build', 'rsync'): assert step in result.stdout
+    result = subprocess.run([str(Path(sys.executable).parent / 'anime-pose'), 'data'], capture_output=True, text=True)
+    assert result.returncode == 2
+
+
+def test_cli_build_with_an_image_root_and_keypoints(tmp_path):
+    fake_metadata(tmp_path / 'posts.json', 300, 'api', seed=6, n_characters=5)
+    (tmp_path / 'images').mkdir()  # nothing fetched yet: every pair is skipped, and said so
+    (tmp_path / 'keypoints.json').write_text(json.dumps({'1': np.zeros((18, 3)).tolist()}))
+    assert main(['data', 'build', '--metadata', str(tmp_path / 'posts.json'), '--out', str(tmp_path / 'work'), '--no-rules',
+                 '--image-root', str(tmp_path / 'images'), '--keypoints', str(tmp_path / 'keypoints.json'), '--image-size', '16']) == 0
+    chosen = list(read_jsonl(tmp_path / 'work' / 'budget' / 'manifest.jsonl'))
+    report = json.loads((tmp_path / 'work' / 'triples' / 'load_report.json').read_text())
+    assert len(report['skipped']) == len(chosen) > 0 and sum(report['rows'].values()) == 0
+    assert not (tmp_path / 'work' / '.cache').exists()
+    (tmp_path / 'bad.json').write_text(json.dumps({'1': [[0, 0]]}))
+    assert main(['data', 'pairs', '--posts', str(tmp_path / 'work' / 'filtered'), '--out', str(tmp_path / 'p.jsonl'),
+                 '--keypoints', str(tmp_path / 'bad.json')]) == 1
