@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from anime_pose import app
 from anime_pose.app import (ExportError, check_export_name, controlnet_to_ldm, default_export_name, export_controlnet,
-                            export_difference, exported_config, ldm_key, load_controlnet_weights, load_exported)
+                            export_difference, exported_config, ldm_key, load_controlnet_weights, load_exported, single_file_loaders)
 from anime_pose.cli import main
 
 TINY = {  # tiny ControlNets that keep the original hint encoder; the last has two-digit input block indices
@@ -127,13 +127,31 @@ def test_full_size_sd15_and_sd21_export_and_round_trip(tmp_path):
         del model, loaded; out.unlink(); gc.collect()
 
 
+def test_the_pipelines_tiny_controlnet_exports_for_diffusers(tmp_path):
+    "The project's own tiny ControlNet has a narrower hint encoder: it round-trips, and the loaders it fits are named."
+    from anime_pose.pipeline import tiny_components
+    controlnet = tiny_components()['controlnet']
+    out = export_controlnet(controlnet, tmp_path)
+    assert_same_weights(load_exported(out), controlnet)
+    loaders = single_file_loaders(exported_config(out))
+    assert loaders['diffusers'] == '' and 'hint encoder' in loaders['ComfyUI'] and 'SD1.x/SD2.x-shaped' in loaders['AUTOMATIC1111']
+
+
+def test_loaders_of_full_size_and_64_channel_head_controlnets():
+    with torch.device('meta'):
+        for shape in (SD15, SD21): assert set(single_file_loaders(ControlNetModel(**shape).config).values()) == {''}
+        wide = ControlNetModel(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=(1, 2), norm_num_groups=8,
+                               down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'), cross_attention_dim=32).config
+    assert single_file_loaders(wide)['ComfyUI'] == '' and single_file_loaders(wide)['AUTOMATIC1111'] != ''
+
+
 def test_ldm_key_refuses_weights_without_a_place():
     with pytest.raises(ExportError, match='add_embedding.linear_1.weight: this weight has no place'): ldm_key('add_embedding.linear_1.weight', 2)
     with pytest.raises(ExportError, match='no place'): ldm_key('down_blocks.0.resnets.0.nonsense.weight', 2)
 
 
 @pytest.mark.parametrize('change, message', [
-    (dict(conditioning_embedding_out_channels=(16, 32)), 'the original hint encoder is (16, 32, 96, 256)'),
+    (dict(conditioning_embedding_out_channels=(16, 32)), 'the original hint encoder has 4 widths'),
     (dict(conditioning_channels=1), 'the pose hint has 1 channels'),
     (dict(controlnet_conditioning_channel_order='bgr'), 'BGR'),
     (dict(global_pool_conditions=True), 'shuffle'),
@@ -204,7 +222,7 @@ def test_cli_exports_verifies_and_reports(tmp_path, tiny, capsys):
     assert main(['export', '--format', 'a1111', '--controlnet', str(folder), '--out', str(tmp_path / 'new') + '/', '--fp16', '--verify']) == 0
     out = capsys.readouterr().out
     assert (tmp_path / 'new' / 'control_animepose_tiny_openpose_fp16.safetensors').is_file()
-    assert 'wrote' in out and 'AUTOMATIC1111 does not' in out and 'verified' in out
+    assert 'wrote' in out and 'AUTOMATIC1111: does not load it faithfully' in out and 'diffusers: loads it' in out and 'verified' in out
     assert main(['export', '--controlnet', str(folder), '--out', str(tmp_path / 'tiny_pose.safetensors')]) == 0
     assert "without 'openpose' in the name" in capsys.readouterr().out
 
