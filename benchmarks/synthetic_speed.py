@@ -2,11 +2,18 @@
 
     python benchmarks/synthetic_speed.py [--characters 2500] [--poses-per-character 4] [--size 64] [--num-proc 2]
 
-Prints the time, the rate, and the machine's load average before and after, since other work on
-the machine slows the figure down."""
-import argparse, os, time
+Prints the wall time, the rate, the machine's load average before and after (other work on the
+machine slows the wall time down), and the CPU time this process and its workers spent, which
+does not depend on that load: CPU time / processes is the wall time on idle cores."""
+import argparse, os, resource, time
 
 from anime_pose.synthetic import synthetic_dataset
+
+
+def cpu_seconds() -> float:
+    "User + system CPU time of this process and of its finished children."
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main():
@@ -18,15 +25,19 @@ def main():
     parser.add_argument('--num-proc', type=int, default=os.cpu_count())
     args = parser.parse_args()
     load_before = os.getloadavg()
+    cpu_before = cpu_seconds()
     start = time.perf_counter()
     dataset = synthetic_dataset(args.characters, args.poses_per_character, args.size, args.seed, args.num_proc, progress=False)
     seconds = time.perf_counter() - start
     triples = sum(split.num_rows for split in dataset.values())
     load_after = os.getloadavg()
+    cpu = cpu_seconds() - cpu_before
     print(f'{triples} triples at {args.size} px in {seconds:.1f} s on {args.num_proc} processes '
           f'({triples / seconds:.0f} triples/s; {os.cpu_count()} cores)')
     print(f'load average (1, 5, 15 min) before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, '
           f'after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}')
+    print(f'CPU time {cpu:.1f} s (this process and its workers): {cpu / args.num_proc:.1f} s of wall time on '
+          f'{args.num_proc} idle cores, {1000 * cpu / triples:.2f} CPU ms per triple')
 
 
 if __name__ == '__main__':
