@@ -227,6 +227,13 @@ def test_dwpose_68_point_face_is_padded_with_the_body_eyes(controlnet_json):
     np.testing.assert_allclose(pose.face[68:], pose.keypoints[14:16])
 
 
+def test_normalised_cropped_body_is_still_normalised(controlnet_json):
+    values = list(controlnet_json['people'][0]['pose_keypoints_2d'])
+    values[10 * 3 + 1] = values[13 * 3 + 1] = 1.4  # both ankles below the bottom edge
+    pose = Pose.from_openpose({**controlnet_json, 'people': [{'pose_keypoints_2d': values}]})
+    np.testing.assert_allclose(pose.keypoints[[1, 10], 1], [STANDING[1, 1] / H, 1.4], rtol=1e-6)
+
+
 def test_nested_triplets_are_accepted(controlnet_json):
     values = controlnet_json['people'][0]['pose_keypoints_2d']
     nested = {**controlnet_json, 'people': [{'pose_keypoints_2d': [values[i:i + 3] for i in range(0, 54, 3)]}]}
@@ -451,6 +458,20 @@ def test_retarget_onto_itself_is_the_identity_and_keeps_missing_joints_missing(c
     same = retarget(pose, pose)
     np.testing.assert_allclose(same.keypoints, pose.keypoints, atol=1e-5)
     np.testing.assert_allclose(same.hands, pose.hands, atol=1e-5)
+
+
+def test_retarget_carries_hands_and_face_with_wrists_and_nose(comfyui_frames):
+    pose = Pose.from_openpose(comfyui_frames)
+    result = retarget(pose, chibi_pose())
+    for side, wrist in ((0, 7), (1, 4)):
+        before = pose.hands[side][pose.hands[side, :, 2] > 0, :2] * (W, H) - pose.keypoints[wrist, :2] * (W, H)
+        after = result.hands[side][result.hands[side, :, 2] > 0, :2] * (W, H) - result.keypoints[wrist, :2] * (W, H)
+        scale = np.linalg.norm(after, axis=1).sum() / np.linalg.norm(before, axis=1).sum()
+        np.testing.assert_allclose(after, before * scale, atol=1e-3)  # same hand shape, moved with the wrist
+    assert result.face.shape == (70, 3) and (result.face[:, 2] > 0).sum() == (pose.face[:, 2] > 0).sum()
+    head = lambda p: np.linalg.norm((p.keypoints[0, :2] - p.keypoints[1, :2]) * (W, H))
+    spread = lambda p: np.ptp(p.face[:, 0]) * W
+    assert spread(result) / spread(pose) == pytest.approx(head(result) / head(pose), rel=1e-4)
 
 
 def test_retarget_fills_bones_the_reference_lacks_from_mirrors_and_scale():
