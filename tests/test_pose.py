@@ -296,7 +296,7 @@ def test_pose_constructor_validates():
     with pytest.raises(PoseError, match=r'shape \(18, 3\)'): Pose(np.zeros((25, 3)), 64, 64)
     with pytest.raises(PoseError, match='NaN or infinite'): Pose(np.full((18, 3), np.inf), 64, 64)
     with pytest.raises(PoseError, match='canvas must be at least 1x1'): Pose(np.zeros((18, 3)), 0, 64)
-    with pytest.raises(PoseError, match=r'hand keypoints must have shape \(21, 3\)'): Pose(np.zeros((18, 3)), 64, 64, hands=np.zeros((2, 20, 3)))
+    with pytest.raises(PoseError, match=r'hands \[left, right\] must have shape \(2, 21, 3\)'): Pose(np.zeros((18, 3)), 64, 64, hands=np.zeros((2, 20, 3)))
     with pytest.raises(PoseError, match='unknown joint names'): pose_from_joints({'tail': (1, 1)}, 64, 64)
 
 
