@@ -695,10 +695,14 @@ def test_cli_convert(tmp_path, openpose_native):
     assert not (tmp_path / 'never.json').exists()
 
 
-def test_cli_retarget(tmp_path):
+def test_cli_retarget(tmp_path, comfyui_frames):
     pose, like = tall_pose().save(tmp_path / 'tall.json'), chibi_pose().save(tmp_path / 'chibi.json')
     assert main(['pose', 'retarget', str(pose), '--like', str(like), '--out', str(tmp_path / 'out.json')]) == 0
     np.testing.assert_allclose(Pose.from_openpose(tmp_path / 'out.json').keypoints, retarget(tall_pose(), chibi_pose()).keypoints, atol=1e-6)
+    frames = write(tmp_path, 'frames.json', comfyui_frames)
+    assert main(['pose', 'retarget', str(frames), '--frame', '1', '--like', str(like), '--out', str(tmp_path / 'second.json')]) == 0
+    expected = retarget(Pose.from_openpose(comfyui_frames, frame=1), chibi_pose())
+    np.testing.assert_allclose(Pose.from_openpose(tmp_path / 'second.json').keypoints, expected.keypoints, atol=1e-6)
     write(tmp_path, 'animals.json', '{"animals": [[1, 2, 1]]}')
     assert main(['pose', 'retarget', str(pose), '--like', str(tmp_path / 'animals.json'), '--out', str(tmp_path / 'bad.json')]) == 1
     assert not (tmp_path / 'bad.json').exists()
