@@ -1,4 +1,5 @@
-"Synthetic characters: determinism, character-disjoint splits, masks that match the drawing, keypoints on the limbs, plausible poses, the CLI."
+"""Synthetic characters: determinism, character-disjoint splits, masks that match the drawing, keypoints on the limbs,
+plausible poses, the CLI."""
 import json
 from dataclasses import replace
 
@@ -285,6 +286,16 @@ def test_tags():
                                   accessory='cat_ears', bottom='pants', bottom_colour='black'))
     for tag in ['pink_hair', 'twintails', 'green_eyes', 'chibi', 'cat_ears', 'black_pants']: assert tag in tags
     assert 'chibi' not in identity_tags(Identity(heads_tall=5))
+    assert 'black_thighhighs' in identity_tags(Identity(bottom='skirt', legwear='thighhighs', legwear_colour='black'))
+    assert 'thighhighs' not in identity_tags(Identity(bottom='pants', legwear='thighhighs'))  # hidden by the trousers
+
+
+def test_masks_image_colours_every_part():
+    from anime_pose.synthetic import PART_COLOURS, masks_image
+    assert set(PART_COLOURS) == set(PART_LABELS)
+    masks = np.array([list(PART_LABELS.values())], np.uint8)
+    image = masks_image(masks)
+    assert [image.getpixel((i, 0)) for i in range(len(PART_LABELS))] == [PART_COLOURS[p] for p in PART_LABELS]
 
 
 # ---- command line ----
