@@ -395,10 +395,12 @@ def _scan_task(task: tuple) -> ChunkResult: return scan_chunk(*task)
 
 # %% ../nbs/03_data.ipynb #8695a5e7
 def metadata_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    "The metadata files `paths` name (a directory means its .json and .jsonl files), checked to exist."
+    "The metadata files `paths` name, checked to exist; a directory means its posts*.json files, or else all its .json/.jsonl files."
     files = []
     for path in map(Path, paths):
-        if path.is_dir(): files += sorted(p for p in path.iterdir() if p.suffix in ('.json', '.jsonl') and p.is_file())
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in ('.json', '.jsonl') and p.is_file())
+            files += [p for p in found if p.name.startswith('posts')] or found  # Danbooru2021's metadata/ also holds tags*, pools*, ...
         elif path.is_file(): files.append(path)
         else: raise MetadataError(f"'{path}': no such metadata file")
     return files
@@ -824,7 +826,7 @@ DATA_EXAMPLES = '''examples:
   anime-pose data pairs --posts work/filtered --out work/pairs.jsonl --max-pairs-per-character 16
   anime-pose data split --pairs work/pairs.jsonl --out work/split.jsonl --fractions 0.9 0.05 0.05
   anime-pose data budget --pairs work/split.jsonl --out work/budget --budget 100GB
-  rsync -a --files-from=work/budget/files.txt rsync://176.9.41.242:873/danbooru2021/ danbooru2021/
+  rsync -a --files-from=work/budget/files.txt MIRROR/danbooru2021/ danbooru2021/   # only the chosen images
   anime-pose data load --manifest work/budget --image-root danbooru2021 --out work/triples --num-proc 2
   anime-pose data build --metadata danbooru2021/metadata/ --out work   # filter, pairs, split, budget in one go'''
 

@@ -216,8 +216,15 @@ def test_missing_metadata_file_is_an_error_and_writes_nothing(tmp_path):
 def test_directory_means_its_json_files(tmp_path):
     write_lines(tmp_path / 'posts000000000000.json', [api_record()])
     write_lines(tmp_path / 'posts000000000001.json', [api_record(id=2)])
+    (tmp_path / 'tags000000000000.json').write_text('{"id": "1", "name": "solo", "category": "0", "post_count": "9"}\n')
     (tmp_path / 'README.txt').write_text('not metadata')
-    assert filter_metadata([tmp_path], tmp_path / 'out', apply_rules=False, progress=False)['read'] == 2
+    report = filter_metadata([tmp_path], tmp_path / 'out', apply_rules=False, progress=False)
+    assert (report['read'], report['malformed']) == (2, 0)  # the tags file beside the posts files is not read
+    other = tmp_path / 'other'
+    other.mkdir()
+    write_lines(other / 'a.jsonl', [api_record()])
+    write_lines(other / 'b.json', [legacy_record()])
+    assert filter_metadata([other], tmp_path / 'out2', apply_rules=False, progress=False)['read'] == 2
 
 
 # ---- the specification ----
