@@ -469,9 +469,26 @@ def test_retarget_carries_hands_and_face_with_wrists_and_nose(comfyui_frames):
         scale = np.linalg.norm(after, axis=1).sum() / np.linalg.norm(before, axis=1).sum()
         np.testing.assert_allclose(after, before * scale, atol=1e-3)  # same hand shape, moved with the wrist
     assert result.face.shape == (70, 3) and (result.face[:, 2] > 0).sum() == (pose.face[:, 2] > 0).sum()
-    head = lambda p: np.linalg.norm((p.keypoints[0, :2] - p.keypoints[1, :2]) * (W, H))
+    head = lambda p: sum(np.linalg.norm((p.keypoints[a, :2] - p.keypoints[b, :2]) * (W, H)) for a, b in ((0, 14), (14, 16), (0, 15), (15, 17))
+                         if p.keypoints[a, 2] > 0 and p.keypoints[b, 2] > 0)
     spread = lambda p: np.ptp(p.face[:, 0]) * W
     assert spread(result) / spread(pose) == pytest.approx(head(result) / head(pose), rel=1e-4)
+
+
+def test_retarget_keeps_joints_whose_parent_is_missing(comfyui_frames):
+    tall, chibi = tall_pose(), chibi_pose()
+    no_right_eye = Pose(tall.keypoints * (np.arange(18) != 14)[:, None], 512, 768)
+    result = retarget(no_right_eye, chibi)
+    np.testing.assert_array_equal(result.visible, no_right_eye.visible)  # the right ear hangs from the nose
+    pose = Pose.from_openpose(comfyui_frames)
+    no_elbow = Pose(pose.keypoints * (np.arange(18) != 6)[:, None], W, H, pose.hands, pose.face)
+    result = retarget(no_elbow, chibi)
+    assert result.visible[7] and not result.visible[6]
+    hand = result.hands[0]
+    assert hand[:, 2].all() and np.isfinite(hand).all()
+    offsets = lambda p: p.hands[0, :, :2] * (W, H) - p.keypoints[7, :2] * (W, H)
+    ratio = np.linalg.norm(offsets(result), axis=1) / np.maximum(np.linalg.norm(offsets(no_elbow), axis=1), 1e-9)
+    np.testing.assert_allclose(ratio[np.linalg.norm(offsets(no_elbow), axis=1) > 1], np.median(ratio), rtol=1e-3)  # hand scaled as a whole
 
 
 def test_retarget_fills_bones_the_reference_lacks_from_mirrors_and_scale():
