@@ -129,9 +129,12 @@ def test_full_size_sd15_and_sd21_export_and_round_trip(tmp_path):
 
 def test_the_pipelines_tiny_controlnet_exports_for_diffusers(tmp_path):
     "The project's own tiny ControlNet has a narrower hint encoder: it round-trips, and the loaders it fits are named."
-    from anime_pose.pipeline import tiny_components
-    controlnet = tiny_components()['controlnet']
-    out = export_controlnet(controlnet, tmp_path)
+    from anime_pose.pipeline import PoseTransferPipeline, tiny_components
+    components = tiny_components()
+    controlnet = components['controlnet']
+    PoseTransferPipeline(**components).save_pretrained(tmp_path / 'model')  # a saved pipeline: found through controlnet/
+    assert main(['export', '--controlnet', str(tmp_path / 'model'), '--out', str(tmp_path)]) == 0
+    out = tmp_path / 'control_animepose_tiny_openpose.safetensors'
     assert_same_weights(load_exported(out), controlnet)
     loaders = single_file_loaders(exported_config(out))
     assert loaders['diffusers'] == '' and 'hint encoder' in loaders['ComfyUI'] and 'SD1.x/SD2.x-shaped' in loaders['AUTOMATIC1111']
