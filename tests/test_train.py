@@ -167,8 +167,11 @@ def test_checkpoints_are_safetensors_and_json_only(tmp_path):
 
 # ---- command line ----
 
+ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
 def anime_pose(*args, **kwargs):
-    return subprocess.run([str(BIN / 'anime-pose'), *args], capture_output=True, text=True, **kwargs)
+    return subprocess.run([str(BIN / 'anime-pose'), *args], capture_output=True, text=True, env=ONE_THREAD, **kwargs)
 
 
 def test_cli_trains_resumes_and_reports(tmp_path, capsys):
@@ -182,21 +185,22 @@ def test_cli_trains_resumes_and_reports(tmp_path, capsys):
     assert load_config(out / 'config.json').max_steps == 8 and load_config(out / 'config.json').seed == 4
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys):
     result = anime_pose('train', '--method', 'toy', '--out', str(tmp_path), '--set', 'batch_size=-1')
     assert result.returncode == 1 and result.stderr.strip().count('\n') == 0 and 'batch_size=-1 is invalid' in result.stderr
-    result = anime_pose('train', '--method', 'toy')
-    assert result.returncode == 1 and '--out DIR is required' in result.stderr
-    result = anime_pose('train', '--config', str(tmp_path / 'nothing.json'), '--out', str(tmp_path / 'x'))
-    assert result.returncode == 1 and 'no such configuration file' in result.stderr
+    assert main(['train', '--method', 'toy']) == 1 and '--out DIR is required' in capsys.readouterr().err
+    assert main(['train', '--config', str(tmp_path / 'nothing.json'), '--out', str(tmp_path / 'x')]) == 1
+    assert 'no such configuration file' in capsys.readouterr().err
+    assert main(['train', '--method', 'toy', '--out', str(tmp_path / 'y'), '--set', 'seed']) == 1
+    assert "--set 'seed': expected FIELD=VALUE" in capsys.readouterr().err
 
 
 def test_cli_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
-    args = ['train', '--method', 'toy', '--max-steps', '1500', '--checkpoint-every', '50', '--set', 'validate_every=0',
+    args = ['train', '--method', 'toy', '--max-steps', '600', '--checkpoint-every', '20', '--set', 'validate_every=0',
             '--set', 'keep_checkpoints=2']
     assert anime_pose(*args, '--out', str(tmp_path / 'straight')).returncode == 0
     process = subprocess.Popen([str(BIN / 'anime-pose'), *args, '--out', str(tmp_path / 'killed')],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD)
     deadline = time.time() + 120
     while not list_checkpoints(tmp_path / 'killed') and time.time() < deadline and process.poll() is None: time.sleep(0.05)
     process.send_signal(signal.SIGKILL); process.wait()
@@ -207,7 +211,7 @@ def test_cli_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
 
 def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     out = tmp_path / 'ddp'
-    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}  # two CPU processes, DDP over gloo, even on a machine with a GPU
+    env = {**ONE_THREAD, 'CUDA_VISIBLE_DEVICES': ''}  # two CPU processes, DDP over gloo, even on a machine with a GPU
     result = subprocess.run([str(BIN / 'accelerate'), 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
                              '--mixed_precision', 'no', '--dynamo_backend', 'no', str(BIN / 'anime-pose'), 'train',
                              '--method', 'toy', '--out', str(out), '--max-steps', '20', '--checkpoint-every', '10',
@@ -219,3 +223,101 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     rows = read_losses(out)
     assert [r['step'] for r in rows if r['split'] == 'train'] == list(range(1, 21))
     assert rows[-1]['loss'] < rows[0]['loss']
+
+
+# ---- the diffusion method (tiny models, a few steps) ----
+
+torch.set_num_threads(1)  # the machine's cores are shared: one thread per test process avoids oversubscription
+
+
+def tiny_diffusion(**overrides):
+    values = dict(synthetic_characters=4, base_steps=2, max_steps=4, batch_size=2, validate_every=2, validation_batches=1,
+                  sample_every=0, checkpoint_every=2)
+    return override_config(TrainConfig(), {**values, **overrides})
+
+
+def trained(run: Path, name: str) -> dict:
+    return load_file(run / 'final' / name / 'diffusion_pytorch_model.safetensors')
+
+
+def test_diffusion_killed_and_resumed_equals_uninterrupted(tmp_path):
+    from anime_pose.train import DiffusionMethod
+    class Crashing(DiffusionMethod):
+        calls = 0
+        def training_step(self, batch):
+            Crashing.calls += 1
+            if Crashing.calls == 3: raise Crash('killed in step 3')
+            return super().training_step(batch)
+    config = tiny_diffusion()
+    train(config, tmp_path / 'straight', progress=False)
+    with pytest.raises(Crash): train(config, tmp_path / 'killed', method=Crashing, progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / 'killed')] == ['checkpoint-2']
+    train(config, tmp_path / 'killed', resume=True, progress=False)
+    for name in ('controlnet', 'reference_net'):
+        assert_same_weights(trained(tmp_path / 'killed', name), trained(tmp_path / 'straight', name))
+    assert read_losses(tmp_path / 'killed') == read_losses(tmp_path / 'straight')
+    untouched = load_file(tmp_path / 'straight' / 'base' / 'unet' / 'diffusion_pytorch_model.safetensors')
+    assert_same_weights(trained(tmp_path / 'straight', 'unet'), untouched)  # the base UNet stays frozen
+    from anime_pose.pipeline import PoseTransferPipeline
+    assert PoseTransferPipeline.from_pretrained(tmp_path / 'straight' / 'final').reference_net is not None
+
+
+def test_cache_holds_what_the_uncached_path_computes(tmp_path):
+    from accelerate import Accelerator
+    from anime_pose.train import DiffusionMethod
+    methods = {}
+    for cache in (True, False):
+        method = DiffusionMethod(tiny_diffusion(cache=cache), Accelerator(cpu=True))
+        method.out = tmp_path
+        method.build()
+        methods[cache] = method
+    cached, uncached = (m._encode(m.get_batch('train', [0, 3])) for m in (methods[True], methods[False]))
+    for a, b in zip(cached, uncached): torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-2)  # text is cached in fp16
+    assert torch.equal(methods[True].get_batch('train', [1])['condition'], methods[False].get_batch('train', [1])['condition'])
+    assert len(list((tmp_path / 'cache').iterdir())) == 2  # train and test, built once
+
+
+def test_losses_and_min_snr():
+    from anime_pose.train import diffusion_loss, min_snr_weights
+    x, y = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
+    assert diffusion_loss(x, 3 * y, 'l1') == 3 and diffusion_loss(x, 3 * y, 'l2') == 9
+    assert diffusion_loss(x, 3 * y, 'huber', huber_delta=1.0) == 2.5
+    assert diffusion_loss(x, y, 'l2', weights=torch.tensor([0.0, 2.0])) == 1
+    with pytest.raises(ConfigError, match="loss 'l4' is unknown"): diffusion_loss(x, y, 'l4')
+    alphas = torch.linspace(0.999, 0.001, 1000)
+    weights = min_snr_weights(alphas, torch.tensor([0, 999]), 5.0)
+    assert weights[0] < 0.01 and weights[1] == 1.0
+
+
+def test_bad_data_and_base_model_are_named(tmp_path):
+    from anime_pose.train import DiffusionMethod, load_base, training_triples
+    with pytest.raises(ConfigError, match='no such directory'): training_triples(tiny_diffusion(data=str(tmp_path / 'none')))
+    with pytest.raises(ConfigError, match='not a saved DatasetDict'): training_triples(tiny_diffusion(data=str(tmp_path)))
+    with pytest.raises(ConfigError.__mro__[1], match='model_index.json, unet/, vae/'):
+        load_base(tiny_diffusion(base_model=str(tmp_path)), tmp_path)
+    with pytest.raises(ConfigError, match="base_model='sd15' is a shape for --dry-run"): load_base(tiny_diffusion(base_model='sd15'), tmp_path)
+    with pytest.raises(ConfigError, match='nothing would train'):
+        train(tiny_diffusion(train_controlnet=False, train_reference=False), tmp_path / 'run', progress=False)
+
+
+def test_dry_run_plans_sd_sizes_without_weights(capsys):
+    assert main(['train', '--config', 'sd15', '--dry-run']) == 0
+    report = capsys.readouterr().out
+    assert 'unet:     859.5 M parameters' in report and 'controlnet:     361.3 M parameters' in report
+    assert 'fits a 16 GB GPU' in report and 'does not fit' not in report
+    assert main(['train', '--config', 'sd15', '--dry-run', '--set', 'mixed_precision=no', '--set', 'gradient_checkpointing=false',
+                 '--set', 'reference_lora_rank=0', '--set', 'optimizer=adamw']) == 0
+    assert 'does not fit a 16 GB GPU' in capsys.readouterr().out
+
+
+def test_accelerate_launch_diffusion_with_two_cpu_processes(tmp_path):
+    out = tmp_path / 'ddp'
+    env = {**ONE_THREAD, 'CUDA_VISIBLE_DEVICES': ''}
+    result = subprocess.run([str(BIN / 'accelerate'), 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+                             '--mixed_precision', 'no', '--dynamo_backend', 'no', str(BIN / 'anime-pose'), 'train',
+                             '--out', str(out), '--max-steps', '2', '--checkpoint-every', '1', '--batch-size', '2',
+                             '--set', 'synthetic_characters=4', '--set', 'base_steps=1', '--set', 'validate_every=0'],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / 'checkpoint-1' / 'trainer_state.json').read_text())['world_size'] == 2
+    assert (out / 'final' / 'reference_net' / 'diffusion_pytorch_model.safetensors').exists()

@@ -1,0 +1,141 @@
+"""Training steps per second on the tiny models: this project's loop (cached latents and text embeddings) against a
+faithful re-implementation of the step of diffusers' examples/controlnet/train_controlnet.py (VAE and text encoder
+every step), plus the cost of building the caches; `--end-to-end` also times `anime-pose train --config tiny`.
+
+    python benchmarks/train_speed.py [--steps 20] [--batch-size 4] [--end-to-end]
+"""
+import argparse, json, shutil, subprocess, sys, tempfile, time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def diffusers_reference_steps(components: dict, triples, steps: int, batch_size: int, resolution: int, seed: int = 0) -> float:
+    "Steps/s of train_controlnet.py's loop body: dataloader with image transforms, VAE + text encoder + ControlNet + UNet every step."
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from torchvision import transforms
+    from anime_pose.pose import Pose
+    torch.manual_seed(seed)
+    accelerator = Accelerator()
+    vae, text_encoder, tokenizer, unet = components['vae'], components['text_encoder'], components['tokenizer'], components['unet']
+    controlnet = components['controlnet']
+    noise_scheduler = DDPMScheduler.from_config(components['scheduler'].config)
+    vae.requires_grad_(False); unet.requires_grad_(False); text_encoder.requires_grad_(False); controlnet.train()
+    # the script's dataset: image, conditioning image and caption columns, transformed on access (with_transform)
+    conditioning = [Pose(np.asarray(k, np.float32), resolution, resolution).skeleton_image(resolution, resolution) for k in triples['pose']]
+    image_transforms = transforms.Compose([transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+                                          transforms.CenterCrop(resolution), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+    conditioning_transforms = transforms.Compose([transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+                                                 transforms.CenterCrop(resolution), transforms.ToTensor()])
+    class Dataset(torch.utils.data.Dataset):
+        def __len__(self): return len(triples)
+        def __getitem__(self, i):
+            row = triples[i]
+            caption = ', '.join(t.replace('_', ' ') for t in row['tags'])
+            ids = tokenizer(caption, max_length=tokenizer.model_max_length, padding='max_length', truncation=True, return_tensors='pt').input_ids[0]
+            return dict(pixel_values=image_transforms(row['target'].convert('RGB')),
+                        conditioning_pixel_values=conditioning_transforms(conditioning[i].convert('RGB')), input_ids=ids)
+    def collate_fn(examples):
+        return {k: torch.stack([e[k] for e in examples]).contiguous() for k in examples[0]}
+    dataloader = torch.utils.data.DataLoader(Dataset(), shuffle=True, collate_fn=collate_fn, batch_size=batch_size, num_workers=0)
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_scheduler = get_scheduler('constant', optimizer=optimizer, num_warmup_steps=0, num_training_steps=steps)
+    controlnet, optimizer, dataloader, lr_scheduler = accelerator.prepare(controlnet, optimizer, dataloader, lr_scheduler)
+    weight_dtype = torch.float32
+    vae.to(accelerator.device, dtype=weight_dtype); unet.to(accelerator.device, dtype=weight_dtype); text_encoder.to(accelerator.device, dtype=weight_dtype)
+
+    def batches():
+        while True: yield from dataloader
+    done, started = 0, None
+    for batch in batches():
+        if done == 2: started = time.perf_counter()  # two warm-up steps
+        if done == steps + 2: break
+        with accelerator.accumulate(controlnet):
+            latents = vae.encode(batch['pixel_values'].to(dtype=weight_dtype)).latent_dist.sample()
+            latents = latents * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            bsz = latents.shape[0]
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
+            noisy_latents = noise_scheduler.add_noise(latents.float(), noise.float(), timesteps).to(dtype=weight_dtype)
+            encoder_hidden_states = text_encoder(batch['input_ids'], return_dict=False)[0]
+            controlnet_image = batch['conditioning_pixel_values'].to(dtype=weight_dtype)
+            down_block_res_samples, mid_block_res_sample = controlnet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                                                                      controlnet_cond=controlnet_image, return_dict=False)
+            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                              down_block_additional_residuals=[s.to(dtype=weight_dtype) for s in down_block_res_samples],
+                              mid_block_additional_residual=mid_block_res_sample.to(dtype=weight_dtype), return_dict=False)[0]
+            target = noise if noise_scheduler.config.prediction_type == 'epsilon' else noise_scheduler.get_velocity(latents, noise, timesteps)
+            loss = F.mse_loss(model_pred.float(), target.float(), reduction='mean')
+            accelerator.backward(loss)
+            if accelerator.sync_gradients: accelerator.clip_grad_norm_(controlnet.parameters(), 1.0)
+            optimizer.step(); lr_scheduler.step(); optimizer.zero_grad(set_to_none=False)
+        done += 1
+    return steps / (time.perf_counter() - started)
+
+
+def our_steps(out: Path, steps: int, batch_size: int, **overrides) -> dict:
+    "Steps/s of `anime_pose.train.train` on the tiny default, and the seconds spent building the caches."
+    from anime_pose.train import DiffusionMethod, load_config, override_config, train
+    config = override_config(load_config('tiny'), dict(max_steps=steps + 2, batch_size=batch_size, base_steps=0, validate_every=0,
+                                                        sample_every=0, checkpoint_every=0, synthetic_characters=8, **overrides))
+    clock = {}
+    class Timed(DiffusionMethod):
+        def _cached(self, out):
+            start = time.perf_counter(); caches = super()._cached(out); clock['cache_seconds'] = time.perf_counter() - start
+            return caches
+        def training_step(self, batch):
+            self.calls = getattr(self, 'calls', 0) + 1
+            if self.calls == 3: clock['start'] = time.perf_counter()  # after two warm-up steps
+            return super().training_step(batch)
+    train(config, out, method=Timed, progress=False)
+    return dict(steps_per_second=steps / (time.perf_counter() - clock['start']), cache_seconds=clock.get('cache_seconds'))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--steps', type=int, default=20)
+    parser.add_argument('--batch-size', type=int, default=4)
+    parser.add_argument('--threads', type=int, default=1, help='torch threads (1 avoids oversubscription on a shared 2-core machine)')
+    parser.add_argument('--end-to-end', action='store_true', help='also time `anime-pose train --config tiny` from nothing')
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from anime_pose.pipeline import tiny_components
+    from anime_pose.train import load_config, override_config, training_triples
+    scratch = Path(tempfile.mkdtemp(prefix='train_speed.'))
+    results = {}
+    try:
+        ours = our_steps(scratch / 'ours', args.steps, args.batch_size, train_reference=False, use_reference=False)
+        triples = training_triples(override_config(load_config('tiny'), dict(synthetic_characters=8)))['train']
+        reference = diffusers_reference_steps(tiny_components(0), triples, args.steps, args.batch_size, 64)
+        with_reference = our_steps(scratch / 'ours_ref', args.steps, args.batch_size)
+        uncached = our_steps(scratch / 'ours_uncached', args.steps, args.batch_size, train_reference=False, use_reference=False, cache=False)
+        results.update(steps=args.steps, batch_size=args.batch_size, threads=args.threads,
+                       ours_controlnet_cached=ours['steps_per_second'], cache_build_seconds=ours['cache_seconds'],
+                       ours_controlnet_uncached=uncached['steps_per_second'],
+                       diffusers_train_controlnet=reference, ratio_cached_vs_diffusers=ours['steps_per_second'] / reference,
+                       ours_controlnet_and_reference_cached=with_reference['steps_per_second'])
+        print(f"diffusers train_controlnet.py step (VAE + text encoder every step): {reference:.2f} steps/s")
+        print(f"this loop, ControlNet only, cached:                                 {ours['steps_per_second']:.2f} steps/s "
+              f"(caches built in {ours['cache_seconds']:.1f} s)")
+        print(f"this loop, ControlNet only, no cache:                               {uncached['steps_per_second']:.2f} steps/s")
+        print(f"this loop, ControlNet + reference net, cached:                      {with_reference['steps_per_second']:.2f} steps/s")
+        print(f"ratio (this loop cached / diffusers): {ours['steps_per_second'] / reference:.2f}x")
+        if args.end_to_end:
+            out = scratch / 'tiny'
+            start = time.perf_counter()
+            subprocess.run([str(Path(sys.executable).parent / 'anime-pose'), 'train', '--config', 'tiny', '--out', str(out)], check=True)
+            results['end_to_end_seconds'] = time.perf_counter() - start
+            print(f"anime-pose train --config tiny, from nothing: {results['end_to_end_seconds']:.0f} s")
+            shutil.copy(out / 'losses.csv', Path(__file__).parent / 'results' / 'train_tiny_losses.csv')
+            samples = sorted((out / 'samples').glob('*.png'))
+            if samples: shutil.copy(samples[-1], Path(__file__).parent / 'results' / 'train_tiny_samples.png')
+    finally: shutil.rmtree(scratch, ignore_errors=True)
+    (Path(__file__).parent / 'results').mkdir(exist_ok=True)
+    (Path(__file__).parent / 'results' / 'train_speed.json').write_text(json.dumps(results, indent=2) + '\n')
+
+
+if __name__ == '__main__': main()
