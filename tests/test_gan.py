@@ -70,7 +70,7 @@ def test_bad_inputs_are_refused_with_a_reason():
     with pytest.raises(AnimePoseError, match=r'pose must be \(18, 3\)'): pose_condition(np.zeros((17, 3)), 32)
     with pytest.raises(AnimePoseError, match='adversarial loss must be one of'): discriminator_loss(torch.ones(1), torch.ones(1), 'wgan')
     with pytest.raises(AnimePoseError, match="unknown GAN option 'blocks'"): gan_config({'blocks': 2})
-    with pytest.raises(AnimePoseError, match='is not a float'): gan_config({'l1_weight': 'ten'})
+    with pytest.raises(AnimePoseError, match='l1_weight=.ten. should be of type float'): gan_config({'l1_weight': 'ten'})
     with pytest.raises(AnimePoseError, match='must be zero or more'): gan_config({'cycle_weight': -1.0})
     with pytest.raises(AnimePoseError, match='must be a multiple of 2\\*\\*n_down'): build_gan(GanConfig(n_down=3), 36)
 
@@ -125,3 +125,75 @@ def test_load_gan_names_what_is_missing(tmp_path):
     with pytest.raises(AnimePoseError, match='no such directory'): load_gan(tmp_path / 'absent')
     (tmp_path / 'config.json').write_text('{"_class_name": "UNet2DModel"}')
     with pytest.raises(AnimePoseError, match='no GAN generator found'): load_gan(tmp_path)
+
+
+SMALL = '{"generator_channels": 8, "n_blocks": 1, "discriminator_channels": 8, "discriminator_layers": 2}'
+
+
+def train_args(out, *extra):
+    return ['train', '--method', 'gan', '--config', 'tiny', '--out', str(out), '--max-steps', '4', '--batch-size', '2',
+            '--checkpoint-every', '2', '--set', 'synthetic_characters=3', '--set', 'resolution=32', '--set', f'options={SMALL}',
+            '--set', 'validate_every=2', '--set', 'sample_every=4', *extra]
+
+
+def test_anime_pose_train_method_gan(tmp_path, capsys):
+    from anime_pose.cli import main
+    from anime_pose.train import read_losses
+    assert main(train_args(tmp_path / 'run')) == 0
+    assert 'trained 4 steps' in capsys.readouterr().out
+    rows = read_losses(tmp_path / 'run')
+    assert [r['step'] for r in rows if r['split'] == 'train'] == [1, 2, 3, 4]
+    assert [r['step'] for r in rows if r['split'] == 'test'] == [0, 2, 4]
+    assert (tmp_path / 'run/final/generator/diffusion_pytorch_model.safetensors').exists()
+    assert (tmp_path / 'run/samples/step-000004.png').exists()
+    drawn = load_gan(tmp_path / 'run').generate(Image.new('RGB', (50, 40), 'white'), keypoints())
+    assert drawn.size == (50, 40)
+
+
+def test_gan_dry_run_reports_both_networks(capsys):
+    from anime_pose.cli import main
+    assert main(['train', '--method', 'gan', '--dry-run', '--set', f'options={SMALL}']) == 0
+    out = capsys.readouterr().out
+    assert 'generator' in out and 'discriminator' in out and 'parameters' in out
+
+
+def test_bad_gan_options_are_one_line_errors(tmp_path, capsys):
+    from anime_pose.cli import main
+    assert main(train_args(tmp_path / 'run', '--set', 'options={"adversarial": "wgan"}')) == 1
+    assert 'adversarial loss must be one of' in capsys.readouterr().err
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    from safetensors.torch import load_file
+    from anime_pose.gan import GANMethod
+    from anime_pose.train import load_config, override_config, read_losses, train
+    config = override_config(load_config('tiny'), dict(method='gan', synthetic_characters=3, resolution=32, max_steps=6, batch_size=2,
+                                                        checkpoint_every=2, validate_every=3, sample_every=0, options=SMALL))
+
+    class Crashing(GANMethod):
+        def training_step(self, batch):
+            if len(self.history) == 4: raise RuntimeError('killed in step 5')
+            return super().training_step(batch)
+
+    train(config, tmp_path / 'straight', method=GANMethod, progress=False)
+    with pytest.raises(RuntimeError, match='killed'): train(config, tmp_path / 'killed', method=Crashing, progress=False)
+    train(config, tmp_path / 'killed', resume=True, method=GANMethod, progress=False)
+    for name in ('generator', 'discriminator'):
+        a, b = (load_file(tmp_path / run / f'final/{name}/diffusion_pytorch_model.safetensors') for run in ('straight', 'killed'))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_losses(tmp_path / 'killed') == read_losses(tmp_path / 'straight')
+
+
+def test_cycle_term_needs_the_reference_pose(tmp_path):
+    import datasets
+    from anime_pose.core import triple_features
+    from anime_pose.train import load_config, override_config, train
+    from anime_pose.gan import GANMethod
+    row = dict(reference=Image.new('RGB', (32, 32)), target=Image.new('RGB', (32, 32)), pose=keypoints(), character='a', tags=['1girl'])
+    split = datasets.Dataset.from_list([row] * 2, features=triple_features())
+    datasets.DatasetDict(train=split, test=split).save_to_disk(str(tmp_path / 'triples'))
+    options = dict(generator_channels=8, n_blocks=1, discriminator_channels=8, cycle_weight=1.0)
+    config = override_config(load_config('tiny'), dict(method='gan', data=str(tmp_path / 'triples'), resolution=32, max_steps=1,
+                                                        batch_size=2, options=options))
+    with pytest.raises(AnimePoseError, match="cycle_weight > 0 needs triples with a 'reference_pose' column"):
+        train(config, tmp_path / 'run', method=GANMethod, progress=False)
