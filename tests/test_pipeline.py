@@ -1,0 +1,237 @@
+"PoseTransferPipeline: tiny components, determinism, poses in every form, sheets, saving and loading, errors, the CLI."
+import json, subprocess, sys
+from pathlib import Path
+
+import numpy as np
+import pytest, torch
+from PIL import Image
+
+from anime_pose.controlnet import ModelError, controlnet_from_unet, zero_convolutions
+from anime_pose.core import ImageError
+from anime_pose.pipeline import (PoseTransferPipeline, TransferError, check_model_dir, fit_reference, skeleton_images, tiny_components,
+                                 tiny_tokenizer, DANBOORU_WORDS)
+from anime_pose.pose import Pose, PoseError, pose_from_joints
+
+STANDING = {'nose': (32, 10), 'neck': (32, 18), 'right_shoulder': (26, 18), 'right_elbow': (22, 28), 'right_wrist': (20, 38),
+            'left_shoulder': (38, 18), 'left_elbow': (42, 28), 'left_wrist': (44, 38), 'right_hip': (28, 36), 'right_knee': (28, 46),
+            'right_ankle': (28, 58), 'left_hip': (36, 36), 'left_knee': (36, 46), 'left_ankle': (36, 58)}
+ARMS_UP = {**STANDING, 'right_elbow': (22, 12), 'right_wrist': (20, 4), 'left_elbow': (42, 12), 'left_wrist': (44, 4)}
+
+
+@pytest.fixture(scope='module')
+def pipe():
+    pipe = PoseTransferPipeline(**tiny_components(seed=0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope='module')
+def steering_pipe():
+    "A pipeline whose ControlNet's zero convolutions are open, so that the pose changes the image."
+    components = tiny_components(seed=0)
+    with torch.no_grad():
+        for conv in zero_convolutions(components['controlnet']): torch.nn.init.normal_(conv.weight, std=0.5, generator=torch.Generator().manual_seed(1))
+    pipe = PoseTransferPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope='module')
+def reference():
+    image = Image.new('RGB', (48, 64), (250, 240, 230)); image.paste((40, 60, 200), (16, 8, 32, 56))
+    return image
+
+
+@pytest.fixture(scope='module')
+def poses(): return pose_from_joints(STANDING, 64, 64), pose_from_joints(ARMS_UP, 64, 64)
+
+
+def arrays(output): return [np.asarray(image).astype(int) for image in output.images]
+
+
+def run(pipe, reference, pose, seed=0, **kwargs):
+    return pipe(reference, pose, prompt='1girl, solo, blue hair', num_inference_steps=2, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def test_tiny_tokenizer_spells_tags_and_never_loses_text():
+    tokenizer = tiny_tokenizer()
+    tokens = tokenizer.tokenize('long hair, Twintails')
+    assert tokens == ['long</w>', 'hair</w>', ',</w>', 'twintails</w>']
+    assert all(len(tokenizer.tokenize(word)) == 1 for word in DANBOORU_WORDS)
+    ids = tokenizer('ザ unseen-word 😀').input_ids
+    assert tokenizer.unk_token_id not in ids[1:-1]
+    assert tokenizer.decode(ids, skip_special_tokens=True).replace(' ', '') == 'ザunseen-word😀'
+
+
+def test_tiny_components_are_seeded():
+    a, b, c = tiny_components(seed=0), tiny_components(seed=0), tiny_components(seed=1)
+    for name in ('vae', 'text_encoder', 'unet', 'controlnet'):
+        first = next(iter(a[name].state_dict().values()))
+        assert torch.equal(first, next(iter(b[name].state_dict().values())))
+        assert not torch.equal(first, next(iter(c[name].state_dict().values()))), name
+
+
+def test_same_seed_same_images_other_seed_other_images(pipe, reference, poses):
+    first, second, other = run(pipe, reference, poses[0]), run(pipe, reference, poses[0]), run(pipe, reference, poses[0], seed=1)
+    assert len(first.images) == 1 and first.images[0].size == (64, 64) and first.images[0].mode == 'RGB'
+    assert np.array_equal(arrays(first)[0], arrays(second)[0])
+    assert not np.array_equal(arrays(first)[0], arrays(other)[0])
+
+
+def test_reference_strength_zero_ignores_the_reference(pipe, reference, poses):
+    other = Image.new('RGB', (64, 64), (200, 30, 30))
+    a, b = run(pipe, reference, poses[0], reference_strength=0), run(pipe, other, poses[0], reference_strength=0)
+    assert np.array_equal(arrays(a)[0], arrays(b)[0])
+    a, b = run(pipe, reference, poses[0]), run(pipe, other, poses[0])
+    assert not np.array_equal(arrays(a)[0], arrays(b)[0])
+
+
+def test_the_pose_steers_and_scale_zero_switches_it_off(steering_pipe, reference, poses):
+    standing, arms_up = (run(steering_pipe, reference, pose, output_type='latent').images for pose in poses)
+    assert standing.shape == (1, 4, 8, 8) and (standing - arms_up).abs().max() > 1e-4  # identical inputs give identical latents
+    off = [run(steering_pipe, reference, pose, controlnet_conditioning_scale=0, output_type='latent').images for pose in poses]
+    assert torch.equal(off[0], off[1])
+
+
+def test_a_sheet_is_independent_of_batching(steering_pipe, reference, poses):
+    sheet = run(steering_pipe, reference, list(poses) * 2, output_type='latent').images
+    one_by_one = run(steering_pipe, reference, list(poses) * 2, batch_size=1, output_type='latent').images
+    assert sheet.shape == (4, 4, 8, 8)
+    torch.testing.assert_close(sheet, one_by_one, rtol=0, atol=1e-4)
+    assert (sheet[0] - sheet[2]).abs().max() > 1e-2  # each pose has its own noise
+    assert len(run(steering_pipe, reference, list(poses) * 2).images) == 4
+
+
+def test_every_pose_form_gives_the_same_skeleton(tmp_path, poses):
+    pose = poses[0]
+    pose.save(tmp_path / 'b.json')
+    skeleton = pose.skeleton_image(64, 64)
+    skeleton.save(tmp_path / 'b.png')
+    forms = [pose, tmp_path / 'b.json', str(tmp_path / 'b.json'), json.loads((tmp_path / 'b.json').read_text()), skeleton, tmp_path / 'b.png']
+    for form in forms: assert np.array_equal(np.asarray(skeleton_images(form, 64, 64)[0]), np.asarray(skeleton)), form
+    assert len(skeleton_images([pose, skeleton, tmp_path / 'b.json'], 64, 64)) == 3
+
+
+def test_retarget_takes_the_reference_proportions(poses):
+    short_arms = pose_from_joints({**STANDING, 'right_elbow': (24, 23), 'right_wrist': (23, 28), 'left_elbow': (40, 23), 'left_wrist': (41, 28)}, 64, 64)
+    plain, retargeted = skeleton_images(poses[1], 64, 64), skeleton_images(poses[1], 64, 64, reference_pose=short_arms)
+    assert not np.array_equal(np.asarray(plain[0]), np.asarray(retargeted[0]))
+    assert np.array_equal(np.asarray(skeleton_images(poses[1], 64, 64, reference_pose=short_arms, retarget=False)[0]), np.asarray(plain[0]))
+    with pytest.raises(TransferError, match='retarget needs the reference pose'): skeleton_images(poses[1], 64, 64, retarget=True)
+    with pytest.raises(TransferError, match='cannot retarget a skeleton image'): skeleton_images(plain[0], 64, 64, reference_pose=short_arms, retarget=True)
+
+
+def test_bad_requests_fail_before_running(pipe, reference, poses, tmp_path):
+    cases = [(dict(height=60), TransferError, 'height must be a positive multiple of 8, got 60'),
+             (dict(width=0), TransferError, 'width must be a positive multiple of 8'),
+             (dict(num_inference_steps=0), TransferError, 'num_inference_steps must be a positive integer'),
+             (dict(guidance_scale=-1), TransferError, 'guidance_scale must be a number >= 0'),
+             (dict(reference_strength=float('nan')), TransferError, 'reference_strength must be a number >= 0'),
+             (dict(batch_size=0), TransferError, 'batch_size must be a positive integer'),
+             (dict(output_type='np'), TransferError, "output_type must be 'pil' or 'latent'")]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message): pipe(reference, poses[0], **kwargs)
+    with pytest.raises(PoseError, match='no usable joints'): pipe(reference, Pose(np.zeros((18, 3), np.float32), 64, 64))
+    with pytest.raises(TransferError, match='skeleton image is blank'): pipe(reference, Image.new('RGB', (64, 64)))
+    with pytest.raises(TransferError, match='no pose given'): pipe(reference, [])
+    with pytest.raises(ImageError, match='no such file'): pipe(tmp_path / 'missing.png', poses[0])
+    (tmp_path / 'empty.json').write_text('{"people": []}')
+    with pytest.raises(PoseError): pipe(reference, tmp_path / 'empty.json')
+
+
+def test_fit_reference_pads_without_distortion():
+    wide = Image.new('RGB', (80, 20), (0, 0, 255))
+    fitted = fit_reference(wide, 64, 64)
+    assert fitted.size == (64, 64) and fitted.getpixel((32, 32)) == (0, 0, 255) and fitted.getpixel((32, 2)) == (255, 255, 255)
+
+
+def test_mismatched_components_are_refused():
+    components = tiny_components()
+    with pytest.raises(ModelError, match='text encoder is 64 wide'): PoseTransferPipeline(**{**components, 'text_encoder': tiny_components(cross_attention_dim=64)['text_encoder']})
+    with pytest.raises(ModelError, match='does not fit the UNet'): PoseTransferPipeline(**{**components, 'controlnet': tiny_components(cross_attention_dim=64)['controlnet']})
+
+
+@pytest.mark.parametrize('width', [768, 1024])
+def test_cross_attention_width_comes_from_the_config(width, reference, poses):
+    pipe = PoseTransferPipeline(**tiny_components(cross_attention_dim=width))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.attn_processors and pipe.unet.config.cross_attention_dim == width
+    assert pipe(reference, poses[0], num_inference_steps=1).images[0].size == (64, 64)
+
+
+def test_v_prediction(pipe, reference, poses):
+    v_pipe = PoseTransferPipeline(**tiny_components(prediction_type='v_prediction'))
+    v_pipe.set_progress_bar_config(disable=True)
+    assert v_pipe.scheduler.config.prediction_type == 'v_prediction'
+    assert not np.array_equal(arrays(run(v_pipe, reference, poses[0]))[0], arrays(run(pipe, reference, poses[0]))[0])
+    with pytest.raises(ValueError, match="prediction_type must be 'epsilon' or 'v_prediction'"): tiny_components(prediction_type='sample')
+
+
+def test_save_and_load_round_trip(tmp_path, reference, poses):
+    pipe = PoseTransferPipeline(**tiny_components(seed=2, reference_net=True))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / 'model')
+    assert {'model_index.json', 'unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler', 'controlnet', 'reference_net'} <= {p.name for p in (tmp_path / 'model').iterdir()}
+    assert not list((tmp_path / 'model').rglob('*.bin'))
+    loaded = PoseTransferPipeline.from_pretrained(tmp_path / 'model')
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.reference_net is not None
+    assert np.array_equal(arrays(run(loaded, reference, list(poses)))[1], arrays(run(pipe, reference, list(poses)))[1])
+
+
+def test_loads_a_stable_diffusion_directory_plus_a_controlnet(tmp_path, pipe, reference, poses):
+    from diffusers import StableDiffusionPipeline
+    parts = {name: getattr(pipe, name) for name in ('vae', 'text_encoder', 'tokenizer', 'unet', 'scheduler')}
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp_path / 'wd')
+    pipe.controlnet.save_pretrained(tmp_path / 'controlnet')
+    with pytest.raises(ModelError, match=r'missing controlnet/ .*waifu-diffusion layout'): PoseTransferPipeline.from_pretrained(tmp_path / 'wd')
+    loaded = PoseTransferPipeline.from_pretrained(tmp_path / 'wd', controlnet=tmp_path / 'controlnet')
+    loaded.set_progress_bar_config(disable=True)
+    assert np.array_equal(arrays(run(loaded, reference, poses[0]))[0], arrays(run(pipe, reference, poses[0]))[0])
+    fresh = PoseTransferPipeline.from_pretrained(tmp_path / 'wd', controlnet='new')
+    assert fresh.controlnet.config.cross_attention_dim == 32
+
+
+def test_missing_model_files_are_named(tmp_path):
+    with pytest.raises(ModelError, match='no such model directory'): PoseTransferPipeline.from_pretrained(tmp_path / 'absent')
+    (tmp_path / 'model' / 'unet').mkdir(parents=True)
+    (tmp_path / 'model' / 'unet' / 'diffusion_pytorch_model.bin').write_bytes(b'')
+    with pytest.raises(ModelError, match=r'missing vae/, text_encoder/, tokenizer/, scheduler/, controlnet/, model_index.json, unet/diffusion_pytorch_model.safetensors'):
+        check_model_dir(tmp_path / 'model')
+
+
+def test_progress_bar_counts_every_step_of_every_batch(pipe, reference, poses, capsys):
+    pipe.set_progress_bar_config(disable=False)
+    try: run(pipe, reference, list(poses), batch_size=1)
+    finally: pipe.set_progress_bar_config(disable=True)
+    assert '4/4' in capsys.readouterr().err
+
+
+def cli(*args):
+    return subprocess.run([str(Path(sys.executable).parent / 'anime-pose'), *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_transfer_and_sheet(tmp_path, reference, poses):
+    reference.save(tmp_path / 'a.png'); poses[0].save(tmp_path / 'poses' / 'b.json') if (tmp_path / 'poses').mkdir() is None else None
+    poses[1].save(tmp_path / 'poses' / 'c.json')
+    result = cli('transfer', '--reference', tmp_path / 'a.png', '--pose', tmp_path / 'poses' / 'b.json', '--out', tmp_path / 'out.png', '--steps', 2, '--seed', 3)
+    assert result.returncode == 0, result.stderr
+    assert 'untrained tiny components' in result.stderr and Image.open(tmp_path / 'out.png').size == (64, 64)
+    result = cli('sheet', '--reference', tmp_path / 'a.png', '--poses', tmp_path / 'poses', '--out', tmp_path / 'sheet', '--steps', 2)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / 'sheet').iterdir()) == ['000_b.png', '001_c.png', 'sheet.png']
+    assert Image.open(tmp_path / 'sheet' / 'sheet.png').size == (64 * 2 + 2, 64)
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, reference, poses):
+    reference.save(tmp_path / 'a.png'); poses[0].save(tmp_path / 'b.json')
+    common = ('--reference', tmp_path / 'a.png', '--pose', tmp_path / 'b.json', '--steps', 1)
+    for extra, message in [(('--out', tmp_path / 'o.png', '--height', 63), 'height must be a positive multiple of 8'),
+                           (('--out', tmp_path / 'o.png', '--model', tmp_path / 'nope'), 'no such model directory'),
+                           (('--out', tmp_path / 'o.txt'), 'expected an image file name')]:
+        result = cli('transfer', *common, *extra)
+        assert result.returncode == 1 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    assert not list(tmp_path.glob('o.*'))
+    result = cli('transfer', '--reference', tmp_path / 'missing.png', '--pose', tmp_path / 'b.json', '--out', tmp_path / 'o.png')
+    assert result.returncode == 1 and 'no such file' in result.stderr
+    assert 'untrained tiny components' in cli('transfer', '--help').stdout
