@@ -325,3 +325,13 @@ def test_cli_refuses_to_replace_a_folder_that_is_not_a_dataset(tmp_path, capsys)
     assert main(['synth', '--out', str(tmp_path), '--characters', '3', '--poses-per-character', '2']) == 1
     assert 'is not a dataset written by synth' in capsys.readouterr().err
     assert (tmp_path / 'notes.txt').read_text() == 'keep me'
+
+
+def test_contact_sheet_shows_reference_skeleton_target():
+    from anime_pose.synthetic import contact_sheet
+    dataset = synthetic_dataset(characters=3, poses_per_character=2, size=64, progress=False)
+    sheet = contact_sheet(dataset['train'], count=2, columns=1)
+    assert sheet.size == (3 * 128 + 2 * 2, 2 * 128 + 2)  # 64 px drawings enlarged to 128 px cells, 2 px padding
+    skeleton = np.asarray(sheet.crop((130, 0, 258, 128)))
+    assert (skeleton.max(-1) == 0).mean() > 0.5  # the middle cell is a skeleton on black
+    with pytest.raises(AnimePoseError, match='at least one triple'): contact_sheet(dataset['train'], count=0)
