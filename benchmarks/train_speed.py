@@ -95,12 +95,38 @@ def our_steps(out: Path, steps: int, batch_size: int, **overrides) -> dict:
     return dict(steps_per_second=steps / (time.perf_counter() - clock['start']), cache_seconds=clock.get('cache_seconds'))
 
 
+def flop_ratio(base: str = 'sd15', resolution: int = 512, gradient_checkpointing: bool = False) -> dict:
+    "Compute per step at full size, counted on the meta device: VAE encode + text encoder + ControlNet/UNet training pass vs the latter alone."
+    from torch.utils.flop_counter import FlopCounterMode
+    from anime_pose.train import load_config, meta_components, override_config
+    config = override_config(load_config(base), dict(train_reference=False, resolution=resolution))
+    c = meta_components(config)
+    unet, vae, text_encoder, controlnet = c['unet'], c['vae'], c['text_encoder'], c['controlnet']
+    controlnet.train(); unet.requires_grad_(False).train()
+    if gradient_checkpointing: controlnet.enable_gradient_checkpointing(); unet.enable_gradient_checkpointing()
+    meta = dict(device='meta')
+    pixels, ids = torch.empty(1, 3, resolution, resolution, **meta), torch.zeros(1, 77, dtype=torch.long, **meta)
+    latents, condition = torch.empty(1, 4, resolution // 8, resolution // 8, **meta), torch.empty(1, 3, resolution, resolution, **meta)
+    text, t = torch.empty(1, 77, unet.config.cross_attention_dim, **meta), torch.zeros(1, dtype=torch.long, **meta)
+    def count(fn):
+        with FlopCounterMode(display=False) as counter: fn()
+        return counter.get_total_flops()
+    def denoise():
+        down, mid = controlnet(latents, t, encoder_hidden_states=text, controlnet_cond=condition, return_dict=False)
+        unet(latents, t, encoder_hidden_states=text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample.float().mean().backward()
+    with torch.no_grad(): frozen = count(lambda: vae.encode(pixels).latent_dist.sample()) + count(lambda: text_encoder(ids))
+    trained = count(denoise)
+    return dict(frozen_tflop=frozen / 1e12, training_pass_tflop=trained / 1e12, ratio=(frozen + trained) / trained)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--steps', type=int, default=20)
     parser.add_argument('--batch-size', type=int, default=4)
     parser.add_argument('--threads', type=int, default=1, help='torch threads (1 avoids oversubscription on a shared 2-core machine)')
     parser.add_argument('--end-to-end', action='store_true', help='also time `anime-pose train --config tiny` from nothing')
+    parser.add_argument('--flops', action='store_true', help='also count the compute per step at SD 1.x size, 512 px (meta device)')
+    parser.add_argument('--no-speed', dest='speed', action='store_false', help='skip the steps/s comparison')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from anime_pose.pipeline import tiny_components
@@ -108,22 +134,29 @@ def main():
     scratch = Path(tempfile.mkdtemp(prefix='train_speed.'))
     results = {}
     try:
-        ours = our_steps(scratch / 'ours', args.steps, args.batch_size, train_reference=False, use_reference=False)
-        triples = training_triples(override_config(load_config('tiny'), dict(synthetic_characters=8)))['train']
-        reference = diffusers_reference_steps(tiny_components(0), triples, args.steps, args.batch_size, 64)
-        with_reference = our_steps(scratch / 'ours_ref', args.steps, args.batch_size)
-        uncached = our_steps(scratch / 'ours_uncached', args.steps, args.batch_size, train_reference=False, use_reference=False, cache=False)
-        results.update(steps=args.steps, batch_size=args.batch_size, threads=args.threads,
-                       ours_controlnet_cached=ours['steps_per_second'], cache_build_seconds=ours['cache_seconds'],
-                       ours_controlnet_uncached=uncached['steps_per_second'],
-                       diffusers_train_controlnet=reference, ratio_cached_vs_diffusers=ours['steps_per_second'] / reference,
-                       ours_controlnet_and_reference_cached=with_reference['steps_per_second'])
-        print(f"diffusers train_controlnet.py step (VAE + text encoder every step): {reference:.2f} steps/s")
-        print(f"this loop, ControlNet only, cached:                                 {ours['steps_per_second']:.2f} steps/s "
-              f"(caches built in {ours['cache_seconds']:.1f} s)")
-        print(f"this loop, ControlNet only, no cache:                               {uncached['steps_per_second']:.2f} steps/s")
-        print(f"this loop, ControlNet + reference net, cached:                      {with_reference['steps_per_second']:.2f} steps/s")
-        print(f"ratio (this loop cached / diffusers): {ours['steps_per_second'] / reference:.2f}x")
+        if args.speed:
+            ours = our_steps(scratch / 'ours', args.steps, args.batch_size, train_reference=False, use_reference=False)
+            triples = training_triples(override_config(load_config('tiny'), dict(synthetic_characters=8)))['train']
+            reference = diffusers_reference_steps(tiny_components(0), triples, args.steps, args.batch_size, 64)
+            with_reference = our_steps(scratch / 'ours_ref', args.steps, args.batch_size)
+            uncached = our_steps(scratch / 'ours_uncached', args.steps, args.batch_size, train_reference=False, use_reference=False, cache=False)
+            results.update(steps=args.steps, batch_size=args.batch_size, threads=args.threads,
+                           ours_controlnet_cached=ours['steps_per_second'], cache_build_seconds=ours['cache_seconds'],
+                           ours_controlnet_uncached=uncached['steps_per_second'],
+                           diffusers_train_controlnet=reference, ratio_cached_vs_diffusers=ours['steps_per_second'] / reference,
+                           ours_controlnet_and_reference_cached=with_reference['steps_per_second'])
+            print(f"diffusers train_controlnet.py step (VAE + text encoder every step): {reference:.2f} steps/s")
+            print(f"this loop, ControlNet only, cached:                                 {ours['steps_per_second']:.2f} steps/s "
+                  f"(caches built in {ours['cache_seconds']:.1f} s)")
+            print(f"this loop, ControlNet only, no cache:                               {uncached['steps_per_second']:.2f} steps/s")
+            print(f"this loop, ControlNet + reference net, cached:                      {with_reference['steps_per_second']:.2f} steps/s")
+            print(f"ratio (this loop cached / diffusers): {ours['steps_per_second'] / reference:.2f}x")
+        if args.flops:
+            for checkpointing in (False, True):
+                f = flop_ratio(gradient_checkpointing=checkpointing)
+                results[f'sd15_512_flops{"_checkpointing" if checkpointing else ""}'] = f
+                print(f"SD 1.x at 512 px{' with gradient checkpointing' if checkpointing else ''}: VAE + text encoder {f['frozen_tflop']:.2f} TFLOP, "
+                      f"ControlNet/UNet training pass {f['training_pass_tflop']:.2f} TFLOP per sample: expected cache speed-up {f['ratio']:.2f}x")
         if args.end_to_end:
             out = scratch / 'tiny'
             start = time.perf_counter()
@@ -134,8 +167,10 @@ def main():
             samples = sorted((out / 'samples').glob('*.png'))
             if samples: shutil.copy(samples[-1], Path(__file__).parent / 'results' / 'train_tiny_samples.png')
     finally: shutil.rmtree(scratch, ignore_errors=True)
-    (Path(__file__).parent / 'results').mkdir(exist_ok=True)
-    (Path(__file__).parent / 'results' / 'train_speed.json').write_text(json.dumps(results, indent=2) + '\n')
+    path = Path(__file__).parent / 'results' / 'train_speed.json'
+    path.parent.mkdir(exist_ok=True)
+    previous = json.loads(path.read_text()) if path.exists() else {}  # keep figures this run did not measure (end to end, flops)
+    path.write_text(json.dumps({**previous, **results}, indent=2) + '\n')
 
 
 if __name__ == '__main__': main()
