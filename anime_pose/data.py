@@ -15,15 +15,17 @@ import orjson
 from tqdm.auto import tqdm
 
 from .core import AnimePoseError, ImageError, N_BODY_KEYPOINTS, atomic_path, load_image, triple_features
+from .pose import LIMBS, OpenPoseDetector, Pose, PoseDetector, body_size, detect_pose, mean_joint_error
 
 # %% auto #0
 __all__ = ['RATINGS', 'TAG_CATEGORIES', 'NULL_TIME', 'SPLITS', 'VARIANTS', 'SIZE_512PX', 'RESOLUTION_EDGES', 'DATA_EXAMPLES',
            'MetadataError', 'MalformedPost', 'Post', 'parse_post', 'parse_line', 'fake_metadata', 'FilterSpec',
            'save_spec', 'load_spec', 'spec_rules', 'first_failed_rule', 'ChunkResult', 'scan_chunk', 'metadata_files',
            'scan_metadata', 'filter_metadata', 'plot_filter_report', 'read_jsonl', 'write_jsonl', 'read_posts',
-           'make_pairs', 'detect_keypoints', 'pose_distance', 'drop_similar_poses', 'character_split', 'split_pairs',
-           'post_path', 'parse_bytes', 'image_bytes', 'choose_pairs', 'budget_summary', 'write_budget',
-           'plot_budget_summary', 'image_file', 'pair_tags', 'load_triples', 'fake_image_root', 'data_cli']
+           'make_pairs', 'find_pose', 'detect_keypoints', 'pose_on_image', 'drop_similar_poses', 'with_poses',
+           'stored_pose', 'character_split', 'split_pairs', 'post_path', 'parse_bytes', 'image_bytes', 'choose_pairs',
+           'budget_summary', 'write_budget', 'plot_budget_summary', 'image_file', 'post_image', 'detect_poses',
+           'pair_tags', 'load_triples', 'fake_image_root', 'data_cli']
 
 # %% ../nbs/03_data.ipynb #75cbe5f4
 class MetadataError(AnimePoseError):
@@ -552,30 +554,97 @@ def _keypoints_from(detected) -> np.ndarray:
     if keypoints.shape != (N_BODY_KEYPOINTS, 3): raise AnimePoseError(f'pose detector returned keypoints of shape {keypoints.shape}, expected (18, 3)')
     return keypoints
 
-def detect_keypoints(detector, # `detect(image) -> list[Pose]` object, or a function image -> keypoints
-                     image, # a PIL image
+def _has_limb(keypoints: np.ndarray) -> bool:
+    "Whether both ends of at least one limb are present: what `anime_pose.pose` needs to call something a body."
+    return any(keypoints[a, 2] > 0 and keypoints[b, 2] > 0 for a, b in LIMBS)
+
+def _as_pose(value, width: int, height: int) -> Pose | None:
+    "`value` (a `Pose`, anything with `keypoints`, or (18, 3) keypoints normalised to a `width` x `height` image) as a `Pose`; None when it holds no body."
+    if isinstance(value, Pose):  # normalised to the image it was found in, whatever canvas size it names
+        return None if not _has_limb(value.keypoints) else value if (value.width, value.height) == (width, height) else value.resized(width, height)
+    keypoints = _keypoints_from(value)
+    return Pose(keypoints, width, height) if _has_limb(keypoints) else None
+
+# %% ../nbs/03_data.ipynb #0b2ad628
+class _Found:
+    "The poses one detector found in one image, as a `PoseDetector` for `detect_pose` to choose from."
+    def __init__(self, poses: list[Pose]): self.poses = poses
+    def detect(self, image) -> list[Pose]: return self.poses
+
+def find_pose(detector, # a `PoseDetector` (`detect(image) -> list[Pose]`), or a function image -> (18, 3) keypoints
+              image, # a path, bytes or PIL image
+             ) -> Pose | None:
+    "The person `detector` finds in `image` (the largest, as `detect_pose` chooses) on the image's canvas; None when nobody is found."
+    image = load_image(image)
+    if not isinstance(detector, PoseDetector): return _as_pose(detector(image), image.width, image.height)
+    found = [p for p in (_as_pose(d, image.width, image.height) for d in detector.detect(image)) if p is not None]
+    return detect_pose(image, _Found(found)) if found else None
+
+def detect_keypoints(detector, # a `PoseDetector` (`detect(image) -> list[Pose]`), or a function image -> (18, 3) keypoints
+                     image, # a path, bytes or PIL image
                     ) -> np.ndarray:
-    "The (18, 3) keypoints of the first person `detector` finds in `image` (zeros when none)."
-    return _keypoints_from(detector.detect(image) if hasattr(detector, 'detect') else detector(image))
+    "The (18, 3) keypoints of the person `detector` finds in `image`, normalised to it (zeros when nobody is found)."
+    if not isinstance(detector, PoseDetector): return _keypoints_from(detector(image))
+    pose = find_pose(detector, image)
+    return pose.keypoints if pose is not None else np.zeros((N_BODY_KEYPOINTS, 3), np.float32)
+
+# %% ../nbs/03_data.ipynb #cda28c2b
+def _picture_box(width: int, height: int, aspect: float) -> tuple[float, float, float, float]:
+    "(left, top, width, height) of a picture of `aspect` (width / height) fitted and centred in a `width` x `height` image; the whole image within a pixel."
+    box_width, box_height = min(width, height * aspect), min(height, width / aspect)
+    if width - box_width < 1 and height - box_height < 1: return 0.0, 0.0, float(width), float(height)
+    return (width - box_width) / 2, (height - box_height) / 2, box_width, box_height
+
+def pose_on_image(pose: Pose, # a pose on the canvas it was found on
+                  width: int, height: int, # the image the keypoints should be normalised to
+                  aspect: float | None = None, # width / height of the picture both show (default: the pose's canvas)
+                 ) -> np.ndarray:
+    "(18, 3) keypoints of `pose` normalised to a `width` x `height` image of the same picture (letterboxed if shapes differ)."
+    aspect = aspect or pose.width / pose.height
+    (x0, y0, w0, h0), (x1, y1, w1, h1) = _picture_box(pose.width, pose.height, aspect), _picture_box(width, height, aspect)
+    keypoints = pose.keypoints.copy()
+    present = pose.visible
+    keypoints[present, 0] = (x1 + (keypoints[present, 0] * pose.width - x0) / w0 * w1) / width
+    keypoints[present, 1] = (y1 + (keypoints[present, 1] * pose.height - y0) / h0 * h1) / height
+    return keypoints
 
 # %% ../nbs/03_data.ipynb #589c4f3c
-def pose_distance(a: np.ndarray, b: np.ndarray, # (18, 3) keypoints, x and y in [0, 1]
-                  min_shared: int = 6, # fewer joints seen in both: the distance is unknown (inf)
-                 ) -> float:
-    "Mean distance between the joints seen in both poses, in image widths; inf if too few are shared."
-    shared = (a[:, 2] > 0) & (b[:, 2] > 0)
-    if shared.sum() < min_shared: return math.inf
-    return float(np.linalg.norm(a[shared, :2] - b[shared, :2], axis=1).mean())
+def _post_pose(poses: Mapping, post: dict) -> Pose | None:
+    "The pose `poses` holds for `post` (a `Pose`, or keypoints normalised to the post's image) on the post's own picture, or None."
+    value, width, height = poses.get(post['id']), post.get('width'), post.get('height')
+    if not isinstance(value, Pose): return None if value is None else _as_pose(value, width or 1, height or 1)
+    if not _has_limb(value.keypoints): return None
+    if not (width and height) or (value.width, value.height) == (width, height): return value
+    return Pose(pose_on_image(value, width, height, width / height), width, height)  # found on another copy of the picture
+
+def _pose_change(reference: Pose | None, target: Pose | None, min_shared: int) -> float:
+    "`mean_joint_error(reference, target, relative=True)`, or inf when the poses cannot be compared."
+    if reference is None or target is None or (reference.visible & target.visible).sum() < max(min_shared, 2): return math.inf
+    if body_size(target) == 0: return math.inf
+    return mean_joint_error(reference, target, relative=True)
 
 def drop_similar_poses(pairs: list[dict], # pairs from `make_pairs`
-                       keypoints: Mapping[int, np.ndarray], # post id: (18, 3) keypoints
-                       min_distance: float = 0.05, # pairs whose poses are closer are dropped
+                       poses: Mapping[int, Pose | np.ndarray], # post id: `Pose`, or (18, 3) keypoints normalised to the post's image
+                       min_distance: float = 0.05, # pairs closer than this, relative to the target's body size, are dropped
+                       min_shared: int = 6, # fewer joints seen in both: the poses cannot be compared and the pair is kept
                       ) -> list[dict]:
     "The pairs whose reference and target poses differ by at least `min_distance` (or cannot be compared)."
-    zeros = np.zeros((N_BODY_KEYPOINTS, 3), np.float32)
-    def distance(pair): return pose_distance(np.asarray(keypoints.get(pair['reference']['id'], zeros)),
-                                             np.asarray(keypoints.get(pair['target']['id'], zeros)))
-    return [pair for pair in pairs if distance(pair) >= min_distance]
+    return [pair for pair in pairs
+            if _pose_change(_post_pose(poses, pair['reference']), _post_pose(poses, pair['target']), min_shared) >= min_distance]
+
+# %% ../nbs/03_data.ipynb #e2f40a27
+def with_poses(pairs: Iterable[dict], # pairs from `make_pairs`
+               poses: Mapping[int, Pose | np.ndarray], # post id: `Pose`, or (18, 3) keypoints normalised to the post's image
+              ) -> list[dict]:
+    "The pairs with a `pose` (ControlNet-flavour JSON) in every post record whose pose is known."
+    def post(record):
+        pose = _post_pose(poses, record)
+        return record if pose is None else dict(record, pose=pose.to_openpose())
+    return [dict(pair, reference=post(pair['reference']), target=post(pair['target'])) for pair in pairs]
+
+def stored_pose(post: dict) -> Pose | None:
+    "The pose `with_poses` stored in a post record, or None."
+    return Pose.from_openpose(post['pose']) if post.get('pose') else None
 
 # %% ../nbs/03_data.ipynb #6c7441e3
 SPLITS = ('train', 'validation', 'test')
@@ -739,6 +808,43 @@ def image_file(image_root: str | os.PathLike, # the Danbooru-layout folder
     return path
 
 # %% ../nbs/03_data.ipynb #d1e569d8
+def post_image(image_root: str | os.PathLike, # the Danbooru-layout folder
+               post: dict, # a post record (id, file_ext)
+              ) -> Path:
+    "The post's image under `image_root`: the original if present, else the 512px copy, else the original's path."
+    paths = [image_file(image_root, post_path(post['id'], post['file_ext'], variant)) for variant in VARIANTS]
+    return next((p for p in paths if p.exists()), paths[0])
+
+def detect_poses(pairs: Iterable[dict], # pairs from `make_pairs`
+                 image_root: str | os.PathLike, # the Danbooru-layout folder holding (some of) their images
+                 detector, # a `PoseDetector` such as `OpenPoseDetector.load(...)`, or a function image -> keypoints
+                 progress: bool = True,
+                ) -> tuple[dict[int, Pose], dict]:
+    "The pose of every post of `pairs` whose image is found and shows somebody (post id: `Pose`), and a report of the others."
+    posts = {pair[role]['id']: pair[role] for pair in pairs for role in ('reference', 'target')}
+    poses, undetected = {}, []
+    for post_id, post in tqdm(sorted(posts.items()), desc='poses', disable=not progress):
+        path = post_image(image_root, post)
+        try: pose = find_pose(detector, path)
+        except ImageError as e:
+            undetected.append(dict(id=post_id, reason='missing_image' if not path.exists() else 'unreadable_image', detail=str(e)))
+            continue
+        if pose is None: undetected.append(dict(id=post_id, reason='no_person'))
+        else: poses[post_id] = pose
+    reasons = Counter(u['reason'] for u in undetected)
+    report = dict(posts=len(posts), detected=len(poses), **{r: reasons[r] for r in ('no_person', 'missing_image', 'unreadable_image')},
+                  undetected=undetected)
+    return poses, report
+
+# %% ../nbs/03_data.ipynb #1dd14260
+def _target_keypoints(post: dict, keypoints: dict, image) -> np.ndarray:
+    "The (18, 3) pose of `post` normalised to its loaded `image`: from `keypoints` (id: ControlNet JSON), else the one stored in the post, else zeros."
+    stored = keypoints.get(str(post['id'])) or post.get('pose')
+    if not stored: return np.zeros((N_BODY_KEYPOINTS, 3), np.float32)
+    pose = Pose.from_openpose(stored)
+    if not (post.get('width') and post.get('height')): return pose.keypoints  # the picture's shape is unknown: taken as the image's
+    return pose_on_image(pose, image.width, image.height, post['width'] / post['height'])
+
 def _triples(shards: list[list[dict]], image_root: str, image_size: int, keypoints: dict, report_dir: str) -> Iterator[dict]:
     "Yield triples for the pairs in `shards`; write the pairs whose images failed to `report_dir`."
     skipped = []
@@ -755,9 +861,7 @@ def _triples(shards: list[list[dict]], image_root: str, image_size: int, keypoin
                     image.thumbnail((image_size, image_size))
                     images[role] = image
                 else:
-                    pose = keypoints.get(str(pair['target']['id']))
-                    yield dict(reference=images['reference'], target=images['target'],
-                               pose=np.asarray(pose, np.float32) if pose is not None else np.zeros((N_BODY_KEYPOINTS, 3), np.float32),
+                    yield dict(reference=images['reference'], target=images['target'], pose=_target_keypoints(pair['target'], keypoints, images['target']),
                                character=pair['character'], tags=pair_tags(pair),
                                reference_id=pair['reference']['id'], target_id=pair['target']['id'])
     finally: Path(report_dir, f'{uuid.uuid4().hex}.json').write_text(json.dumps(skipped))
@@ -773,10 +877,10 @@ def load_triples(manifest: str | os.PathLike | list[dict], # manifest.jsonl (or 
                  image_root: str | os.PathLike, # the Danbooru-layout folder holding the images
                  num_proc: int | None = None, # processes decoding images
                  image_size: int = 512, # images are shrunk to fit a square of this side
-                 keypoints: Mapping[int, np.ndarray] | None = None, # target post id: (18, 3) pose; others get zeros (not detected)
+                 keypoints: Mapping[int, Pose | np.ndarray] | None = None, # target post id: `Pose`, or (18, 3) keypoints normalised to the post's image
                  cache_dir: str | None = None, # where datasets writes its Arrow files
                 ):
-    "Read the manifest's images into a `DatasetDict` of triples; returns it and the pairs skipped for bad images."
+    "Read the manifest's images into a `DatasetDict` of triples (pose: `keypoints`, else the manifest's, else zeros); returns it and the pairs skipped for bad images."
     import datasets
     if not isinstance(manifest, list):
         manifest = Path(manifest)
@@ -785,7 +889,8 @@ def load_triples(manifest: str | os.PathLike | list[dict], # manifest.jsonl (or 
     for number, pair in enumerate(manifest, 1):
         try: [image_file(image_root, pair[r]['path']) for r in ('reference', 'target')]
         except (MetadataError, KeyError, TypeError) as e: raise MetadataError(f'manifest pair {number}: {e}') from None
-    keypoints = {str(k): np.asarray(v, np.float32).tolist() for k, v in (keypoints or {}).items()}
+    targets = {pair['target']['id']: pair['target'] for pair in manifest}
+    keypoints = {str(i): pose.to_openpose() for i, pose in ((i, _post_pose(keypoints or {}, post)) for i, post in targets.items()) if pose is not None}
     features = triple_features(reference_id=datasets.Value('int64'), target_id=datasets.Value('int64'))
     splits, skipped = {}, []
     with tempfile.TemporaryDirectory() as report_dir:
@@ -824,21 +929,44 @@ def fake_image_root(manifest: list[dict], # records from manifest.jsonl
 DATA_EXAMPLES = '''examples:
   anime-pose data filter --metadata danbooru2021/metadata/ --out work/filtered
   anime-pose data pairs --posts work/filtered --out work/pairs.jsonl --max-pairs-per-character 16
+  anime-pose data pairs --posts work/filtered --out work/pairs.jsonl --detector ./annotators --image-root danbooru2021   # drop near-identical poses
   anime-pose data split --pairs work/pairs.jsonl --out work/split.jsonl --fractions 0.9 0.05 0.05
   anime-pose data budget --pairs work/split.jsonl --out work/budget --budget 100GB
   rsync -a --files-from=work/budget/files.txt MIRROR/danbooru2021/ danbooru2021/   # only the chosen images
   anime-pose data load --manifest work/budget --image-root danbooru2021 --out work/triples --num-proc 2
   anime-pose data build --metadata danbooru2021/metadata/ --out work   # filter, pairs, split, budget in one go'''
 
-def _read_keypoints(path) -> dict[int, np.ndarray]:
-    "Post id: (18, 3) keypoints from a JSON file mapping ids to keypoint lists."
+def _read_keypoints(path) -> dict[int, Pose | np.ndarray]:
+    "Post id: pose from a JSON file mapping ids to 18x3 keypoint lists (normalised to the post's image) or to OpenPose-style JSON."
     try: record = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e: raise MetadataError(f"'{path}': not a readable keypoints file ({str(e)[:60]})") from None
     try:
-        keypoints = {int(k): np.asarray(v, np.float32) for k, v in record.items()}
-        if bad := [k for k, v in keypoints.items() if v.shape != (N_BODY_KEYPOINTS, 3)]: raise ValueError(f'post {bad[0]} is not 18x3')
+        keypoints = {int(k): Pose.from_openpose(v) if isinstance(v, dict) else np.asarray(v, np.float32) for k, v in record.items()}
+        if bad := [k for k, v in keypoints.items() if not isinstance(v, Pose) and v.shape != (N_BODY_KEYPOINTS, 3)]: raise ValueError(f'post {bad[0]} is not 18x3')
         return keypoints
-    except (AttributeError, TypeError, ValueError) as e: raise MetadataError(f"'{path}': keypoints must map post ids to 18x3 lists ({str(e)[:60]})") from None
+    except (AttributeError, TypeError, ValueError) as e: raise MetadataError(f"'{path}': keypoints must map post ids to 18x3 lists or OpenPose JSON ({str(e)[:60]})") from None
+
+def _poses_for(pairs: list[dict], args) -> tuple[dict | None, dict | None]:
+    "The poses the pairs step uses (from --keypoints or --detector over --image-root) and a report; (None, None) without either."
+    if args.keypoints and args.detector: raise MetadataError('give --keypoints (poses found earlier) or --detector (find them now), not both')
+    if args.keypoints:
+        poses = _read_keypoints(args.keypoints)
+        posts = {pair[role]['id']: pair[role] for pair in pairs for role in ('reference', 'target')}
+        return poses, dict(source=str(args.keypoints), posts=len(posts), detected=sum(_post_pose(poses, p) is not None for p in posts.values()))
+    if not args.detector: return None, None
+    if not args.image_root: raise MetadataError('--detector needs --image-root: the Danbooru-layout folder holding the images to detect poses in')
+    if not Path(args.image_root).is_dir(): raise MetadataError(f"'{args.image_root}': no such image folder")
+    poses, report = detect_poses(pairs, args.image_root, OpenPoseDetector.load(args.detector))
+    return poses, dict(source=str(args.detector), **report)
+
+def _check_poses(pairs: list[dict], args) -> tuple[list[dict], dict | None]:
+    "The pairs without near-identical poses, each post carrying its pose; and the pose report (None without poses)."
+    poses, report = _poses_for(pairs, args)
+    if poses is None: return pairs, None
+    kept = with_poses(drop_similar_poses(pairs, poses, args.min_pose_distance), poses)
+    report = dict(report, pairs=len(pairs), dropped_similar=len(pairs) - len(kept))
+    print(f"poses for {report['detected']} of {report['posts']} posts; {report['dropped_similar']} of {len(pairs)} pairs dropped as near-identical")
+    return kept, report
 
 # %% ../nbs/03_data.ipynb #db2316b2
 def _filter_args(parser):
@@ -850,8 +978,12 @@ def _filter_args(parser):
 def _pairs_args(parser):
     parser.add_argument('--max-pairs-per-character', type=int, default=16, metavar='N')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--keypoints', metavar='FILE', help='JSON of post id -> 18x3 keypoints; drops pairs with nearly identical poses')
-    parser.add_argument('--min-pose-distance', type=float, default=0.05, metavar='D', help='with --keypoints: mean joint distance below which a pair is dropped')
+    parser.add_argument('--keypoints', metavar='FILE', help='JSON of post id -> 18x3 keypoints or OpenPose JSON; drops pairs with nearly identical poses')
+    parser.add_argument('--detector', metavar='DIR_OR_HUB_ID', help='OpenPose annotator directory (or hub id): detect the poses in the images under --image-root')
+    if not any(a.dest == 'image_root' for a in parser._actions):
+        parser.add_argument('--image-root', metavar='DIR', help='Danbooru-layout image folder (original/ or 512px/)')
+    parser.add_argument('--min-pose-distance', type=float, default=0.05, metavar='D',
+                        help="with --keypoints or --detector: pairs whose mean joint distance is below D x the target's body size are dropped")
 
 def _split_args(parser):
     parser.add_argument('--fractions', type=float, nargs=3, default=(0.9, 0.05, 0.05), metavar=('TRAIN', 'VAL', 'TEST'), help='shares of characters')
@@ -867,10 +999,15 @@ def _run_filter(args) -> int:
     report = filter_metadata(args.metadata, args.out, spec, not args.no_rules, args.workers)
     print(f"read {report['read']}, malformed {report['malformed']}, kept {report['kept']} -> {args.out}")
 
+def _pose_report_path(out) -> Path:
+    "Where the pairs step writes its pose report: beside its output, `pairs.jsonl` -> `pairs.pose_report.json`."
+    return Path(out).with_name(Path(out).stem + '.pose_report.json')
+
 def _run_pairs(args) -> int:
-    pairs = make_pairs(read_posts(args.posts), args.max_pairs_per_character, args.seed)
-    if args.keypoints: pairs = drop_similar_poses(pairs, _read_keypoints(args.keypoints), args.min_pose_distance)
+    pairs, report = _check_poses(make_pairs(read_posts(args.posts), args.max_pairs_per_character, args.seed), args)
     write_jsonl(args.out, pairs)
+    if report is not None:
+        with atomic_path(_pose_report_path(args.out)) as tmp: Path(tmp).write_text(json.dumps(report, indent=2))
     print(f'{len(pairs)} pairs of {len({p["character"] for p in pairs})} characters -> {args.out}')
 
 def _run_split(args) -> int:
@@ -896,17 +1033,17 @@ def _run_load(args) -> int:
 def _run_build(args) -> int:
     spec = load_spec(args.spec) if args.spec else FilterSpec()
     budget = parse_bytes(args.budget)
-    keypoints = _read_keypoints(args.keypoints) if args.keypoints else None
+    if args.detector and not args.image_root: raise MetadataError('--detector needs --image-root: the Danbooru-layout folder holding the images to detect poses in')
     with atomic_path(args.out, is_dir=True) as out:
         report = filter_metadata(args.metadata, out / 'filtered', spec, not args.no_rules, args.workers)
-        pairs = make_pairs(read_posts(out / 'filtered'), args.max_pairs_per_character, args.seed)
-        if keypoints: pairs = drop_similar_poses(pairs, keypoints, args.min_pose_distance)
+        pairs, pose_report = _check_poses(make_pairs(read_posts(out / 'filtered'), args.max_pairs_per_character, args.seed), args)
+        if pose_report is not None: (out / 'pose_report.json').write_text(json.dumps(pose_report, indent=2))
         write_jsonl(out / 'pairs.jsonl', pairs)
         pairs = split_pairs(pairs, args.fractions, args.seed)
         write_jsonl(out / 'split.jsonl', pairs)
         summary = write_budget(choose_pairs(pairs, budget, args.variant), out / 'budget', budget, args.variant)
         if args.image_root:
-            triples, skipped = load_triples(out / 'budget', args.image_root, args.num_proc, args.image_size, keypoints, str(out / '.cache'))
+            triples, skipped = load_triples(out / 'budget', args.image_root, args.num_proc, args.image_size, cache_dir=str(out / '.cache'))
             triples.save_to_disk(str(out / 'triples'))
             (out / 'triples' / 'load_report.json').write_text(json.dumps(dict(rows={k: len(v) for k, v in triples.items()}, skipped=skipped), indent=2))
             shutil.rmtree(out / '.cache', ignore_errors=True)
@@ -918,7 +1055,7 @@ def _load_args(parser):
     parser.add_argument('--num-proc', type=int, help='processes decoding images')
     parser.add_argument('--image-size', type=int, default=512, help='images are shrunk to fit this square (default 512)')
     if not any(a.dest == 'keypoints' for a in parser._actions):
-        parser.add_argument('--keypoints', metavar='FILE', help='JSON of post id -> 18x3 keypoints for the pose column (default: zeros, not detected)')
+        parser.add_argument('--keypoints', metavar='FILE', help="JSON of post id -> 18x3 keypoints or OpenPose JSON for the pose column (default: the manifest's poses, else zeros)")
 
 def data_cli(parser: argparse.ArgumentParser):
     "Add the `data` steps (filter, pairs, split, budget, load, build) to the `anime-pose data` parser."
@@ -939,4 +1076,4 @@ def data_cli(parser: argparse.ArgumentParser):
     step('load', 'read the manifest images into a DatasetDict of triples', _run_load, _load_args,
          inputs=[('--manifest', 'PATH', "the budget step's output (or its manifest.jsonl)"), ('--image-root', 'DIR', 'Danbooru-layout image folder'), out])
     step('build', 'filter, pairs, split and budget in one go (and load, given --image-root)', _run_build,
-         _filter_args, _pairs_args, _split_args, _budget_args, _load_args, lambda p: p.add_argument('--image-root', metavar='DIR'), inputs=[out])
+         _filter_args, _pairs_args, _split_args, _budget_args, _load_args, inputs=[out])

@@ -530,3 +530,261 @@ def test_cli_build_with_an_image_root_and_keypoints(tmp_path):
     (tmp_path / 'bad.json').write_text(json.dumps({'1': [[0, 0]]}))
     assert main(['data', 'pairs', '--posts', str(tmp_path / 'work' / 'filtered'), '--out', str(tmp_path / 'p.jsonl'),
                  '--keypoints', str(tmp_path / 'bad.json')]) == 1
+
+
+# ---- poses: anime_pose.pose's detectors and metrics ----
+
+from anime_pose.pose import OpenPoseDetector, Pose, PoseDetector, mean_joint_error, pose_from_joints
+from anime_pose.data import detect_poses, find_pose, pose_on_image, post_image, stored_pose, with_poses
+
+JOINTS = {'nose': (0.5, 0.1), 'neck': (0.5, 0.2), 'right_shoulder': (0.4, 0.22), 'left_shoulder': (0.6, 0.22),
+          'right_hip': (0.45, 0.6), 'left_hip': (0.55, 0.6), 'right_knee': (0.45, 0.8), 'left_knee': (0.55, 0.8)}
+
+
+def figure(dx=0.0, scale=1.0, width=1, height=1, **moved):
+    "A normalised pose: `JOINTS` scaled about the neck, shifted by `dx`, with some joints `moved` to new places."
+    joints = {name: (0.5 + (x - 0.5) * scale + dx, 0.2 + (y - 0.2) * scale) for name, (x, y) in JOINTS.items()}
+    return pose_from_joints({**joints, **moved}, width, height, normalised=True)
+
+
+class Stub:
+    "A `PoseDetector` stand-in: finds the poses listed for the colour of the image's top-left pixel."
+    def __init__(self, by_colour): self.by_colour, self.calls = by_colour, 0
+    def detect(self, image):
+        self.calls += 1
+        return list(self.by_colour.get(image.getpixel((0, 0)), []))
+
+
+def test_find_pose_uses_detect_pose_to_choose_and_puts_the_pose_on_the_image():
+    tall, small = figure(), figure(scale=0.3)
+    image = Image.new('RGB', (60, 90), 'red')
+    detector = Stub({(255, 0, 0): [small, tall]})
+    assert isinstance(detector, PoseDetector)
+    found = find_pose(detector, image)
+    assert (found.width, found.height) == (60, 90)
+    np.testing.assert_array_equal(found.keypoints, tall.keypoints)  # the largest person, as detect_pose chooses
+    assert find_pose(Stub({}), image) is None
+    np.testing.assert_array_equal(detect_keypoints(detector, image), tall.keypoints)
+    assert not detect_keypoints(Stub({}), image).any()
+    assert find_pose(lambda image: tall.keypoints, image).keypoints.tolist() == tall.keypoints.tolist()
+    assert find_pose(lambda image: np.zeros((18, 3)), image) is None  # zeros mean not detected
+    lone = np.zeros((18, 3))
+    lone[0] = (0.5, 0.5, 1)
+    assert find_pose(lambda image: lone, image) is None  # a joint without a limb is no body (as anime_pose.pose reads files)
+
+
+@pytest.fixture(scope='module')
+def blind_openpose():
+    "controlnet_aux's real OpenPose body network with all-zero weights (no download): it finds nobody."
+    import warnings, torch
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        from controlnet_aux.open_pose import OpenposeDetector
+        from controlnet_aux.open_pose.body import Body
+        from controlnet_aux.open_pose.model import bodypose_model
+    body = Body.__new__(Body)
+    body.model = bodypose_model().eval()
+    for parameter in body.model.parameters(): torch.nn.init.zeros_(parameter)
+    return OpenPoseDetector(OpenposeDetector(body), detect_resolution=64)
+
+
+def pose_pairs_on_disk(root, colours, variant='original', size=(60, 90)):
+    "Posts of one character whose images (solid `colours`, None = not fetched) are under `root`; and their pairs."
+    posts = [post_dict(i, 'alice', file_ext='png', width=size[0], height=size[1]) for i in range(1, len(colours) + 1)]
+    for post, colour in zip(posts, colours):
+        if colour is None: continue
+        path = root / post_path(post['id'], 'png', variant)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', size if variant == 'original' else (512, 512), colour).save(path, 'PNG' if variant == 'original' else 'JPEG')
+    return posts, make_pairs(posts, 100, progress=False)
+
+
+def test_detect_poses_counts_what_it_could_not_use_and_goes_on(tmp_path, blind_openpose):
+    posts, pairs = pose_pairs_on_disk(tmp_path, ['red', 'blue', None, 'white', 'red'])
+    (tmp_path / post_path(4, 'png')).write_bytes(b'\x89PNG\r\n\x1a\n broken')
+    poses, report = detect_poses(pairs, tmp_path, Stub({(255, 0, 0): [figure()]}), progress=False)
+    assert sorted(poses) == [1, 5] and all((p.width, p.height) == (60, 90) for p in poses.values())
+    assert {k: report[k] for k in ('posts', 'detected', 'no_person', 'missing_image', 'unreadable_image')} == \
+        dict(posts=5, detected=2, no_person=1, missing_image=1, unreadable_image=1)
+    assert {u['id']: u['reason'] for u in report['undetected']} == {2: 'no_person', 3: 'missing_image', 4: 'unreadable_image'}
+    poses, report = detect_poses(pairs, tmp_path, blind_openpose, progress=False)  # the real network, finding nobody: never fatal
+    assert poses == {} and report['no_person'] == 3 and report['detected'] == 0
+
+
+def test_post_image_falls_back_to_the_512px_copy(tmp_path):
+    posts, _ = pose_pairs_on_disk(tmp_path, ['red', None], variant='512px')
+    assert post_image(tmp_path, posts[0]) == tmp_path / '512px/0001/1.jpg'
+    assert post_image(tmp_path, posts[1]) == tmp_path / 'original/0002/2.png'  # neither: where the original would be
+    with pytest.raises(MetadataError): post_image(tmp_path, dict(posts[0], file_ext='../x'))
+
+
+def test_drop_similar_poses_is_the_pose_modules_relative_mean_joint_error():
+    reference, near, far = figure(), figure(dx=0.01), figure(right_knee=(0.2, 0.5), left_knee=(0.8, 0.5))
+    threshold = 0.05
+    for target in (near, far):
+        expected = mean_joint_error(reference, target, relative=True) >= threshold
+        pairs = [dict(reference=post_dict(1), target=post_dict(2))]
+        assert bool(drop_similar_poses(pairs, {1: reference, 2: target}, threshold)) == expected
+    assert mean_joint_error(reference, near, relative=True) < threshold <= mean_joint_error(reference, far, relative=True)
+    # the measure is relative to the body: the same change on a figure half the size is the same change
+    half = {1: figure(scale=0.5), 2: figure(scale=0.5, right_knee=(0.35, 0.35), left_knee=(0.65, 0.35))}
+    whole = {1: figure(), 2: figure(right_knee=(0.2, 0.5), left_knee=(0.8, 0.5))}
+    pair = [dict(reference=post_dict(1), target=post_dict(2))]
+    changes = [mean_joint_error(p[1], p[2], relative=True) for p in (half, whole)]
+    assert abs(changes[0] - changes[1]) < 1e-6
+    assert drop_similar_poses(pair, half, changes[0] + 0.01) == drop_similar_poses(pair, whole, changes[0] + 0.01) == []
+
+
+def test_drop_similar_poses_keeps_pairs_it_cannot_compare():
+    few = pose_from_joints({'neck': (0.5, 0.2), 'nose': (0.5, 0.1), 'right_hip': (0.45, 0.6)}, 1, 1, normalised=True)
+    pair = [dict(reference=post_dict(1), target=post_dict(2))]
+    assert drop_similar_poses(pair, {1: few, 2: few}) == pair  # 3 shared joints, fewer than min_shared
+    assert drop_similar_poses(pair, {1: few, 2: few}, min_shared=3) == []
+    assert drop_similar_poses(pair, {1: figure()}) == pair  # the target has no pose
+    point = np.zeros((18, 3), np.float32)
+    point[:, 2] = 1  # every joint at one spot: no body size
+    assert drop_similar_poses(pair, {1: point, 2: point}) == pair
+
+
+def test_bare_keypoints_are_taken_on_the_posts_own_image():
+    reference, target = figure(), figure(dx=0.03)
+    pair = [dict(reference=post_dict(1, width=800, height=1200), target=post_dict(2, width=800, height=1200))]
+    on_canvas = mean_joint_error(reference.resized(800, 1200), target.resized(800, 1200), relative=True)
+    assert drop_similar_poses(pair, {1: reference.keypoints, 2: target.keypoints}, on_canvas - 1e-4) == pair
+    assert drop_similar_poses(pair, {1: reference.keypoints, 2: target.keypoints}, on_canvas + 1e-4) == []
+
+
+def test_poses_travel_with_the_pairs():
+    posts = [post_dict(i, width=60, height=90) for i in (1, 2, 3, 4)]
+    on_square = Pose(pose_on_image(figure(width=60, height=90), 512, 512), 512, 512)  # found in the 512px copy
+    pairs = with_poses(make_pairs(posts, 100, progress=False), {1: figure(width=60, height=90), 2: figure().keypoints, 4: on_square})
+    by_id = {pair[role]['id']: pair[role] for pair in pairs for role in ('reference', 'target')}
+    assert stored_pose(by_id[3]) is None and 'pose' not in by_id[3]
+    for post_id in (1, 2, 4):  # each on its post's own picture
+        pose = stored_pose(by_id[post_id])
+        assert (pose.width, pose.height) == (60, 90)
+        np.testing.assert_allclose(pose.keypoints, figure().keypoints, atol=1e-5)
+    assert [stored_pose(p['target']) is not None for p in orjson.loads(orjson.dumps(pairs))] == [p['target']['id'] != 3 for p in pairs]
+
+
+def test_pose_on_image_letterboxes_between_the_original_and_the_512px_copy():
+    pose = figure(width=600, height=900)
+    square = pose_on_image(pose, 512, 512)
+    bar = (512 - 512 * 600 / 900) / 2
+    np.testing.assert_allclose(square[:, 0][pose.visible], (bar + pose.keypoints[pose.visible, 0] * 512 * 600 / 900) / 512, atol=1e-6)
+    np.testing.assert_allclose(square[:, 1], pose.keypoints[:, 1], atol=1e-6)
+    back = pose_on_image(Pose(square, 512, 512), 600, 900, aspect=600 / 900)
+    np.testing.assert_allclose(back, pose.keypoints, atol=1e-5)
+    np.testing.assert_allclose(pose_on_image(pose, 401, 601), pose.keypoints, atol=1e-6)  # a thumbnail, rounded: same joints
+    assert not pose_on_image(Pose(np.zeros((18, 3)), 5, 5), 9, 3).any()
+
+
+def test_load_fills_the_pose_column_from_the_manifest_normalised_to_the_target(tmp_path):
+    posts = [post_dict(i, 'alice', file_ext='png', width=600, height=900, rating='s') for i in (1, 2)]
+    pose = figure(width=600, height=900)
+    pairs = split_pairs(with_poses(make_pairs(posts, 100, progress=False), {1: pose}), (1, 0, 0), progress=False)
+    for variant, size in (('original', (60, 90)), ('512px', (64, 64))):
+        write_budget(choose_pairs(pairs, 10**9, variant), tmp_path / variant, 10**9, variant)
+        manifest = list(read_jsonl(tmp_path / variant / 'manifest.jsonl'))
+        for pair in manifest:
+            for role in ('reference', 'target'):
+                path = tmp_path / 'images' / pair[role]['path']
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new('RGB', size).save(path, 'PNG' if path.suffix == '.png' else 'JPEG')
+        triples, skipped = load_triples(tmp_path / variant, tmp_path / 'images', image_size=64, cache_dir=str(tmp_path / f'c-{variant}'))
+        rows = {row['target_id']: np.asarray(row['pose']) for row in triples['train']}
+        assert skipped == [] and not rows[2].any()
+        np.testing.assert_allclose(rows[1], pose_on_image(pose, *size), atol=1e-5)
+        if variant == '512px': assert not np.allclose(rows[1], pose.keypoints)  # letterboxed, not copied
+    other = figure(dx=0.1)
+    triples, _ = load_triples(tmp_path / 'original', tmp_path / 'images', image_size=64, keypoints={1: other, 2: other.keypoints},
+                              cache_dir=str(tmp_path / 'c-given'))
+    for row in triples['train']: np.testing.assert_allclose(np.asarray(row['pose']), other.keypoints, atol=1e-5)  # given poses win
+
+
+def fake_openpose_load(monkeypatch, detector):
+    "Make `OpenPoseDetector.load` return `detector` (a stand-in: no weights here), recording what it was asked for."
+    asked = []
+    monkeypatch.setattr(OpenPoseDetector, 'load', classmethod(lambda cls, annotator, **kwargs: asked.append(annotator) or detector))
+    return asked
+
+
+def test_cli_pairs_with_a_detector(tmp_path, monkeypatch, capsys):
+    posts, _ = pose_pairs_on_disk(tmp_path / 'images', ['red', 'red', 'blue', 'white', None])
+    write_lines(tmp_path / 'posts.jsonl', [orjson.loads(orjson.dumps(p)) for p in posts])
+    asked = fake_openpose_load(monkeypatch, Stub({(255, 0, 0): [figure()], (0, 0, 255): [figure(right_knee=(0.2, 0.5))]}))
+    out = tmp_path / 'work' / 'pairs.jsonl'
+    assert main(['data', 'pairs', '--posts', str(tmp_path / 'posts.jsonl'), '--out', str(out), '--detector', 'annotators',
+                 '--image-root', str(tmp_path / 'images'), '--max-pairs-per-character', '100']) == 0
+    assert asked == ['annotators']
+    pairs = list(read_jsonl(out))
+    ids = {(p['reference']['id'], p['target']['id']) for p in pairs}
+    assert (1, 2) not in ids and (2, 1) not in ids and len(pairs) == 5 * 4 - 2  # posts 1 and 2 stand alike
+    report = json.loads((tmp_path / 'work' / 'pairs.pose_report.json').read_text())
+    assert {k: report[k] for k in ('posts', 'detected', 'no_person', 'missing_image', 'pairs', 'dropped_similar')} == \
+        dict(posts=5, detected=3, no_person=1, missing_image=1, pairs=20, dropped_similar=2)
+    assert 'poses for 3 of 5 posts; 2 of 20 pairs dropped' in capsys.readouterr().out
+    assert {p['target']['id'] for p in pairs if stored_pose(p['target'])} == {1, 2, 3}
+
+
+def test_cli_pose_options_refused_together_or_without_images(tmp_path, monkeypatch, capsys):
+    write_lines(tmp_path / 'posts.jsonl', [post_dict(1), post_dict(2)])
+    (tmp_path / 'keypoints.json').write_text('{}')
+    fake_openpose_load(monkeypatch, Stub({}))
+    base = ['data', 'pairs', '--posts', str(tmp_path / 'posts.jsonl'), '--out', str(tmp_path / 'pairs.jsonl')]
+    assert main(base + ['--detector', 'annotators']) == 1
+    assert '--detector needs --image-root' in capsys.readouterr().err
+    assert main(base + ['--detector', 'annotators', '--image-root', str(tmp_path / 'nowhere')]) == 1
+    assert 'no such image folder' in capsys.readouterr().err
+    assert main(base + ['--detector', 'annotators', '--keypoints', str(tmp_path / 'keypoints.json'), '--image-root', str(tmp_path)]) == 1
+    assert 'not both' in capsys.readouterr().err and not (tmp_path / 'pairs.jsonl').exists()
+
+
+def test_cli_missing_weights_are_one_line(tmp_path, capsys):
+    write_lines(tmp_path / 'posts.jsonl', [post_dict(1), post_dict(2)])
+    assert main(['data', 'pairs', '--posts', str(tmp_path / 'posts.jsonl'), '--out', str(tmp_path / 'pairs.jsonl'),
+                 '--detector', str(tmp_path / 'annotators'), '--image-root', str(tmp_path)]) == 1
+    assert 'no such annotator directory' in capsys.readouterr().err and not (tmp_path / 'pairs.jsonl').exists()
+
+
+def test_cli_keypoints_file_may_hold_openpose_json(tmp_path, capsys):
+    write_lines(tmp_path / 'posts.jsonl', [post_dict(1, width=60, height=90), post_dict(2, width=60, height=90)])
+    (tmp_path / 'keypoints.json').write_text(json.dumps({'1': figure(width=60, height=90).to_openpose(), '2': figure().keypoints.tolist()}))
+    assert main(['data', 'pairs', '--posts', str(tmp_path / 'posts.jsonl'), '--out', str(tmp_path / 'pairs.jsonl'),
+                 '--keypoints', str(tmp_path / 'keypoints.json')]) == 0
+    assert list(read_jsonl(tmp_path / 'pairs.jsonl')) == []  # the same pose twice: both pairs dropped
+    report = json.loads((tmp_path / 'pairs.pose_report.json').read_text())
+    assert (report['posts'], report['detected'], report['dropped_similar']) == (2, 2, 2)
+
+
+class Reddish:
+    "A `PoseDetector` stand-in that finds one figure in pictures whose top-left pixel is red (JPEG-tolerant)."
+    def detect(self, image):
+        r, g, b = image.getpixel((0, 0))
+        return [figure(width=image.width, height=image.height)] if r > 200 and g < 80 and b < 80 else []
+
+
+def test_cli_build_with_a_detector_fills_the_pose_column(tmp_path, monkeypatch):
+    fake_metadata(tmp_path / 'posts.json', 200, 'api', seed=7, n_characters=4)
+    assert main(['data', 'build', '--metadata', str(tmp_path / 'posts.json'), '--out', str(tmp_path / 'plan'), '--no-rules',
+                 '--max-pairs-per-character', '3']) == 0
+    manifest = list(read_jsonl(tmp_path / 'plan' / 'budget' / 'manifest.jsonl'))
+    fake_image_root(manifest, tmp_path / 'images', size=16)
+    first = manifest[0]['target']
+    Image.new('RGB', (16, 24), 'red').save(tmp_path / 'images' / first['path'], 'PNG' if first['path'].endswith('.png') else 'JPEG')
+    beside_first = {first['id']} | {pair['reference']['id'] for pair in manifest if pair['target']['id'] == first['id']}
+    missing = next(pair[role] for pair in manifest for role in ('reference', 'target') if pair[role]['id'] not in beside_first)
+    (tmp_path / 'images' / missing['path']).unlink()
+    fake_openpose_load(monkeypatch, Reddish())
+    assert main(['data', 'build', '--metadata', str(tmp_path / 'posts.json'), '--out', str(tmp_path / 'work'), '--no-rules',
+                 '--max-pairs-per-character', '3', '--detector', 'annotators', '--image-root', str(tmp_path / 'images'),
+                 '--image-size', '16']) == 0
+    report = json.loads((tmp_path / 'work' / 'pose_report.json').read_text())
+    assert report['detected'] == 1 and report['no_person'] > 0 and report['missing_image'] == 1
+    assert report['detected'] + report['no_person'] + report['missing_image'] + report['unreadable_image'] == report['posts']
+    import datasets
+    triples = datasets.load_from_disk(str(tmp_path / 'work' / 'triples'))
+    rows = [row for split in triples.values() for row in split]
+    posed = [row for row in rows if np.asarray(row['pose']).any()]
+    assert rows and {row['target_id'] for row in posed} == {first['id']}
+    assert all(np.asarray(row['pose']).shape == (18, 3) for row in rows)
