@@ -609,9 +609,14 @@ def pose_on_image(pose: Pose, # a pose on the canvas it was found on
     return keypoints
 
 # %% ../nbs/03_data.ipynb #589c4f3c
+def _is_openpose(value) -> bool:
+    "Whether `value` is OpenPose-style JSON (an object, or a ComfyUI list of frames) rather than keypoints."
+    return isinstance(value, dict) or (isinstance(value, list) and bool(value) and isinstance(value[0], dict))
+
 def _post_pose(poses: Mapping, post: dict) -> Pose | None:
-    "The pose `poses` holds for `post` (a `Pose`, or keypoints normalised to the post's image) on the post's own picture, or None."
+    "The pose `poses` holds for `post` (a `Pose`, keypoints normalised to the post's image, or OpenPose JSON without a canvas) on the post's own picture, or None."
     value, width, height = poses.get(post['id']), post.get('width'), post.get('height')
+    if isinstance(value, (dict, list)) and _is_openpose(value): value = Pose.from_openpose(value, canvas=(width or 1, height or 1))  # no canvas of its own: the post's
     if not isinstance(value, Pose): return None if value is None else _as_pose(value, width or 1, height or 1)
     if not _has_limb(value.keypoints): return None
     if not (width and height) or (value.width, value.height) == (width, height): return value
@@ -936,15 +941,23 @@ DATA_EXAMPLES = '''examples:
   anime-pose data load --manifest work/budget --image-root danbooru2021 --out work/triples --num-proc 2
   anime-pose data build --metadata danbooru2021/metadata/ --out work   # filter, pairs, split, budget in one go'''
 
-def _read_keypoints(path) -> dict[int, Pose | np.ndarray]:
+def _keypoints_value(value):
+    "One value of a keypoints file: a `Pose` (OpenPose JSON naming its canvas), OpenPose JSON left for the post's canvas, or (18, 3) keypoints."
+    if not _is_openpose(value): return np.asarray(value, np.float32)
+    frame = value[0] if isinstance(value, list) else value
+    if 'canvas_width' in frame or 'canvas_height' in frame: return Pose.from_openpose(value)
+    Pose.from_openpose(value, canvas=(16384, 16384))  # check it now; it is read on the post's own image size when used
+    return value
+
+def _read_keypoints(path) -> dict[int, Pose | np.ndarray | dict]:
     "Post id: pose from a JSON file mapping ids to 18x3 keypoint lists (normalised to the post's image) or to OpenPose-style JSON."
     try: record = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e: raise MetadataError(f"'{path}': not a readable keypoints file ({str(e)[:60]})") from None
     try:
-        keypoints = {int(k): Pose.from_openpose(v) if isinstance(v, dict) else np.asarray(v, np.float32) for k, v in record.items()}
-        if bad := [k for k, v in keypoints.items() if not isinstance(v, Pose) and v.shape != (N_BODY_KEYPOINTS, 3)]: raise ValueError(f'post {bad[0]} is not 18x3')
+        keypoints = {int(k): _keypoints_value(v) for k, v in record.items()}
+        if bad := [k for k, v in keypoints.items() if isinstance(v, np.ndarray) and v.shape != (N_BODY_KEYPOINTS, 3)]: raise ValueError(f'post {bad[0]} is not 18x3')
         return keypoints
-    except (AttributeError, TypeError, ValueError) as e: raise MetadataError(f"'{path}': keypoints must map post ids to 18x3 lists or OpenPose JSON ({str(e)[:60]})") from None
+    except (AttributeError, TypeError, ValueError) as e: raise MetadataError(f"'{path}': keypoints must map post ids to 18x3 lists or OpenPose JSON ({str(e)[:80]})") from None
 
 def _poses_for(pairs: list[dict], args) -> tuple[dict | None, dict | None]:
     "The poses the pairs step uses (from --keypoints or --detector over --image-root) and a report; (None, None) without either."

@@ -764,6 +764,21 @@ class Reddish:
         return [figure(width=image.width, height=image.height)] if r > 200 and g < 80 and b < 80 else []
 
 
+def test_keypoints_file_openpose_json_without_a_canvas_is_read_on_the_posts_image(tmp_path, capsys):
+    posts = [post_dict(1, width=600, height=900), post_dict(2, width=600, height=900)]
+    write_lines(tmp_path / 'posts.jsonl', posts)
+    pixels = (figure().keypoints * [600, 900, 1]).ravel().tolist()  # OpenPose's own --write_json: pixels, no canvas
+    frames = [figure(width=600, height=900).to_openpose()]  # a ComfyUI list of frames
+    (tmp_path / 'keypoints.json').write_text(json.dumps({'1': {'people': [{'pose_keypoints_2d': pixels}]}, '2': frames}))
+    assert main(['data', 'pairs', '--posts', str(tmp_path / 'posts.jsonl'), '--out', str(tmp_path / 'pairs.jsonl'),
+                 '--keypoints', str(tmp_path / 'keypoints.json'), '--min-pose-distance', '0.001']) == 0
+    assert json.loads((tmp_path / 'pairs.pose_report.json').read_text())['dropped_similar'] == 2  # the same pose, read right
+    (tmp_path / 'keypoints.json').write_text(json.dumps({'1': {'people': [{'pose_keypoints_2d': [1, 2]}]}}))
+    assert main(['data', 'pairs', '--posts', str(tmp_path / 'posts.jsonl'), '--out', str(tmp_path / 'pairs.jsonl'),
+                 '--keypoints', str(tmp_path / 'keypoints.json')]) == 1
+    assert 'keypoints must map post ids to 18x3 lists or OpenPose JSON' in capsys.readouterr().err
+
+
 def test_cli_build_with_a_detector_fills_the_pose_column(tmp_path, monkeypatch):
     fake_metadata(tmp_path / 'posts.json', 200, 'api', seed=7, n_characters=4)
     assert main(['data', 'build', '--metadata', str(tmp_path / 'posts.json'), '--out', str(tmp_path / 'plan'), '--no-rules',
