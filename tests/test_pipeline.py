@@ -212,8 +212,8 @@ def cli(*args):
 
 
 def test_cli_transfer_and_sheet(tmp_path, reference, poses):
-    reference.save(tmp_path / 'a.png'); poses[0].save(tmp_path / 'poses' / 'b.json') if (tmp_path / 'poses').mkdir() is None else None
-    poses[1].save(tmp_path / 'poses' / 'c.json')
+    (tmp_path / 'poses').mkdir()
+    reference.save(tmp_path / 'a.png'); poses[0].save(tmp_path / 'poses' / 'b.json'); poses[1].save(tmp_path / 'poses' / 'c.json')
     result = cli('transfer', '--reference', tmp_path / 'a.png', '--pose', tmp_path / 'poses' / 'b.json', '--out', tmp_path / 'out.png', '--steps', 2, '--seed', 3)
     assert result.returncode == 0, result.stderr
     assert 'untrained tiny components' in result.stderr and Image.open(tmp_path / 'out.png').size == (64, 64)
@@ -223,15 +223,19 @@ def test_cli_transfer_and_sheet(tmp_path, reference, poses):
     assert Image.open(tmp_path / 'sheet' / 'sheet.png').size == (64 * 2 + 2, 64)
 
 
-def test_cli_errors_are_one_line_and_write_nothing(tmp_path, reference, poses):
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, reference, poses, capsys):
+    from anime_pose.cli import main
     reference.save(tmp_path / 'a.png'); poses[0].save(tmp_path / 'b.json')
     common = ('--reference', tmp_path / 'a.png', '--pose', tmp_path / 'b.json', '--steps', 1)
     for extra, message in [(('--out', tmp_path / 'o.png', '--height', 63), 'height must be a positive multiple of 8'),
                            (('--out', tmp_path / 'o.png', '--model', tmp_path / 'nope'), 'no such model directory'),
-                           (('--out', tmp_path / 'o.txt'), 'expected an image file name')]:
-        result = cli('transfer', *common, *extra)
-        assert result.returncode == 1 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
+                           (('--out', tmp_path / 'o.txt'), 'expected an image file name'),
+                           (('--out', tmp_path / 'o.png', '--reference', tmp_path / 'missing.png'), 'no such file')]:
+        assert main(['transfer', *map(str, common + extra)]) == 1
+        err = capsys.readouterr().err
+        assert 'anime-pose transfer: error: ' in err and message in err and 'Traceback' not in err, err
     assert not list(tmp_path.glob('o.*'))
-    result = cli('transfer', '--reference', tmp_path / 'missing.png', '--pose', tmp_path / 'b.json', '--out', tmp_path / 'o.png')
-    assert result.returncode == 1 and 'no such file' in result.stderr
-    assert 'untrained tiny components' in cli('transfer', '--help').stdout
+    with pytest.raises(SystemExit): main(['transfer', '--help'])
+    assert 'untrained tiny components' in capsys.readouterr().out
+    with pytest.raises(SystemExit): main(['sheet', '--reference', 'a.png', '--poses', 'b.json', '--out', 'x', '--canvas', '512'])
+    assert 'expected WIDTHxHEIGHT' in capsys.readouterr().err
