@@ -197,3 +197,19 @@ def test_cycle_term_needs_the_reference_pose(tmp_path):
                                                         batch_size=2, options=options))
     with pytest.raises(AnimePoseError, match="cycle_weight > 0 needs triples with a 'reference_pose' column"):
         train(config, tmp_path / 'run', method=GANMethod, progress=False)
+
+
+def test_synthetic_triples_feed_the_cycle_term():
+    from anime_pose.gan import GanData
+    from anime_pose.synthetic import synthetic_dataset
+    triples = synthetic_dataset(3, 2, 32, progress=False)['train']
+    data = GanData(triples, 32)
+    batch = data.batch([0, 1])
+    assert data.has_reference_pose and batch['reference_pose'].shape == batch['pose'].shape == (2, 21, 32, 32)
+    assert not torch.equal(batch['reference_pose'], batch['pose'])  # two drawings of a character in different poses
+    assert batch['reference'].min() >= -1 and batch['reference'].max() <= 1
+    gan = GanConfig(generator_channels=8, n_blocks=1, discriminator_channels=8, cycle_weight=2.0)
+    generator, discriminator = build_gan(gan, 32)
+    losses = gan_step(generator, discriminator, batch, gan)
+    assert {'cycle', 'l1', 'adversarial', 'discriminator'} <= set(losses)
+    torch.testing.assert_close(losses['generator'], losses['adversarial'] + 10 * losses['l1'] + 2 * losses['cycle'])
