@@ -9,7 +9,8 @@ the training characters (same initial weights, batches, timesteps, noise and ste
 validation and test characters as the held-out set, samples each model from the same noise, and
 scores FRD-64 (the Fréchet distance in the features of a fixed random conv net, see the notebook).
 Writes OUT/loss_study.md (table, command, configuration, timings, machine load) and
-OUT/loss_study.png (curves and samples), and prints the table. About ten minutes on two idle cores."""
+OUT/loss_study.png (curves and samples), and prints the table. 740 s measured with --threads 1
+on two cores shared with other work (load average about 6)."""
 import argparse, json, os, platform, sys, time
 
 import torch
