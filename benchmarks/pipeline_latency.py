@@ -4,7 +4,9 @@ Both pipelines get the same components, prompt, skeleton, size, steps, guidance 
 transfer additionally encodes the reference with the VAE, runs the one clean reference pass and
 attends to the cached reference tokens at every step. The two are run alternately `--repeats`
 times after a warm-up, and each one's fastest run is kept (other processes on a shared machine
-only ever add time), so the ratio is measured in one run of this script on one machine.
+only ever add time), so the ratio is measured in one run of this script on one machine. The
+process's CPU time is recorded too: on a machine shared with other jobs, wall time swings with
+their load while CPU time counts only this process's own work.
 
     python benchmarks/pipeline_latency.py                     # 20 steps, 64 px, 5 rounds
     python benchmarks/pipeline_latency.py --size 128 --steps 20 --out benchmarks/results/pipeline_latency_128.json
@@ -50,21 +52,28 @@ def main():
         stock(image=skeleton, generator=torch.Generator().manual_seed(0), **common)
 
     times = {'pose_transfer': [], 'stock_controlnet': []}
+    cpu = {'pose_transfer': [], 'stock_controlnet': []}
     with torch.no_grad():
         run_transfer(); run_stock()  # warm-up
         for _ in range(args.repeats):
             for name, fn in (('stock_controlnet', run_stock), ('pose_transfer', run_transfer)):
-                start = time.perf_counter(); fn(); times[name].append(time.perf_counter() - start)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn()
+                times[name].append(time.perf_counter() - start); cpu[name].append(time.process_time() - start_cpu)
     best = {name: min(values) for name, values in times.items()}
     result = dict(steps=args.steps, size=args.size, guidance=args.guidance, repeats=args.repeats, threads=torch.get_num_threads(),
                   machine=f'{platform.machine()} {platform.processor() or ""}'.strip(), torch=torch.__version__,
                   seconds_min=best, seconds_median={name: statistics.median(values) for name, values in times.items()},
                   ratio_min=best['pose_transfer'] / best['stock_controlnet'],
-                  ratio_median=statistics.median(times['pose_transfer']) / statistics.median(times['stock_controlnet']))
+                  ratio_median=statistics.median(times['pose_transfer']) / statistics.median(times['stock_controlnet']),
+                  cpu_seconds_median={name: statistics.median(values) for name, values in cpu.items()},
+                  cpu_ratio_median=statistics.median(cpu['pose_transfer']) / statistics.median(cpu['stock_controlnet']))
     print(f"{args.steps} steps, {args.size}x{args.size}, guidance {args.guidance}, {args.repeats} alternating rounds, {torch.get_num_threads()} threads")
     print(f"stock StableDiffusionControlNetPipeline: {best['stock_controlnet']:.3f} s (fastest), {result['seconds_median']['stock_controlnet']:.3f} s (median)")
     print(f"PoseTransferPipeline:                    {best['pose_transfer']:.3f} s (fastest), {result['seconds_median']['pose_transfer']:.3f} s (median)")
     print(f"ratio: {result['ratio_min']:.3f}x (fastest), {result['ratio_median']:.3f}x (median); goal <= 1.2x")
+    print(f"CPU time (median): stock {result['cpu_seconds_median']['stock_controlnet']:.3f} s, pose transfer "
+          f"{result['cpu_seconds_median']['pose_transfer']:.3f} s, ratio {result['cpu_ratio_median']:.3f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + '\n')
 
