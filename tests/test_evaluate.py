@@ -92,3 +92,30 @@ def test_parser_round_trip_and_missing_parser(tmp_path):
     image = torch.zeros(1, 3, 64, 64)
     assert torch.equal(parser(image)[0], loaded(image)[0])
     with pytest.raises(AnimePoseError, match='no synthetic parser'): load_parser(tmp_path / 'nothing')
+
+
+def test_demo_on_the_bundled_models_reports_every_method_and_metric(tmp_path):
+    from anime_pose.evaluate import METHODS, demo
+    metrics = demo(tmp_path / 'demo', count=2, num_inference_steps=2, progress=False)
+    assert set(METHODS) <= set(metrics) and all(set(metrics[m]) == set(METRICS) for m in METHODS)
+    written = json.loads((tmp_path / 'demo' / 'metrics.json').read_text())
+    assert written == metrics
+    report = (tmp_path / 'demo' / 'report.md').read_text()
+    assert all(f'| {m} |' in report for m in METHODS) and 'losses_anime_pose.png' in report
+    assert (tmp_path / 'demo' / 'losses_gan.png').is_file()
+
+
+def test_bundled_models_were_trained_on_the_same_characters():
+    from anime_pose.evaluate import load_recipe
+    recipe = load_recipe()
+    assert recipe['anime_pose']['config']['synthetic_characters'] == recipe['gan']['config']['synthetic_characters']
+    assert recipe['anime_pose']['config']['data'] == recipe['gan']['config']['data'] == 'synthetic'
+
+
+def test_evaluate_cli_refuses_a_directory_that_is_not_a_run(tmp_path):
+    import subprocess, sys
+    from pathlib import Path
+    result = subprocess.run([str(Path(sys.executable).parent / 'anime-pose'), 'evaluate', '--model', str(tmp_path),
+                             '--out', str(tmp_path / 'report')], capture_output=True, text=True)
+    assert result.returncode == 1 and 'not a training run' in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / 'report').exists()
