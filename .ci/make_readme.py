@@ -2,7 +2,8 @@
 
 nbdev_readme renders through quarto, whose installer downloads a binary at build time; this
 renders the same notebook directly: markdown cells as they are, visible code cells as Python
-blocks with their text outputs. `--check` exits 1 when README.md is out of date.
+blocks with their text outputs, images found from the repository root. `--check` exits 1 when
+README.md is out of date.
 """
 import json, sys
 from pathlib import Path
@@ -16,7 +17,7 @@ def render(notebook: Path) -> str:
     parts = []
     for cell in json.loads(notebook.read_text(encoding='utf-8'))['cells']:
         source = ''.join(cell['source'])
-        if cell['cell_type'] == 'markdown': parts.append(source)
+        if cell['cell_type'] == 'markdown': parts.append(source.replace('](images/', '](nbs/images/'))
         elif cell['cell_type'] == 'code' and not is_hidden(source):
             parts.append(f'```python\n{source}\n```')
             for output in cell.get('outputs', []):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_app.ipynb #aea2ccf3
 from __future__ import annotations
-import argparse, html, importlib.resources, io, json, os, tempfile
+import argparse, html, io, json, os, tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,17 +17,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .core import AnimePoseError, atomic_path, image_grid, load_image
+from .core import AnimePoseError, atomic_path, bundled_path, image_grid, load_image
 from .pose import Pose, PoseError, detect_pose
 from .synthetic import POSE_LIBRARY, Rendering, character_renderings, random_identity, render_character
 
 # %% auto #0
 __all__ = ['LDM_HINT_CHANNELS', 'LDM_PREFIX', 'EXPORT_EXAMPLES', 'AppError', 'uploaded_files', 'PoseInput', 'read_pose_file',
            'parse_canvas', 'pose_preview', 'synthetic_characters', 'synthetic_poses', 'TransferSettings', 'progress_to',
-           'generate', 'default_model_dir', 'load_model', 'save_gallery', 'PoseTransferApp', 'ExportError', 'ldm_key',
-           'check_exportable', 'base_model_name', 'single_file_loaders', 'controlnet_to_ldm', 'default_export_name',
-           'check_export_name', 'load_controlnet_weights', 'export_controlnet', 'exported_config', 'load_exported',
-           'export_difference', 'bundled_controlnet_dir', 'export_cli', 'run_export']
+           'generate', 'load_model', 'save_gallery', 'PoseTransferApp', 'ExportError', 'ldm_key', 'check_exportable',
+           'base_model_name', 'single_file_loaders', 'controlnet_to_ldm', 'default_export_name', 'check_export_name',
+           'load_controlnet_weights', 'export_controlnet', 'exported_config', 'load_exported', 'export_difference',
+           'bundled_controlnet_dir', 'export_cli', 'run_export']
 
 # %% ../nbs/11_app.ipynb #59e0291f
 class AppError(AnimePoseError):
@@ -147,17 +147,12 @@ def generate(pipe, # a `PoseTransferPipeline`
                     generator=torch.Generator().manual_seed(settings.seed))
 
 # %% ../nbs/11_app.ipynb #dfb5853d
-def default_model_dir() -> Path | None:
-    "The model bundled with anime_pose, or None if this installation has none."
-    folder = Path(str(importlib.resources.files('anime_pose'))) / 'assets' / 'model'
-    return folder if (folder / 'model_index.json').is_file() else None
-
 def load_model(model: str | os.PathLike | None = None, # a model directory; default: the bundled model, else untrained tiny components
                device: str | None = None, # default: the best available
               ):
     "The `PoseTransferPipeline` the app draws with."
     from anime_pose.pipeline import load_pipeline
-    return load_pipeline(model or default_model_dir(), device=device)
+    return load_pipeline(model, device=device)
 
 # %% ../nbs/11_app.ipynb #b9d17758
 def save_gallery(images: list[Image.Image], # the generated images
@@ -510,7 +505,7 @@ def export_difference(path: str | os.PathLike, # an exported `.safetensors` file
 # %% ../nbs/11_app.ipynb #4db84193
 def bundled_controlnet_dir() -> Path:
     "The ControlNet folder of the model bundled with anime_pose, or an `ExportError` if there is none."
-    folder = Path(str(importlib.resources.files('anime_pose'))) / 'assets' / 'model' / 'controlnet'
+    folder = bundled_path('model') / 'controlnet'
     if not (folder / 'config.json').is_file():
         raise ExportError(f"no bundled model in this installation (looked in '{folder}'); pass --controlnet DIR")
     return folder

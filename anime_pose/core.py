@@ -14,7 +14,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
 __all__ = ['MAX_IMAGE_PIXELS', 'N_BODY_KEYPOINTS', 'AnimePoseError', 'ImageError', 'to_rgb', 'load_image', 'image_grid',
-           'show_images', 'seed_everything', 'default_device', 'default_dtype', 'triple_features', 'atomic_path']
+           'show_images', 'seed_everything', 'default_device', 'default_dtype', 'triple_features', 'bundled_path',
+           'atomic_path']
 
 # %% ../nbs/00_core.ipynb #503cae92
 class AnimePoseError(ValueError):
@@ -159,6 +160,13 @@ def triple_features(**extra):
         'character': datasets.Value('string'),  # who A is: a Danbooru character tag or a synthetic id
         'tags': datasets.Sequence(datasets.Value('string')),  # Danbooru-style tags describing A
         **extra})
+
+# %% ../nbs/00_core.ipynb #381dd829
+def bundled_path(name: str = '', # a file or folder under the package's assets/
+                ) -> Path:
+    "Where `name` lives among the files shipped inside the package."
+    import importlib.resources
+    return Path(str(importlib.resources.files('anime_pose'))) / 'assets' / name
 
 # %% ../nbs/00_core.ipynb #6525d554
 @contextmanager

@@ -16,15 +16,15 @@ from diffusers.configuration_utils import register_to_config
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import AnimePoseError, N_BODY_KEYPOINTS, atomic_path, image_grid, load_image
+from .core import AnimePoseError, N_BODY_KEYPOINTS, atomic_path, bundled_path, image_grid, load_image
 from .pose import Pose, oks, pck
 
 # %% auto #0
 __all__ = ['IDENTITY_PARTS', 'MIRRORED', 'METRICS', 'METHODS', 'LOWER_IS_BETTER', 'psnr', 'ssim', 'identity_error',
-           'SyntheticParser', 'keypoint_heatmaps', 'heatmap_keypoints', 'train_parser', 'parse', 'bundled_path',
-           'load_parser', 'silhouette_iou', 'score', 'pipeline_method', 'copy_reference', 'gan_method',
-           'evaluate_methods', 'metrics_table', 'sample_grid', 'write_report', 'load_recipe', 'held_out_triples',
-           'build_methods', 'retrain_models', 'evaluate_models', 'demo', 'demo_cli', 'evaluate_cli']
+           'SyntheticParser', 'keypoint_heatmaps', 'heatmap_keypoints', 'train_parser', 'parse', 'load_parser',
+           'silhouette_iou', 'score', 'pipeline_method', 'copy_reference', 'gan_method', 'evaluate_methods',
+           'metrics_table', 'sample_grid', 'write_report', 'load_recipe', 'held_out_triples', 'build_methods',
+           'retrain_models', 'evaluate_models', 'demo', 'demo_cli', 'evaluate_cli']
 
 # %% ../nbs/09_evaluate.ipynb #c4cc59fb
 def _pixels(image) -> np.ndarray:
@@ -171,11 +171,6 @@ def parse(parser: SyntheticParser, images: list[Image.Image]) -> tuple[list[Pose
     return poses, part_logits.argmax(1).numpy().astype(np.uint8)
 
 # %% ../nbs/09_evaluate.ipynb #8aefbfc5
-def bundled_path(name: str) -> Path:
-    "A model shipped inside the package, under `anime_pose/assets/`."
-    import importlib.resources
-    return Path(str(importlib.resources.files('anime_pose'))) / 'assets' / name
-
 def load_parser(path: str | os.PathLike | None = None, # a directory written by `parser.save_pretrained`; default the bundled one
                ) -> SyntheticParser:
     "Load a trained `SyntheticParser` (safetensors)."
@@ -405,7 +400,7 @@ def demo(out: str | os.PathLike, # the report directory
     "Evaluate the bundled (or retrained) models and their baselines on held-out synthetic characters."
     from anime_pose.train import override_config, TrainConfig
     out, recipe = Path(out), load_recipe()
-    models = retrain_models(out.with_name(out.name + '-models'), recipe, progress) if retrain else bundled_path('')
+    models = retrain_models(out.with_name(out.name + '-models'), recipe, progress) if retrain else bundled_path()
     config = override_config(TrainConfig(), recipe['anime_pose']['config'], 'recipe anime_pose')
     return evaluate_models(out, models / 'model', config, models / 'gan', models / 'parser',
                            {'anime_pose': models / 'model', 'gan': models / 'gan'}, count, num_inference_steps, progress)

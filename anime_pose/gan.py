@@ -15,7 +15,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from PIL import Image
 
-from .core import AnimePoseError, N_BODY_KEYPOINTS, image_grid, load_image
+from .core import AnimePoseError, N_BODY_KEYPOINTS, bundled_path, image_grid, load_image
 from .pose import Pose
 from .train import TrainMethod, held_out_split, training_triples
 
@@ -341,8 +341,7 @@ class GanTransfer:
 # %% ../nbs/10_gan_baseline.ipynb #79abad7a
 def bundled_gan_path() -> Path:
     "Where the library's bundled GAN generator lives (`anime_pose/assets/gan`)."
-    import importlib.resources
-    return Path(str(importlib.resources.files('anime_pose'))) / 'assets' / 'gan'
+    return bundled_path('gan')
 
 def _generator_directory(path: Path) -> Path:
     "The directory holding the generator's config.json under a run, its final/, or the generator itself."

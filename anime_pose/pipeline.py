@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .core import AnimePoseError, atomic_path, image_grid, load_image
+from .core import AnimePoseError, atomic_path, bundled_path, image_grid, load_image
 from .pose import Pose, PoseError, retarget as retarget_pose
 from .controlnet import ModelError, check_controlnet, condition_tensor, controlled_prediction, controlnet_from_unet, load_controlnet, tiny_unet
 from .reference import ReferenceAttention, make_reference_net, self_attention_names
@@ -26,7 +26,7 @@ from .reference import ReferenceAttention, make_reference_net, self_attention_na
 __all__ = ['DANBOORU_WORDS', 'LAYOUT', 'tiny_tokenizer', 'tiny_text_encoder', 'tiny_vae', 'sd_scheduler', 'tiny_components',
            'check_components', 'TransferError', 'check_size', 'fit_reference', 'skeleton_images', 'PoseTransferOutput',
            'PoseTransferPipeline', 'encode_prompt', 'encode_images', 'decode_latents', 'check_model_dir',
-           'load_pipeline', 'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
+           'bundled_model_dir', 'load_pipeline', 'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
 
 # %% ../nbs/07_pipeline.ipynb #a6247911
 DANBOORU_WORDS = '''girl boy solo long short hair eyes blue red green brown black white blonde pink purple silver grey
@@ -333,14 +333,20 @@ def from_pretrained(cls: PoseTransferPipeline,
     return super(PoseTransferPipeline, cls).from_pretrained(path, use_safetensors=True, local_files_only=True, **kwargs)
 
 # %% ../nbs/07_pipeline.ipynb #2bf40fab
-def load_pipeline(model: str | os.PathLike | None = None, # a model directory; None: the untrained tiny components
+def bundled_model_dir() -> Path | None:
+    "The pose-transfer model bundled with anime_pose, or None if this installation has none."
+    folder = bundled_path('model')
+    return folder if (folder / 'model_index.json').is_file() else None
+
+def load_pipeline(model: str | os.PathLike | None = None, # a model directory, 'tiny' (untrained tiny components), or None: the bundled model
                   controlnet: str | os.PathLike | None = None, # a ControlNet directory, if `model` has none
                   device: str | None = None, # default: the best available
                  ) -> PoseTransferPipeline:
     "The pipeline the command line uses."
     from anime_pose.core import default_device, default_dtype
     device = torch.device(device) if device else default_device()
-    if model is None: return PoseTransferPipeline(**tiny_components()).to(device)
+    model = bundled_model_dir() or 'tiny' if model is None else model
+    if str(model) == 'tiny': return PoseTransferPipeline(**tiny_components()).to(device)
     return PoseTransferPipeline.from_pretrained(model, controlnet=controlnet, torch_dtype=default_dtype(device)).to(device)
 
 # %% ../nbs/07_pipeline.ipynb #d763b6d6
@@ -353,7 +359,7 @@ def _canvas(text: str) -> tuple[int, int]:
 
 def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument('--reference', required=True, help='image of character A')
-    parser.add_argument('--model', help='diffusers model directory (waifu-diffusion layout + controlnet/); default: untrained tiny components (noise, for trying the command)')
+    parser.add_argument('--model', help='diffusers model directory (waifu-diffusion layout + controlnet/); default: the bundled tiny model; tiny: untrained tiny components')
     parser.add_argument('--controlnet', help='ControlNet directory (diffusers layout), when --model has no controlnet/')
     parser.add_argument('--prompt', default='', help="Danbooru tags describing A, e.g. '1girl, solo, long hair'")
     parser.add_argument('--negative-prompt', default='lowres, bad anatomy, worst quality', help='tags to avoid')
@@ -370,7 +376,6 @@ def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument('--device', help='cpu, cuda, mps (default: the best available)')
 
 def _transfer(args, poses) -> PoseTransferOutput:
-    if args.model is None: print('anime-pose: no --model given: using untrained tiny components (the images are noise)', file=sys.stderr)
     pipe = load_pipeline(args.model, args.controlnet, args.device)
     return pipe(load_image(args.reference), poses, prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                 guidance_scale=args.guidance, controlnet_conditioning_scale=args.controlnet_scale, reference_strength=args.reference_strength,
@@ -390,7 +395,7 @@ def transfer_cli(parser: argparse.ArgumentParser):
     "Add the arguments of `anime-pose transfer` to `parser`."
     parser.epilog = '''examples:
   anime-pose transfer --reference a.png --pose b.json --out a_as_b.png --model wd-pose --steps 20 --seed 1
-  anime-pose transfer --reference a.png --pose skeleton.png --out out.png     # untrained tiny model: a dry run'''
+  anime-pose transfer --reference a.png --pose skeleton.png --out out.png     # the bundled tiny model'''
     _add_common(parser)
     parser.add_argument('--pose', required=True, help='pose B: OpenPose JSON or a skeleton image')
     parser.add_argument('--out', required=True, help='output image (.png, .jpg, .webp)')

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from anime_pose import app
-from anime_pose.app import (AppError, PoseInput, PoseTransferApp, TransferSettings, default_model_dir, generate, parse_canvas, pose_preview,
+from anime_pose.app import (AppError, PoseInput, PoseTransferApp, TransferSettings, generate, parse_canvas, pose_preview,
                             progress_to, read_pose_file, save_gallery, synthetic_characters, synthetic_poses, uploaded_files)
 from anime_pose.pose import PoseError, pose_from_joints
 
@@ -18,7 +18,7 @@ JOINTS = {'nose': (0.5, 0.15), 'neck': (0.5, 0.25), 'right_shoulder': (0.4, 0.25
 @pytest.fixture(scope='module')
 def pipe():
     from anime_pose.pipeline import load_pipeline
-    return load_pipeline(None, device='cpu')  # the untrained tiny components: fast, and every code path
+    return load_pipeline('tiny', device='cpu')  # the untrained tiny components: fast, and every code path
 
 
 @pytest.fixture(scope='module')
@@ -144,12 +144,14 @@ def test_save_gallery_writes_each_image_and_the_sheet(tmp_path):
     with pytest.raises(AppError, match='generate first'): save_gallery([], [], tmp_path)
 
 
-def test_default_model_dir_is_the_bundled_model_when_present(tmp_path, monkeypatch):
-    monkeypatch.setattr(app.importlib.resources, 'files', lambda package: tmp_path / package)
-    assert default_model_dir() is None
+def test_default_model_is_the_bundled_model_when_present(tmp_path, monkeypatch):
+    import importlib.resources
+    from anime_pose.pipeline import bundled_model_dir
+    monkeypatch.setattr(importlib.resources, 'files', lambda package: tmp_path / package)
+    assert bundled_model_dir() is None
     (tmp_path / 'anime_pose' / 'assets' / 'model').mkdir(parents=True)
     (tmp_path / 'anime_pose' / 'assets' / 'model' / 'model_index.json').write_text('{}')
-    assert default_model_dir() == tmp_path / 'anime_pose' / 'assets' / 'model'
+    assert bundled_model_dir() == tmp_path / 'anime_pose' / 'assets' / 'model'
 
 
 def test_app_synthetic_pose_sheet_generate_and_save(synthetic_app, tmp_path):

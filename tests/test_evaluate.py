@@ -52,7 +52,7 @@ def test_heatmaps_decode_back_to_their_keypoints():
     found = heatmap_keypoints(keypoint_heatmaps(points, 32))
     visible = points[..., 2] > 0
     assert torch.equal(found[..., 2] > 0, visible)
-    assert (found[..., :2] - points[..., :2])[visible].abs().max() < 0.01
+    assert (found[..., :2] - points[..., :2])[visible].abs().max() < 0.02  # under 1 px at 64 px
 
 
 def test_mirroring_swaps_left_and_right(triples):

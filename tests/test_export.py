@@ -235,7 +235,8 @@ def test_cli_exports_verifies_and_reports(tmp_path, tiny, capsys):
 def test_cli_default_source_is_the_bundled_model(tmp_path, tiny, monkeypatch, capsys):
     model, folder = tiny
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(app.importlib.resources, 'files', lambda package: tmp_path / 'site' / package)
+    import importlib.resources
+    monkeypatch.setattr(importlib.resources, 'files', lambda package: tmp_path / 'site' / package)
     assert main(['export']) == 1
     assert 'no bundled model in this installation' in capsys.readouterr().err
     model.save_pretrained(tmp_path / 'site' / 'anime_pose' / 'assets' / 'model' / 'controlnet')
