@@ -17,11 +17,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .core import AnimePoseError, N_BODY_KEYPOINTS, atomic_path, bundled_path, image_grid, load_image
-from .pose import Pose, oks, pck
+from .pose import Pose, keypoint_heatmaps, oks, pck
 
 # %% auto #0
-__all__ = ['IDENTITY_PARTS', 'MIRRORED', 'METRICS', 'METHODS', 'LOWER_IS_BETTER', 'psnr', 'ssim', 'identity_error',
-           'SyntheticParser', 'keypoint_heatmaps', 'heatmap_keypoints', 'train_parser', 'parse', 'load_parser',
+__all__ = ['IDENTITY_PARTS', 'MIRRORED', 'HEATMAP_SIGMA', 'METRICS', 'METHODS', 'LOWER_IS_BETTER', 'psnr', 'ssim',
+           'identity_error', 'SyntheticParser', 'heatmap_keypoints', 'train_parser', 'parse', 'load_parser',
            'silhouette_iou', 'score', 'pipeline_method', 'copy_reference', 'gan_method', 'evaluate_methods',
            'metrics_table', 'sample_grid', 'write_report', 'load_recipe', 'held_out_triples', 'build_methods',
            'retrain_models', 'evaluate_models', 'demo', 'demo_cli', 'evaluate_cli']
@@ -90,17 +90,6 @@ class SyntheticParser(ModelMixin, ConfigMixin):
         half = self.up1(torch.cat([up(quarter), half], 1))
         return self.heatmap_head(half), F.interpolate(self.part_head(half), scale_factor=2, mode='bilinear')
 
-# %% ../nbs/09_evaluate.ipynb #db20ffb3
-def keypoint_heatmaps(keypoints: torch.Tensor, # (N, 18, 3) normalised keypoints, confidence 0 = missing
-                      size: int, # heatmap side
-                      sigma: float = 1.5, # bump width in heatmap cells
-                     ) -> torch.Tensor:
-    "(N, 18, size, size) Gaussian bumps at the visible keypoints."
-    centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    dx = (centres[None, None, None, :] - keypoints[..., 0, None, None]) * size
-    dy = (centres[None, None, :, None] - keypoints[..., 1, None, None]) * size
-    return torch.exp(-(dx**2 + dy**2) / (2 * sigma**2)) * (keypoints[..., 2, None, None] > 0)
-
 # %% ../nbs/09_evaluate.ipynb #ac14cd01
 def heatmap_keypoints(heatmaps: torch.Tensor, # (N, K, S, S)
                       threshold: float = 0.2, # peaks below this are missing joints
@@ -119,6 +108,7 @@ def heatmap_keypoints(heatmaps: torch.Tensor, # (N, K, S, S)
 
 # %% ../nbs/09_evaluate.ipynb #2d2752b2
 MIRRORED = [0, 1, 5, 6, 7, 2, 3, 4, 11, 12, 13, 8, 9, 10, 15, 14, 17, 16]  # COCO-18 index of each joint's mirror image
+HEATMAP_SIGMA = 1.5  # width of the training bumps, in heatmap cells
 
 def _image_batch(images, size: int) -> torch.Tensor:
     "PIL images as an (N, 3, size, size) tensor in [-1, 1]."
@@ -156,7 +146,8 @@ def train_parser(characters: int = 300, # synthetic characters to learn from
         pick = torch.randperm(len(images), generator=generator)[:batch_size]
         batch = _mirror(images[pick], keypoints[pick], labels[pick], torch.rand(len(pick), generator=generator) < 0.5)
         heatmaps, part_logits = parser(batch[0])
-        loss = 100 * F.mse_loss(heatmaps, keypoint_heatmaps(batch[1], heatmaps.shape[-1])) + F.cross_entropy(part_logits, batch[2])
+        targets = keypoint_heatmaps(batch[1], heatmaps.shape[-1], HEATMAP_SIGMA / heatmaps.shape[-1])
+        loss = 100 * F.mse_loss(heatmaps, targets) + F.cross_entropy(part_logits, batch[2])
         optimizer.zero_grad(); loss.backward(); optimizer.step(); schedule.step()
     return parser.eval()
 

@@ -16,30 +16,17 @@ from diffusers.configuration_utils import register_to_config
 from PIL import Image
 
 from .core import AnimePoseError, N_BODY_KEYPOINTS, bundled_path, image_grid, load_image
-from .pose import Pose
+from .pose import Pose, keypoint_heatmaps
 from .train import TrainMethod, held_out_split, training_triples
 
 # %% auto #0
-__all__ = ['POSE_INPUTS', 'ADVERSARIAL_LOSSES', 'keypoint_heatmaps', 'skeleton_tensor', 'pose_condition', 'conv_block',
-           'PoseAttentionBlock', 'PoseTransferGenerator', 'PatchDiscriminator', 'discriminator_loss',
-           'generator_adversarial_loss', 'GanConfig', 'gan_config', 'build_gan', 'gan_step', 'image_tensor',
-           'tensor_image', 'GanData', 'GanTransfer', 'bundled_gan_path', 'load_gan', 'GANMethod']
+__all__ = ['POSE_INPUTS', 'ADVERSARIAL_LOSSES', 'skeleton_tensor', 'pose_condition', 'conv_block', 'PoseAttentionBlock',
+           'PoseTransferGenerator', 'PatchDiscriminator', 'discriminator_loss', 'generator_adversarial_loss',
+           'GanConfig', 'gan_config', 'build_gan', 'gan_step', 'image_tensor', 'tensor_image', 'GanData', 'GanTransfer',
+           'bundled_gan_path', 'load_gan', 'GANMethod']
 
 # %% ../nbs/10_gan_baseline.ipynb #bdd0d644
 POSE_INPUTS = {'skeleton': 3, 'heatmaps': N_BODY_KEYPOINTS, 'both': 3 + N_BODY_KEYPOINTS}  # pose input: its channels
-
-# %% ../nbs/10_gan_baseline.ipynb #51764b3a
-def keypoint_heatmaps(keypoints, # (..., 18, 3): x, y in [0, 1] of the canvas, confidence (0 = missing)
-                      size: int, # side of the square maps in pixels
-                      sigma: float = 0.04, # Gaussian width as a fraction of the side
-                     ) -> torch.Tensor:
-    "One Gaussian heatmap per keypoint, shape (..., 18, size, size), in [0, 1]."
-    keypoints = torch.as_tensor(np.asarray(keypoints, dtype=np.float32))
-    centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    dx = (centres - keypoints[..., 0, None]) ** 2  # (..., 18, size) along x
-    dy = (centres - keypoints[..., 1, None]) ** 2  # (..., 18, size) along y
-    maps = torch.exp(-(dy[..., :, None] + dx[..., None, :]) / (2 * sigma ** 2))
-    return maps * (keypoints[..., 2, None, None] > 0)
 
 # %% ../nbs/10_gan_baseline.ipynb #c6a33200
 def skeleton_tensor(keypoints, # (18, 3) normalised keypoints

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from fastcore.basics import patch
 from PIL import Image
 
@@ -19,8 +20,8 @@ from .core import AnimePoseError, atomic_path, load_image
 __all__ = ['KEYPOINT_NAMES', 'N_HAND_KEYPOINTS', 'N_FACE_KEYPOINTS', 'BODY_25_TO_COCO_18', 'RENDER_THRESHOLDS', 'DEFAULT_CANVAS',
            'MAX_COORDINATE', 'NORMALISED_LIMIT', 'LIMBS', 'OKS_SIGMAS', 'OPENPOSE_FILES', 'OPENPOSE_HUB_ID',
            'PoseError', 'Pose', 'pose_from_joints', 'read_poses', 'draw_skeletons', 'poses_to_openpose', 'save_poses',
-           'bone_lengths', 'retarget', 'body_size', 'pck', 'oks', 'mean_joint_error', 'PoseDetector',
-           'OpenPoseDetector', 'detect_pose', 'pose_cli']
+           'bone_lengths', 'retarget', 'body_size', 'pck', 'oks', 'mean_joint_error', 'keypoint_heatmaps',
+           'PoseDetector', 'OpenPoseDetector', 'detect_pose', 'pose_cli']
 
 # %% ../nbs/01_pose.ipynb #2ed21d07
 KEYPOINT_NAMES = ['nose', 'neck', 'right_shoulder', 'right_elbow', 'right_wrist', 'left_shoulder', 'left_elbow',
@@ -530,6 +531,19 @@ def mean_joint_error(predicted: Pose, # the pose to score
     if not both.any(): return float('nan')
     error = float(_distances(predicted, target)[both].mean())
     return error / body_size(target) if relative else error
+
+# %% ../nbs/01_pose.ipynb #91c59306
+def keypoint_heatmaps(keypoints, # (..., 18, 3): x, y in [0, 1] of the canvas, confidence (0 = missing)
+                      size: int, # side of the square maps in pixels
+                      sigma: float = 0.04, # Gaussian width as a fraction of the side
+                     ) -> torch.Tensor:
+    "One Gaussian heatmap per keypoint, shape (..., 18, size, size), in [0, 1]."
+    keypoints = torch.as_tensor(np.asarray(keypoints, dtype=np.float32))
+    centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    dx = (centres - keypoints[..., 0, None]) ** 2  # (..., 18, size) along x
+    dy = (centres - keypoints[..., 1, None]) ** 2  # (..., 18, size) along y
+    maps = torch.exp(-(dy[..., :, None] + dx[..., None, :]) / (2 * sigma ** 2))
+    return maps * (keypoints[..., 2, None, None] > 0)
 
 # %% ../nbs/01_pose.ipynb #0216fa7f
 @runtime_checkable

@@ -8,8 +8,9 @@ from PIL import Image
 
 from anime_pose.core import AnimePoseError
 from anime_pose.evaluate import (METRICS, MIRRORED, SyntheticParser, _mirror, evaluate_methods, heatmap_keypoints,
-                                 identity_error, keypoint_heatmaps, load_parser, metrics_table, psnr, silhouette_iou, ssim,
+                                 identity_error, load_parser, metrics_table, psnr, silhouette_iou, ssim,
                                  write_report)
+from anime_pose.pose import keypoint_heatmaps
 from anime_pose.synthetic import PART_LABELS, synthetic_dataset
 
 
@@ -49,7 +50,7 @@ def test_silhouette_iou_of_truth_and_of_empty():
 def test_heatmaps_decode_back_to_their_keypoints():
     rng = np.random.default_rng(0)
     points = torch.tensor(np.concatenate([rng.uniform(0.1, 0.9, (3, 18, 2)), (rng.uniform(size=(3, 18, 1)) > 0.2)], -1), dtype=torch.float32)
-    found = heatmap_keypoints(keypoint_heatmaps(points, 32))
+    found = heatmap_keypoints(keypoint_heatmaps(points, 32, 1.5 / 32))
     visible = points[..., 2] > 0
     assert torch.equal(found[..., 2] > 0, visible)
     assert (found[..., :2] - points[..., :2])[visible].abs().max() < 0.02  # under 1 px at 64 px

@@ -6,7 +6,8 @@ from PIL import Image
 
 from anime_pose.core import AnimePoseError
 from anime_pose.gan import (GanConfig, GanTransfer, PatchDiscriminator, PoseTransferGenerator, build_gan, discriminator_loss,
-                            gan_config, gan_step, generator_adversarial_loss, keypoint_heatmaps, load_gan, pose_condition)
+                            gan_config, gan_step, generator_adversarial_loss, load_gan, pose_condition)
+from anime_pose.pose import keypoint_heatmaps
 
 
 @pytest.fixture(autouse=True)
