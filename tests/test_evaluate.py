@@ -120,3 +120,21 @@ def test_evaluate_cli_refuses_a_directory_that_is_not_a_run(tmp_path):
                              '--out', str(tmp_path / 'report')], capture_output=True, text=True)
     assert result.returncode == 1 and 'not a training run' in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / 'report').exists()
+
+
+def test_retrain_follows_a_recipe_and_the_result_evaluates(tmp_path):
+    "`demo --retrain`'s path on a recipe shrunk to a few steps: every model is trained, saved and evaluated."
+    from anime_pose.evaluate import evaluate_models, load_recipe, retrain_models
+    from anime_pose.train import TrainConfig, override_config
+    recipe = load_recipe()
+    shrink = dict(synthetic_characters=6, max_steps=2, base_steps=2, validate_every=1, sample_every=0, checkpoint_every=0)
+    small = {'anime_pose': {'config': {**recipe['anime_pose']['config'], **shrink}},
+             'gan': {'config': {**recipe['gan']['config'], **shrink}},
+             'parser': dict(characters=6, poses_per_character=2, steps=2, batch_size=4, seed=1)}
+    models = retrain_models(tmp_path / 'models', small, progress=False)
+    assert all((models / name).is_dir() for name in ('model', 'gan', 'parser'))
+    assert (models / 'model' / 'losses.csv').is_file() and (models / 'model' / 'model_index.json').is_file()
+    config = override_config(TrainConfig(), small['anime_pose']['config'], 'test')
+    metrics = evaluate_models(tmp_path / 'report', models / 'model', config, models / 'gan', models / 'parser',
+                              {'anime_pose': models / 'model'}, count=1, num_inference_steps=1, progress=False)
+    assert set(metrics) == {'ground_truth', 'copy_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose'}
