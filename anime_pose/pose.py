@@ -532,7 +532,7 @@ def mean_joint_error(predicted: Pose, # the pose to score
     error = float(_distances(predicted, target)[both].mean())
     return error / body_size(target) if relative else error
 
-# %% ../nbs/01_pose.ipynb #91c59306
+# %% ../nbs/01_pose.ipynb #467722b7
 def keypoint_heatmaps(keypoints, # (..., 18, 3): x, y in [0, 1] of the canvas, confidence (0 = missing)
                       size: int, # side of the square maps in pixels
                       sigma: float = 0.04, # Gaussian width as a fraction of the side
