@@ -14,8 +14,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
 __all__ = ['MAX_IMAGE_PIXELS', 'N_BODY_KEYPOINTS', 'AnimePoseError', 'ImageError', 'to_rgb', 'load_image', 'image_grid',
-           'show_images', 'seed_everything', 'default_device', 'default_dtype', 'triple_features', 'bundled_path',
-           'atomic_path']
+           'show_images', 'seed_everything', 'default_device', 'default_dtype', 'triple_features', 'tags_prompt',
+           'bundled_path', 'atomic_path']
 
 # %% ../nbs/00_core.ipynb #503cae92
 class AnimePoseError(ValueError):
@@ -160,6 +160,11 @@ def triple_features(**extra):
         'character': datasets.Value('string'),  # who A is: a Danbooru character tag or a synthetic id
         'tags': datasets.Sequence(datasets.Value('string')),  # Danbooru-style tags describing A
         **extra})
+
+# %% ../nbs/00_core.ipynb #2410a470
+def tags_prompt(tags: list[str]) -> str:
+    "Danbooru tags as a prompt: `['blue_hair', 'twintails']` → 'blue hair, twintails'."
+    return ', '.join(tag.replace('_', ' ') for tag in tags)
 
 # %% ../nbs/00_core.ipynb #381dd829
 def bundled_path(name: str = '', # a file or folder under the package's assets/

@@ -16,7 +16,8 @@ from diffusers.configuration_utils import register_to_config
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import AnimePoseError, N_BODY_KEYPOINTS, atomic_path, bundled_path, image_grid, load_image
+from .core import AnimePoseError, N_BODY_KEYPOINTS, atomic_path, bundled_path, image_grid, load_image, tags_prompt
+from .diffusion import images_to_tensor
 from .pose import Pose, keypoint_heatmaps, oks, pck
 
 # %% auto #0
@@ -110,11 +111,6 @@ def heatmap_keypoints(heatmaps: torch.Tensor, # (N, K, S, S)
 MIRRORED = [0, 1, 5, 6, 7, 2, 3, 4, 11, 12, 13, 8, 9, 10, 15, 14, 17, 16]  # COCO-18 index of each joint's mirror image
 HEATMAP_SIGMA = 1.5  # width of the training bumps, in heatmap cells
 
-def _image_batch(images, size: int) -> torch.Tensor:
-    "PIL images as an (N, 3, size, size) tensor in [-1, 1]."
-    arrays = [np.asarray(load_image(i).resize((size, size), Image.BICUBIC), dtype=np.float32) for i in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
-
 def _mirror(images, keypoints, labels, flip):
     "Mirror the examples where `flip` is true."
     images, keypoints, labels = images.clone(), keypoints.clone(), labels.clone()
@@ -136,7 +132,7 @@ def train_parser(characters: int = 300, # synthetic characters to learn from
     from anime_pose.synthetic import synthetic_dataset
     torch.manual_seed(seed)
     rows = synthetic_dataset(characters, poses_per_character, 64, seed, num_proc=None, progress=progress)['train'][:]
-    images, labels = _image_batch(rows['target'], 64), torch.from_numpy(np.stack([np.asarray(m) for m in rows['masks']])).long()
+    images, labels = images_to_tensor(rows['target'], 64), torch.from_numpy(np.stack([np.asarray(m) for m in rows['masks']])).long()
     keypoints = torch.from_numpy(np.asarray(rows['pose'], dtype=np.float32))
     parser = SyntheticParser()
     optimizer = torch.optim.AdamW(parser.parameters(), lr=3e-3, weight_decay=1e-4)
@@ -156,7 +152,7 @@ def train_parser(characters: int = 300, # synthetic characters to learn from
 def parse(parser: SyntheticParser, images: list[Image.Image]) -> tuple[list[Pose], np.ndarray]:
     "The detected `Pose` of each image and its (N, 64, 64) part labels."
     size = parser.config.image_size
-    heatmaps, part_logits = parser(_image_batch(images, size))
+    heatmaps, part_logits = parser(images_to_tensor(images, size))
     keypoints = heatmap_keypoints(heatmaps).numpy()
     poses = [Pose(points, *load_image(image).size) for points, image in zip(keypoints, images)]
     return poses, part_logits.argmax(1).numpy().astype(np.uint8)
@@ -205,8 +201,6 @@ def score(generated: list[Image.Image], # one generated image per triple
 # %% ../nbs/09_evaluate.ipynb #6089d487
 METHODS = ('copy_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose')
 
-def _prompt(tags) -> str: return ', '.join(t.replace('_', ' ') for t in tags)
-
 def pipeline_method(pipe, # a `PoseTransferPipeline`
                     reference_strength: float = 1.0, # 0 switches the reference path off
                     num_inference_steps: int = 20,
@@ -218,7 +212,7 @@ def pipeline_method(pipe, # a `PoseTransferPipeline`
     def generate(triple: dict) -> Image.Image:
         size = load_image(triple['target']).size
         pose = Pose(np.asarray(triple['pose'], np.float32), *size)
-        return pipe(triple['reference'], pose, prompt=_prompt(triple['tags']), num_inference_steps=num_inference_steps,
+        return pipe(triple['reference'], pose, prompt=tags_prompt(triple['tags']), num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale, reference_strength=reference_strength, width=size[0], height=size[1],
                     generator=torch.Generator().manual_seed(seed)).images[0]
     return generate

@@ -15,7 +15,8 @@ from fastcore.basics import patch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import AnimePoseError, atomic_path, seed_everything
+from .core import AnimePoseError, atomic_path, seed_everything, tags_prompt
+from .diffusion import images_to_tensor
 
 # %% auto #0
 __all__ = ['LOSSES', 'LR_SCHEDULES', 'MIXED_PRECISION', 'OPTIMIZERS', 'PRESETS', 'METHODS', 'CHECKPOINT_PATTERN', 'OOM_ADVICE',
@@ -606,16 +607,6 @@ def held_out_split(triples) -> str | None:
     "The split the test loss is measured on: 'test', else 'validation', else none."
     return next((s for s in ('test', 'validation') if s in triples), None)
 
-# %% ../nbs/08_train.ipynb #2dcfada4
-def _pixels(images, size: int) -> torch.Tensor:
-    "PIL images (or anything `load_image` takes) as an (N, 3, size, size) tensor in [-1, 1]."
-    from PIL import Image
-    from anime_pose.core import load_image
-    arrays = [np.asarray(load_image(i).resize((size, size), Image.BICUBIC), dtype=np.float32) for i in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
-
-def _prompt(tags) -> str: return ', '.join(t.replace('_', ' ') for t in tags)
-
 # %% ../nbs/08_train.ipynb #6b54dcfa
 def pretrain_tiny_base(triples, # the DatasetDict whose train split teaches the base
                        directory: Path, # where the base is saved (and found again)
@@ -631,7 +622,7 @@ def pretrain_tiny_base(triples, # the DatasetDict whose train split teaches the 
     vae, unet, text_encoder, tokenizer = parts['vae'], parts['unet'], parts['text_encoder'], parts['tokenizer']
     train = triples['train']
     size = vae.config.sample_size
-    images = torch.cat([_pixels(train['target'], size), _pixels(train['reference'], size)])
+    images = torch.cat([images_to_tensor(train['target'], size), images_to_tensor(train['reference'], size)])
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(total=2 * steps, desc='pre-training the tiny base', unit='step', disable=not progress)
     vae.train(); optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
@@ -645,7 +636,7 @@ def pretrain_tiny_base(triples, # the DatasetDict whose train split teaches the 
     vae.register_to_config(scaling_factor=float(1 / latents.std()))
     latents = latents * vae.config.scaling_factor
     with torch.no_grad():
-        text = encode_prompt(tokenizer, text_encoder, [_prompt(t) for t in train['tags']] * 2)
+        text = encode_prompt(tokenizer, text_encoder, [tags_prompt(t) for t in train['tags']] * 2)
         empty = encode_prompt(tokenizer, text_encoder, '')
     noise_scheduler = _noise_scheduler(parts['scheduler'])
     unet.train(); optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
@@ -732,7 +723,7 @@ def build_cache(split, # a `datasets.Dataset` of triples
             targets = [load_image(i).resize(size, Image.BICUBIC) for i in batch['target']]
             references = [load_image(i).resize(size, Image.BICUBIC) for i in batch['reference']]
             target_latents, reference_latents = encode_images(vae, targets), encode_images(vae, references)
-            text = encode_prompt(tokenizer, text_encoder, [_prompt(t) for t in batch['tags']], vae.device).half()
+            text = encode_prompt(tokenizer, text_encoder, [tags_prompt(t) for t in batch['tags']], vae.device).half()
             for i, keypoints in enumerate(batch['pose']):
                 skeleton = np.asarray(Pose(np.asarray(keypoints, np.float32), resolution, resolution).skeleton_image(resolution, resolution))
                 yield dict(target_latents=target_latents[i].float().cpu().numpy(), reference_latents=reference_latents[i].float().cpu().numpy(),
@@ -839,8 +830,8 @@ def get_batch(self: DiffusionMethod, split: str, indices: list[int]) -> dict:
                     text=rows['text'].to(device, torch.float32), condition=rows['skeleton'].to(device).permute(0, 3, 1, 2).float() / 255)
     from anime_pose.pose import Pose
     skeletons = [np.asarray(Pose(np.asarray(k, np.float32), size, size).skeleton_image(size, size)) for k in rows['pose']]
-    return dict(target=_pixels(rows['target'], size).to(device), reference=_pixels(rows['reference'], size).to(device),
-                prompts=[_prompt(t) for t in rows['tags']],
+    return dict(target=images_to_tensor(rows['target'], size).to(device), reference=images_to_tensor(rows['reference'], size).to(device),
+                prompts=[tags_prompt(t) for t in rows['tags']],
                 condition=torch.from_numpy(np.stack(skeletons)).to(device).permute(0, 3, 1, 2).float() / 255)
 
 @patch
@@ -915,7 +906,7 @@ def sample_grid(self: DiffusionMethod, step: int, count: int = 4, num_inference_
     for row in triples.select(range(min(count, len(triples)))):
         pose = Pose(np.asarray(row['pose'], np.float32), size, size)
         with self.accelerator.autocast():
-            result = pipe(row['reference'], pose, prompt=_prompt(row['tags']), num_inference_steps=num_inference_steps,
+            result = pipe(row['reference'], pose, prompt=tags_prompt(row['tags']), num_inference_steps=num_inference_steps,
                           guidance_scale=3.0, height=size, width=size, generator=torch.Generator().manual_seed(0))
         images += [load_image(row['reference']).resize((size, size)), result.skeletons[0], result.images[0],
                    load_image(row['target']).resize((size, size))]
