@@ -41,15 +41,21 @@ def tiny_unet(seed: int = 0, # seeds the random initialisation
         return UNet2DConditionModel(**{**tiny_unet_config(), **config})
 
 # %% ../nbs/05_controlnet.ipynb #b10ea6ff
-TINY_CONDITIONING_CHANNELS = (8, 16, 32, 32)  # conditioning embedding widths: 3 stride-2 convolutions, pixels → latents (÷8)
+TINY_CONDITIONING_CHANNELS = (8, 16, 32, 32)  # conditioning embedding widths for CPU-sized UNets (÷8; the first 3 for ÷4)
 
 def controlnet_from_unet(unet: UNet2DConditionModel, # the frozen denoiser to control
-                         conditioning_channels: tuple[int, ...] | None = None, # embedding widths; default: diffusers' (16, 32, 96, 256), or the tiny ones for a tiny UNet
+                         conditioning_channels: tuple[int, ...] | None = None, # embedding widths; default: diffusers' (16, 32, 96, 256), or the tiny ones for a CPU-sized UNet
+                         vae_scale_factor: int = 8, # pixels per latent of the VAE the UNet works with (a power of 2)
                         ) -> ControlNetModel:
     "A new ControlNet whose encoder is a copy of `unet`'s and whose zero convolutions are zero."
+    strides = int(vae_scale_factor).bit_length() - 1
+    if vae_scale_factor < 1 or 2 ** strides != vae_scale_factor:
+        raise ModelError(f'vae_scale_factor must be a power of 2, got {vae_scale_factor!r}')
     if conditioning_channels is None:
-        tiny = tuple(unet.config.block_out_channels) == tiny_unet_config()['block_out_channels']
-        conditioning_channels = TINY_CONDITIONING_CHANNELS if tiny else (16, 32, 96, 256)
+        tiny = max(unet.config.block_out_channels) <= 128
+        conditioning_channels = (TINY_CONDITIONING_CHANNELS if tiny else (16, 32, 96, 256))[:strides + 1]
+    if len(conditioning_channels) != strides + 1:
+        raise ModelError(f'a {vae_scale_factor}x VAE needs {strides + 1} conditioning widths, got {tuple(conditioning_channels)}')
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(conditioning_channels))
 
 # %% ../nbs/05_controlnet.ipynb #a2f9c209

@@ -23,10 +23,11 @@ from .controlnet import ModelError, check_controlnet, condition_tensor, controll
 from .reference import ReferenceAttention, make_reference_net, self_attention_names
 
 # %% auto #0
-__all__ = ['DANBOORU_WORDS', 'LAYOUT', 'tiny_tokenizer', 'tiny_text_encoder', 'tiny_vae', 'sd_scheduler', 'tiny_components',
-           'check_components', 'TransferError', 'check_size', 'fit_reference', 'skeleton_images', 'PoseTransferOutput',
-           'PoseTransferPipeline', 'encode_prompt', 'encode_images', 'decode_latents', 'check_model_dir',
-           'bundled_model_dir', 'load_pipeline', 'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
+__all__ = ['DANBOORU_WORDS', 'TINY_SHAPES', 'LAYOUT', 'tiny_tokenizer', 'tiny_text_encoder', 'tiny_vae', 'sd_scheduler',
+           'tiny_components', 'check_components', 'TransferError', 'check_size', 'fit_reference', 'skeleton_images',
+           'PoseTransferOutput', 'PoseTransferPipeline', 'encode_prompt', 'encode_images', 'decode_latents',
+           'check_model_dir', 'vae_scale_factor', 'bundled_model_dir', 'load_pipeline', 'run_transfer', 'transfer_cli',
+           'run_sheet', 'sheet_cli']
 
 # %% ../nbs/07_pipeline.ipynb #a6247911
 DANBOORU_WORDS = '''girl boy solo long short hair eyes blue red green brown black white blonde pink purple silver grey
@@ -81,12 +82,16 @@ def tiny_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 32, seed: int
         torch.manual_seed(seed)
         return CLIPTextModel(config).eval()
 
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    "A randomly initialised four-stage `AutoencoderKL`: 8× downsampling like Stable Diffusion's, narrow channels."
+def tiny_vae(seed: int = 0, # seeds the random initialisation
+             block_out_channels: tuple[int, ...] = (8, 16, 32, 32), # one stage per width: n stages downsample 2**(n-1)×
+            ) -> AutoencoderKL:
+    "A randomly initialised narrow `AutoencoderKL`: four stages (8× downsampling like Stable Diffusion's) by default."
+    stages = len(block_out_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKL(block_out_channels=(8, 16, 32, 32), down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
-                             latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=64).eval()
+        return AutoencoderKL(block_out_channels=tuple(block_out_channels), down_block_types=('DownEncoderBlock2D',) * stages,
+                             up_block_types=('UpDecoderBlock2D',) * stages, latent_channels=4, layers_per_block=1,
+                             norm_num_groups=8, sample_size=64).eval()
 
 def sd_scheduler(prediction_type: str = 'epsilon') -> DDIMScheduler:
     "DDIM with Stable Diffusion's noise schedule, predicting 'epsilon' or 'v_prediction'."
@@ -95,16 +100,25 @@ def sd_scheduler(prediction_type: str = 'epsilon') -> DDIMScheduler:
                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
 
 # %% ../nbs/07_pipeline.ipynb #7e24b596
+TINY_SHAPES = {  # CPU-sized shapes at 64 px: VAE stage widths, UNet block widths
+    'tiny': dict(vae=(8, 16, 32, 32), unet=(32, 64)),  # 8× VAE as in Stable Diffusion: 8 × 8 latents; fast, for tests
+    'small': dict(vae=(16, 32, 64), unet=(32, 64)),  # 4× VAE: 16 × 16 latents, room for identity detail; the bundled model
+}
+
 def tiny_components(seed: int = 0, # seeds every random initialisation
                     cross_attention_dim: int = 32, # text width: 768 or 1024 to mimic SD 1.x / 2.x shapes
                     prediction_type: str = 'epsilon', # or 'v_prediction'
                     reference_net: bool = False, # add a trainable reference net (a copy of the UNet)
+                    shape: str = 'tiny', # a key of `TINY_SHAPES`
                    ) -> dict:
     "Every component of a `PoseTransferPipeline`, small enough for a CPU, built without downloads."
+    if shape not in TINY_SHAPES: raise ModelError(f"shape {shape!r} is unknown; expected one of {', '.join(TINY_SHAPES)}")
+    widths = TINY_SHAPES[shape]
+    factor = 2 ** (len(widths['vae']) - 1)
     tokenizer = tiny_tokenizer()
-    unet = tiny_unet(seed, cross_attention_dim=cross_attention_dim).eval()
-    return dict(vae=tiny_vae(seed), text_encoder=tiny_text_encoder(tokenizer, cross_attention_dim, seed), tokenizer=tokenizer,
-                unet=unet, controlnet=controlnet_from_unet(unet).eval(), scheduler=sd_scheduler(prediction_type),
+    unet = tiny_unet(seed, cross_attention_dim=cross_attention_dim, sample_size=64 // factor, block_out_channels=widths['unet']).eval()
+    return dict(vae=tiny_vae(seed, widths['vae']), text_encoder=tiny_text_encoder(tokenizer, cross_attention_dim, seed), tokenizer=tokenizer,
+                unet=unet, controlnet=controlnet_from_unet(unet, vae_scale_factor=factor).eval(), scheduler=sd_scheduler(prediction_type),
                 reference_net=make_reference_net(unet).eval() if reference_net else None)
 
 # %% ../nbs/07_pipeline.ipynb #ec425759
@@ -116,6 +130,10 @@ def check_components(vae, text_encoder, unet, controlnet, reference_net=None):
     if vae.config.latent_channels != unet.config.in_channels:
         raise ModelError(f'the VAE has {vae.config.latent_channels} latent channels but the UNet takes {unet.config.in_channels}')
     check_controlnet(unet, controlnet)
+    pixels_per_latent = 2 ** (len(vae.config.block_out_channels) - 1)
+    if 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1) != pixels_per_latent:
+        raise ModelError(f'the ControlNet embeds skeletons for a {2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)}x VAE '
+                         f'but the VAE downsamples {pixels_per_latent}x (see controlnet_from_unet(vae_scale_factor=))')
     if reference_net is not None and self_attention_names(reference_net) != self_attention_names(unet):
         raise ModelError('the reference net does not match the UNet: different self-attention layers')
 
@@ -317,6 +335,12 @@ def check_model_dir(path: Path, controlnet_given: bool = False) -> Path:
     return path
 
 # %% ../nbs/07_pipeline.ipynb #2f952cee
+def vae_scale_factor(path: str | os.PathLike, # a model directory with vae/config.json
+                    ) -> int:
+    "Pixels per latent of the VAE in the model directory `path` (8 for Stable Diffusion)."
+    return 2 ** (len(AutoencoderKL.load_config(Path(path) / 'vae')['block_out_channels']) - 1)
+
+# %% ../nbs/07_pipeline.ipynb #4c166dfb
 @patch(cls_method=True)
 def from_pretrained(cls: PoseTransferPipeline,
                     path: str | os.PathLike, # a local model directory (see `check_model_dir`)
@@ -326,7 +350,8 @@ def from_pretrained(cls: PoseTransferPipeline,
     "Load a pose-transfer pipeline from a local directory, or a Stable Diffusion directory plus a ControlNet."
     check_model_dir(path, controlnet_given=controlnet is not None)
     if controlnet is not None and not isinstance(controlnet, ControlNetModel):
-        controlnet = (controlnet_from_unet(UNet2DConditionModel.from_pretrained(path, subfolder='unet', use_safetensors=True))
+        controlnet = (controlnet_from_unet(UNet2DConditionModel.from_pretrained(path, subfolder='unet', use_safetensors=True),
+                                           vae_scale_factor=vae_scale_factor(path))
                       if str(controlnet) == 'new' else load_controlnet(controlnet))
     if controlnet is not None: kwargs['controlnet'] = controlnet.to(kwargs.get('torch_dtype') or controlnet.dtype)
     if not (Path(path) / 'reference_net').is_dir(): kwargs.setdefault('reference_net', None)

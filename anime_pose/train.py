@@ -42,7 +42,7 @@ OPTIMIZERS = ('adamw', 'adamw8bit')
 class TrainConfig:
     "Everything that decides a training run; saved as `config.json` beside it."
     method: str = 'diffusion'  # 'diffusion', 'gan', or 'package.module:Class' for your own `TrainMethod`
-    base_model: str = 'tiny'  # a diffusers directory (unet/ vae/ text_encoder/ tokenizer/ scheduler/), 'tiny', or 'sd15'/'sd21' for --dry-run
+    base_model: str = 'tiny'  # a diffusers directory (unet/ vae/ text_encoder/ tokenizer/ scheduler/), 'tiny' or 'small' (pre-trained here), or 'sd15'/'sd21' for --dry-run
     data: str = 'synthetic'  # 'synthetic', or a directory written by `DatasetDict.save_to_disk` (e.g. `anime-pose data load`)
     synthetic_characters: int = 16  # characters in the synthetic data (when data='synthetic')
     resolution: int = 64  # square training resolution in pixels
@@ -65,7 +65,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
     cache: bool = True  # encode latents and text embeddings once, before training
-    base_steps: int = 300  # with base_model='tiny': steps pre-training the tiny base on the synthetic characters
+    base_steps: int = 300  # with base_model='tiny' or 'small': steps pre-training that base on the synthetic characters
     seed: int = 0
     max_steps: int = 200  # optimizer steps
     validate_every: int = 50  # steps between test-loss evaluations; 0 turns them off
@@ -608,38 +608,28 @@ def held_out_split(triples) -> str | None:
     return next((s for s in ('test', 'validation') if s in triples), None)
 
 # %% ../nbs/08_train.ipynb #6b54dcfa
-def pretrain_tiny_base(triples, # the DatasetDict whose train split teaches the base
-                       directory: Path, # where the base is saved (and found again)
-                       steps: int = 300, # optimizer steps for the VAE and again for the UNet
-                       seed: int = 0, batch_size: int = 8, progress: bool = True) -> Path:
-    "Train the tiny VAE and UNet on the synthetic characters and save a diffusers model directory (once)."
-    from anime_pose.pipeline import PoseTransferPipeline, tiny_components, encode_prompt
-    from anime_pose.controlnet import controlnet_from_unet
-    directory = Path(directory)
-    if (directory / 'model_index.json').exists(): return directory
-    seed_everything(seed)
-    parts = tiny_components(seed)
-    vae, unet, text_encoder, tokenizer = parts['vae'], parts['unet'], parts['text_encoder'], parts['tokenizer']
-    train = triples['train']
-    size = vae.config.sample_size
-    images = torch.cat([images_to_tensor(train['target'], size), images_to_tensor(train['reference'], size)])
-    generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=2 * steps, desc='pre-training the tiny base', unit='step', disable=not progress)
-    vae.train(); optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+def _one_cycle(parameters, peak_lr: float, steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    "AdamW with a one-cycle schedule (warm up for 10% of `steps`, then cosine down): fast convergence for short runs."
+    optimizer = torch.optim.AdamW(parameters, lr=peak_lr)
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, peak_lr, total_steps=max(steps, 1), pct_start=0.1)
+
+def _pretrain_vae(vae, images: torch.Tensor, steps: int, batch_size: int, generator: torch.Generator, bar) -> torch.Tensor:
+    "Teach `vae` to reconstruct `images` (L1, a touch of KL); set its scaling factor; return the scaled latents of `images`."
+    vae.train(); optimizer, schedule = _one_cycle(vae.parameters(), 3e-3, steps)
     for _ in range(steps):
         batch = images[torch.randint(len(images), (batch_size,), generator=generator)]
         posterior = vae.encode(batch).latent_dist
         loss = F.l1_loss(vae.decode(posterior.sample(generator)).sample, batch) + 1e-6 * posterior.kl().mean()
-        loss.backward(); optimizer.step(); optimizer.zero_grad(); bar.update(); bar.set_postfix(vae=f'{loss.item():.3f}')
+        loss.backward(); optimizer.step(); schedule.step(); optimizer.zero_grad(); bar.update(); bar.set_postfix(vae=f'{loss.item():.3f}')
     vae.eval().requires_grad_(False)
     with torch.no_grad(): latents = vae.encode(images).latent_dist.mode()
-    vae.register_to_config(scaling_factor=float(1 / latents.std()))
-    latents = latents * vae.config.scaling_factor
-    with torch.no_grad():
-        text = encode_prompt(tokenizer, text_encoder, [tags_prompt(t) for t in train['tags']] * 2)
-        empty = encode_prompt(tokenizer, text_encoder, '')
-    noise_scheduler = _noise_scheduler(parts['scheduler'])
-    unet.train(); optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))  # unit-variance latents, as SD's 0.18215 gives its VAE
+    return latents * vae.config.scaling_factor
+
+def _pretrain_unet(unet, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor, noise_scheduler, steps: int,
+                   batch_size: int, generator: torch.Generator, bar):
+    "Teach `unet` to predict the noise added to `latents` given their prompts `text` (10% of them dropped to `empty`)."
+    unet.train(); optimizer, schedule = _one_cycle(unet.parameters(), 1e-3, steps)
     for _ in range(steps):
         index = torch.randint(len(latents), (batch_size,), generator=generator)
         noise = torch.randn(latents[index].shape, generator=generator)
@@ -648,11 +638,33 @@ def pretrain_tiny_base(triples, # the DatasetDict whose train split teaches the 
         embeddings = torch.where(drop[:, None, None], empty, text[index])
         prediction = unet(noise_scheduler.add_noise(latents[index], noise, t), t, encoder_hidden_states=embeddings).sample
         loss = F.mse_loss(prediction, noise)
-        loss.backward(); optimizer.step(); optimizer.zero_grad(); bar.update(); bar.set_postfix(unet=f'{loss.item():.3f}')
-    bar.close()
+        loss.backward(); optimizer.step(); schedule.step(); optimizer.zero_grad(); bar.update(); bar.set_postfix(unet=f'{loss.item():.3f}')
     unet.eval().requires_grad_(False)
+
+def pretrain_tiny_base(triples, # the DatasetDict whose train split teaches the base
+                       directory: Path, # where the base is saved (and found again)
+                       steps: int = 300, # optimizer steps for the VAE and again for the UNet
+                       seed: int = 0, batch_size: int = 8, progress: bool = True,
+                       shape: str = 'tiny', # a key of `TINY_SHAPES`
+                      ) -> Path:
+    "Train the tiny VAE and UNet on the synthetic characters and save a diffusers model directory (once)."
+    from anime_pose.pipeline import PoseTransferPipeline, tiny_components, encode_prompt
+    directory = Path(directory)
+    if (directory / 'model_index.json').exists(): return directory
+    seed_everything(seed)
+    parts = tiny_components(seed, shape=shape)
+    vae, unet, text_encoder, tokenizer = parts['vae'], parts['unet'], parts['text_encoder'], parts['tokenizer']
+    train = triples['train']
+    images = torch.cat([images_to_tensor(train['target'], vae.config.sample_size), images_to_tensor(train['reference'], vae.config.sample_size)])
+    generator = torch.Generator().manual_seed(seed)
+    with tqdm(total=2 * steps, desc=f'pre-training the {shape} base', unit='step', disable=not progress) as bar:
+        latents = _pretrain_vae(vae, images, steps, batch_size, generator, bar)
+        with torch.no_grad():
+            text = encode_prompt(tokenizer, text_encoder, [tags_prompt(t) for t in train['tags']] * 2)
+            empty = encode_prompt(tokenizer, text_encoder, '')
+        _pretrain_unet(unet, latents, text, empty, _noise_scheduler(parts['scheduler']), steps, batch_size, generator, bar)
     pipe = PoseTransferPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                controlnet=controlnet_from_unet(unet), scheduler=parts['scheduler'])
+                                controlnet=parts['controlnet'], scheduler=parts['scheduler'])
     with atomic_path(directory, is_dir=True) as tmp: pipe.save_pretrained(tmp, safe_serialization=True)
     return directory
 
@@ -664,14 +676,14 @@ def _noise_scheduler(scheduler):
 
 def load_base(config: TrainConfig, out: Path, triples=None, progress: bool = True) -> dict:
     "The base components (vae, text_encoder, tokenizer, unet, scheduler, and controlnet when the directory has one)."
-    from anime_pose.pipeline import PoseTransferPipeline, check_model_dir
+    from anime_pose.pipeline import TINY_SHAPES, PoseTransferPipeline, check_model_dir
     from anime_pose.controlnet import ModelError
-    if config.base_model in PRESETS and config.base_model != 'tiny':  # the sd15/sd21 shapes
+    if config.base_model in SD_SHAPES:
         raise ConfigError(f"base_model='{config.base_model}' is a shape for --dry-run; to train, set base_model to a local diffusers directory")
-    if config.base_model == 'tiny':
+    if config.base_model in TINY_SHAPES:
         if triples is None: triples = training_triples(config)
         path = Path(out) / 'base'
-        if _is_main_process(): pretrain_tiny_base(triples, path, config.base_steps, config.seed, progress=progress)
+        if _is_main_process(): pretrain_tiny_base(triples, path, config.base_steps, config.seed, progress=progress, shape=config.base_model)
         _wait_for_everyone()
     else: path = Path(config.base_model)
     has_controlnet = (path / 'controlnet').is_dir()
@@ -691,10 +703,12 @@ def _wait_for_everyone():
     PartialState().wait_for_everyone()
 
 # %% ../nbs/08_train.ipynb #36f3d4b9
-def cache_features(resolution: int, latent_channels: int, text_shape: tuple[int, int]):
+def cache_features(resolution: int, latent_channels: int, text_shape: tuple[int, int],
+                   vae_scale_factor: int = 8, # pixels per latent
+                  ):
     "The `datasets.Features` of a cache: latents, text embeddings and skeletons of each triple."
     import datasets
-    side = resolution // 8
+    side = resolution // vae_scale_factor
     return datasets.Features({
         'target_latents': datasets.Array3D((latent_channels, side, side), 'float32'),
         'reference_latents': datasets.Array3D((latent_channels, side, side), 'float32'),
@@ -714,7 +728,8 @@ def build_cache(split, # a `datasets.Dataset` of triples
     directory = Path(directory)
     if (directory / 'dataset_info.json').exists(): return datasets.load_from_disk(str(directory))
     vae, text_encoder, tokenizer = components['vae'], components['text_encoder'], components['tokenizer']
-    features = cache_features(resolution, vae.config.latent_channels, (tokenizer.model_max_length, text_encoder.config.hidden_size))
+    features = cache_features(resolution, vae.config.latent_channels, (tokenizer.model_max_length, text_encoder.config.hidden_size),
+                              2 ** (len(vae.config.block_out_channels) - 1))
     def rows():
         for start in tqdm(range(0, len(split), batch_size), desc=f'caching {directory.name}', unit='batch', disable=not progress):
             batch = split[start:start + batch_size]
@@ -938,14 +953,18 @@ SD_SHAPES = {  # Stable Diffusion 1.x (waifu-diffusion 1.3, Anything) and 2.x (w
 
 # %% ../nbs/08_train.ipynb #10202073
 def _component_configs(base_model: str) -> dict:
-    "The unet, vae and text-encoder configurations of a shape name, 'tiny', or a diffusers directory (configs only)."
+    "The unet, vae and text-encoder configurations of a shape name, 'tiny' or 'small', or a diffusers directory (configs only)."
     from anime_pose.controlnet import ModelError, tiny_unet_config
+    from anime_pose.pipeline import TINY_SHAPES
     if base_model in SD_SHAPES: return SD_SHAPES[base_model]
-    if base_model == 'tiny':
-        return dict(unet=tiny_unet_config(), text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                                                       max_position_embeddings=77, vocab_size=1000, projection_dim=32),
-                    vae=dict(block_out_channels=(8, 16, 32, 32), down_block_types=('DownEncoderBlock2D',) * 4,
-                             up_block_types=('UpDecoderBlock2D',) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=8))
+    if base_model in TINY_SHAPES:
+        widths = TINY_SHAPES[base_model]
+        stages = len(widths['vae'])
+        return dict(unet=tiny_unet_config(sample_size=64 // 2 ** (stages - 1)) | dict(block_out_channels=widths['unet']),
+                    text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                              max_position_embeddings=77, vocab_size=1000, projection_dim=32),
+                    vae=dict(block_out_channels=widths['vae'], down_block_types=('DownEncoderBlock2D',) * stages,
+                             up_block_types=('UpDecoderBlock2D',) * stages, latent_channels=4, layers_per_block=1, norm_num_groups=8))
     path, configs = Path(base_model), {}
     for key, folder in (('unet', 'unet'), ('vae', 'vae'), ('text', 'text_encoder')):
         file = path / folder / 'config.json'
@@ -958,13 +977,15 @@ def _component_configs(base_model: str) -> dict:
 def meta_components(config: TrainConfig) -> dict:
     "The training components of `config` built on the meta device: shapes and parameter counts, no memory."
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+    from anime_pose.controlnet import controlnet_from_unet
     configs = _component_configs(config.base_model)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(configs['unet'])
-        components = dict(unet=unet, vae=AutoencoderKL.from_config(configs['vae']),
-                          text_encoder=CLIPTextModel(CLIPTextConfig(**configs['text'])), controlnet=ControlNetModel.from_unet(unet))
+        factor = 2 ** (len(configs['vae']['block_out_channels']) - 1)
+        components = dict(unet=unet, vae=AutoencoderKL.from_config(configs['vae']), text_encoder=CLIPTextModel(CLIPTextConfig(**configs['text'])),
+                          controlnet=controlnet_from_unet(unet, vae_scale_factor=factor))
         if config.train_reference: components['reference_net'] = UNet2DConditionModel.from_config(configs['unet'])
     return components
 
@@ -977,7 +998,7 @@ def _saved_activation_bytes(components: dict, config: TrainConfig) -> int:
         if module is None: continue
         nn.Module.to(module, dtype).requires_grad_(trains).train()  # nn.Module.to: diffusers' own `to` warns about casts
         if config.gradient_checkpointing: module.enable_gradient_checkpointing()
-    side, batch = config.resolution // 8, config.batch_size
+    side, batch = config.resolution // 2 ** (len(components['vae'].config.block_out_channels) - 1), config.batch_size
     meta = dict(device='meta', dtype=dtype)
     latents = torch.empty(batch, unet.config.in_channels, side, side, **meta)
     text = torch.empty(batch, 77, unet.config.cross_attention_dim, **meta)

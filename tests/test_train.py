@@ -2,8 +2,10 @@
 import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from anime_pose.cli import main
@@ -275,6 +277,20 @@ def test_cache_holds_what_the_uncached_path_computes(tmp_path):
     for a, b in zip(cached, uncached): torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-2)  # text is cached in fp16
     assert torch.equal(methods[True].get_batch('train', [1])['condition'], methods[False].get_batch('train', [1])['condition'])
     assert len(list((tmp_path / 'cache').iterdir())) == 2  # train and test, built once
+
+
+def test_small_base_trains_on_16x16_latents_end_to_end(tmp_path):
+    import datasets
+    from anime_pose.pipeline import PoseTransferPipeline
+    summary = train(tiny_diffusion(base_model='small', max_steps=2, checkpoint_every=0, validate_every=0), tmp_path / 'run', progress=False)
+    cache = datasets.load_from_disk(str(next((tmp_path / 'run' / 'cache').glob('train-*'))))
+    assert np.asarray(cache[0]['target_latents']).shape == (4, 16, 16)
+    pipe = PoseTransferPipeline.from_pretrained(summary['final'])
+    assert pipe.vae_scale_factor == 4 and len(pipe.controlnet.config.conditioning_embedding_out_channels) == 3
+    pipe.set_progress_bar_config(disable=True)
+    skeleton = Image.fromarray(np.asarray(cache[0]['skeleton'], np.uint8))
+    result = pipe(Image.new('RGB', (64, 64), 'white'), skeleton, height=64, width=64, num_inference_steps=2)
+    assert result.images[0].size == (64, 64)
 
 
 def test_losses_and_min_snr():
