@@ -4,9 +4,10 @@
 
 # %% ../nbs/03_data.ipynb #a0ff911f
 from __future__ import annotations
-import argparse, hashlib, json, math, multiprocessing, os, random, re, shutil, tempfile, uuid, zlib
+import argparse, hashlib, json, math, mmap, multiprocessing, os, random, re, shutil, tempfile, uuid, zlib
 from collections import Counter, defaultdict, deque
 from dataclasses import asdict, dataclass, field, fields
+from operator import itemgetter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -18,14 +19,14 @@ from .core import AnimePoseError, ImageError, N_BODY_KEYPOINTS, atomic_path, loa
 from .pose import LIMBS, OpenPoseDetector, Pose, PoseDetector, body_size, detect_pose, mean_joint_error
 
 # %% auto #0
-__all__ = ['RATINGS', 'TAG_CATEGORIES', 'NULL_TIME', 'SPLITS', 'VARIANTS', 'SIZE_512PX', 'RESOLUTION_EDGES', 'DATA_EXAMPLES',
-           'MetadataError', 'MalformedPost', 'Post', 'parse_post', 'parse_line', 'fake_metadata', 'FilterSpec',
-           'save_spec', 'load_spec', 'spec_rules', 'first_failed_rule', 'ChunkResult', 'scan_chunk', 'metadata_files',
-           'scan_metadata', 'filter_metadata', 'plot_filter_report', 'read_jsonl', 'write_jsonl', 'read_posts',
-           'make_pairs', 'find_pose', 'detect_keypoints', 'pose_on_image', 'drop_similar_poses', 'with_poses',
-           'stored_pose', 'character_split', 'split_pairs', 'post_path', 'parse_bytes', 'image_bytes', 'choose_pairs',
-           'budget_summary', 'write_budget', 'plot_budget_summary', 'image_file', 'post_image', 'detect_poses',
-           'pair_tags', 'load_triples', 'fake_image_root', 'data_cli']
+__all__ = ['RATINGS', 'TAG_CATEGORIES', 'NULL_TIME', 'RULE_NAMES', 'SPLITS', 'VARIANTS', 'SIZE_512PX', 'RESOLUTION_EDGES',
+           'DATA_EXAMPLES', 'MetadataError', 'MalformedPost', 'Post', 'parse_post', 'parse_line', 'fake_metadata',
+           'FilterSpec', 'save_spec', 'load_spec', 'spec_rules', 'first_failed_rule', 'rule_flags', 'ChunkResult',
+           'scan_chunk', 'metadata_files', 'scan_metadata', 'filter_metadata', 'plot_filter_report', 'read_jsonl',
+           'write_jsonl', 'read_posts', 'make_pairs', 'find_pose', 'detect_keypoints', 'pose_on_image',
+           'drop_similar_poses', 'with_poses', 'stored_pose', 'character_split', 'split_pairs', 'post_path',
+           'parse_bytes', 'image_bytes', 'choose_pairs', 'budget_summary', 'write_budget', 'plot_budget_summary',
+           'image_file', 'post_image', 'detect_poses', 'pair_tags', 'load_triples', 'fake_image_root', 'data_cli']
 
 # %% ../nbs/03_data.ipynb #75cbe5f4
 class MetadataError(AnimePoseError):
@@ -81,7 +82,9 @@ def _integer(record: dict, key: str, default=_REQUIRED) -> int:
     "`record[key]` as an int, whether a JSON number or a string of digits."
     value = record.get(key)
     if type(value) is int: return value
-    if type(value) is str and value.lstrip('-').isdigit(): return int(value)
+    if type(value) is str and value.lstrip('-').isdigit():
+        try: return int(value)
+        except ValueError: pass  # '--3', '²': digits to str.isdigit, not to int
     if value is None:
         if default is _REQUIRED: raise MalformedPost(f'missing {key}')
         return default
@@ -116,7 +119,8 @@ def _legacy_tags(tags) -> dict[str, tuple[str, ...]]:
     by_category = {name: [] for name in _TAG_FIELDS}
     for name, category in named:
         if type(name) is not str: raise MalformedPost(f'tags holds a name that is not a string ({name!r:.30})')
-        by_category[_CATEGORY_NAMES.get(category, 'general')].append(name)  # unknown categories count as general
+        try: by_category[_CATEGORY_NAMES.get(category, 'general')].append(name)  # unknown categories count as general
+        except TypeError: raise MalformedPost(f'tags holds a category that is not a code ({category!r:.30})') from None
     return {name: tuple(values) for name, values in by_category.items()}
 
 _TAG_STRINGS = tuple(f'tag_string_{name}' for name in _TAG_FIELDS)
@@ -343,6 +347,73 @@ def first_failed_rule(post: Post, rules: list) -> str | None:
     "The name of the first rule `post` fails, or None when it passes them all."
     return next((name for name, passes in rules if not passes(post)), None)
 
+# %% ../nbs/03_data.ipynb #e1ffc8de
+RULE_NAMES = ('deleted', 'banned', 'rating', 'file_type', 'too_small', 'aspect_ratio', 'low_score', 'not_one_character',
+              'missing_required_tag', 'excluded_tag')  # every rule `spec_rules` can make, in its order
+_BOOLEANS = {(bool, False): False, (bool, True): True, (type(None), None): False, (str, 'false'): False, (str, 'true'): True}  # all `_flag` takes
+
+def _sure_integer(value, default: int, seen: dict) -> int:
+    "`value` as `_integer` reads it, when it is an int, None (`default`) or ASCII digits after at most one '-'; raises otherwise."
+    if type(value) is int: return value
+    if value is None: return default
+    if (number := seen.get(value)) is not None: return number  # `seen` holds only strings already checked
+    digits = value[1:] if value[:1] == '-' else value  # TypeError unless a string
+    if not (digits.isascii() and digits.isdigit()): raise ValueError(f'not plainly an integer: {value!r:.30}')
+    if len(seen) < 100_000: seen[value] = int(value)
+    return int(value)
+
+def _sure_extension(value, seen: dict) -> str:
+    "`value` lower-cased, as `parse_post` reads a file extension, when it plainly is one; raises otherwise."
+    extension = value.lower()  # AttributeError unless a string
+    if type(value) is not str or not _FILE_EXT.fullmatch(extension): raise ValueError(f'not plainly a file extension: {value!r:.20}')
+    if len(seen) < 64: seen[value] = extension
+    return extension
+
+# %% ../nbs/03_data.ipynb #24f9a848
+_tag_strings, _tag_name, _tag_category = itemgetter(*_TAG_STRINGS), itemgetter('name'), itemgetter('category')
+
+def _sure_tags(record: dict) -> tuple[list[str], int]:
+    "(every tag, how many are character tags) as `parse_post` reads them, for plainly shaped tags; raises otherwise."
+    tags = record.get('tags')
+    if tags is None:  # API record: all five per-category strings
+        strings = _tag_strings(record)  # KeyError unless all five are there
+        return ' '.join(strings).split(), len(strings[1].split())  # TypeError unless all five are strings
+    if type(tags) is not list: raise TypeError('tags is not a list')
+    names, categories = list(map(_tag_name, tags)), list(map(_tag_category, tags))  # KeyError, TypeError for odd entries
+    ''.join(names), ''.join(categories)  # TypeError unless every name and category is a string
+    return names, categories.count('4')
+
+# %% ../nbs/03_data.ipynb #5c1ccb8e
+_ident_sizes = itemgetter('id', 'image_width', 'image_height', 'file_size')
+
+def rule_flags(spec: FilterSpec) -> Callable[[dict], tuple]:
+    "A function from a decoded record to a flag per rule of `RULE_NAMES` (True: fails it); it raises where `parse_post` might disagree."
+    ratings, file_exts = frozenset(spec.ratings), frozenset(spec.file_exts)
+    required, excluded = frozenset(spec.required_tags), frozenset(spec.excluded_tags)
+    wanted, (low, high), min_side, min_score = required | excluded, spec.aspect_range, spec.min_side, spec.min_score
+    drop_deleted, drop_banned, one_character, numbers, extensions = spec.drop_deleted, spec.drop_banned, spec.one_character, {}, {}
+
+    def flags(record: dict) -> tuple:
+        ident, width, height, size = _ident_sizes(record)  # KeyError unless all four are there
+        if type(width) is str:  # legacy and BigQuery rows write them as strings of digits
+            digits = ''.join((ident, width, height, size))  # TypeError unless all four are strings
+            if not (digits.isascii() and digits.isdigit() and ident and width and height and size): raise ValueError('not plain digits')
+            ident, width, height = int(ident), int(width), int(height)
+        elif not type(ident) is type(width) is type(height) is type(size) is int: raise TypeError('not plain integers')
+        if ident <= 0 or width <= 0 or height <= 0: raise ValueError('not positive')
+        rating, md5 = record['rating'], record.get('md5')
+        if rating not in RATINGS or not (md5 is None or type(md5) is str): raise ValueError('odd rating or md5')
+        file_ext = extensions.get(record['file_ext']) or _sure_extension(record['file_ext'], extensions)
+        score = _sure_integer(record.get('score'), 0, numbers)
+        _sure_integer(record.get('fav_count'), 0, numbers), _sure_integer(record.get('parent_id'), 0, numbers)
+        deleted, banned = _BOOLEANS[type(d := record.get('is_deleted')), d], _BOOLEANS[type(b := record.get('is_banned')), b]
+        tags, n_characters = _sure_tags(record)
+        present = wanted.intersection(tags)
+        return (drop_deleted and deleted, drop_banned and banned, rating not in ratings, file_ext not in file_exts,
+                min(width, height) < min_side, not low <= width / height <= high, score < min_score,
+                one_character and n_characters != 1, not required <= present, not excluded.isdisjoint(present))
+    return flags
+
 # %% ../nbs/03_data.ipynb #82575a1a
 def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, int]]:
     "Byte ranges [start, end) of `path`, about `chunk_bytes` long, each ending at a line end."
@@ -369,19 +440,40 @@ class ChunkResult:
     rejected: Counter = field(default_factory=Counter)  # rule: posts whose first failed rule it is
     failing: Counter = field(default_factory=Counter)  # rule: posts failing it at all
 
+# %% ../nbs/03_data.ipynb #5a0e8baf
+def _lines(path: str | os.PathLike, start: int, end: int) -> Iterator[bytes]:
+    "The lines of `path[start:end]` without their line ends, read through a memory map."
+    if start >= end: return
+    with open(path, 'rb') as f: data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with data:
+        find, pos = data.find, start
+        while pos < end:
+            stop = find(b'\n', pos, end)
+            if stop < 0: stop = end
+            yield data[pos:stop]
+            pos = stop + 1
+
+# %% ../nbs/03_data.ipynb #f8cd09ce
 def scan_chunk(path: str | os.PathLike, # the metadata file
                start: int, end: int, # byte range of whole lines
                spec: FilterSpec | None, # the rules; None keeps every well-formed post
+               fast: bool = True, # decide rejected posts on the raw record (`rule_flags`); False builds every `Post`
               ) -> ChunkResult:
     "Parse the lines of `path[start:end]` and filter them by `spec`."
-    with open(path, 'rb') as f:
-        f.seek(start)
-        lines = f.read(end - start).split(b'\n')
-    if lines[-1] == b'': lines.pop()
-    result, rules = ChunkResult(str(path), n_lines=len(lines)), spec_rules(spec) if spec else []
-    for number, line in enumerate(lines):
+    result, rules, number = ChunkResult(str(path)), spec_rules(spec) if spec else [], -1
+    flags, rejected_flags = rule_flags(spec) if spec and fast else None, Counter()  # posts rejected on the fast path, by flags
+    for number, line in enumerate(_lines(path, start, end)):
+        record = None
+        if flags:
+            try:
+                record = orjson.loads(line)
+                key = flags(record)
+                if True in key:
+                    rejected_flags[key] += 1
+                    continue
+            except Exception: pass  # not JSON, or not sure: the full path decides
         if not line or line.isspace(): continue
-        try: post = parse_line(line)
+        try: post = parse_line(line) if record is None else parse_post(record)
         except MalformedPost as e:
             result.malformed.append((number, str(e)))
             continue
@@ -391,6 +483,12 @@ def scan_chunk(path: str | os.PathLike, # the metadata file
         else:
             result.rejected[failed[0]] += 1
             result.failing.update(failed)
+    for key, count in rejected_flags.items():
+        failed = [name for name, fails in zip(RULE_NAMES, key) if fails]
+        result.read += count
+        result.rejected[failed[0]] += count
+        for name in failed: result.failing[name] += count
+    result.n_lines = number + 1
     return result
 
 def _scan_task(task: tuple) -> ChunkResult: return scan_chunk(*task)
@@ -412,17 +510,18 @@ def scan_metadata(paths: Iterable[str | os.PathLike], # metadata files or direct
                   workers: int | None = None, # processes; default all cores
                   chunk_bytes: int = 32 * 2**20, # bytes of metadata per task
                   progress: bool = True, # show a tqdm bar (bytes)
+                  fast: bool = True, # see `scan_chunk`
                  ) -> Iterator[tuple[int, ChunkResult]]:
     "Parse and filter Danbooru metadata files in parallel, yielding (first line number, result) per chunk in file order."
     files = metadata_files(paths)
-    tasks = [(str(path), start, end, spec) for path in files for start, end in _line_chunks(path, chunk_bytes)]
+    tasks = [(str(path), start, end, spec, fast) for path in files for start, end in _line_chunks(path, chunk_bytes)]
     workers = min(workers or os.cpu_count() or 1, len(tasks))
     bar = tqdm(total=sum(p.stat().st_size for p in files), unit='B', unit_scale=True, desc='filter', disable=not progress)
     context = multiprocessing.get_context('fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn')
     pool = context.Pool(workers) if workers > 1 else None
     try:
         first_line = {}
-        for (path, start, end, _), result in zip(tasks, pool.imap(_scan_task, tasks) if pool else map(_scan_task, tasks)):
+        for (path, start, end, *_), result in zip(tasks, pool.imap(_scan_task, tasks) if pool else map(_scan_task, tasks)):
             line = first_line.get(path, 1)
             first_line[path] = line + result.n_lines
             bar.update(end - start)
@@ -441,6 +540,7 @@ def filter_metadata(paths: Iterable[str | os.PathLike], # metadata files or dire
                     workers: int | None = None, # processes; default all cores
                     chunk_bytes: int = 32 * 2**20, # bytes of metadata per task
                     progress: bool = True,
+                    fast: bool = True, # see `scan_chunk`; the output is the same either way
                    ) -> dict:
     "Stream Danbooru metadata through a `FilterSpec` into `out_dir` and return the report."
     spec, files = spec or FilterSpec(), metadata_files(paths)
@@ -450,7 +550,7 @@ def filter_metadata(paths: Iterable[str | os.PathLike], # metadata files or dire
     with atomic_path(out_dir, is_dir=True) as tmp:
         with open(tmp / 'posts.jsonl', 'wb') as posts, open(tmp / 'malformed.tsv', 'w') as malformed:
             malformed.write('file\tline\treason\n')
-            for first_line, result in scan_metadata(files, spec if apply_rules else None, workers, chunk_bytes, progress):
+            for first_line, result in scan_metadata(files, spec if apply_rules else None, workers, chunk_bytes, progress, fast):
                 posts.writelines(line + b'\n' for line in result.kept)
                 for number, reason in result.malformed:
                     malformed.write(f"{result.path}\t{first_line + number}\t{reason.replace(chr(9), ' ')}\n")

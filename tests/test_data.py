@@ -13,7 +13,7 @@ from anime_pose.cli import main
 from anime_pose.data import (FilterSpec, MalformedPost, MetadataError, Post, SIZE_512PX, SPLITS, character_split, choose_pairs,
                              detect_keypoints, drop_similar_poses, fake_image_root, fake_metadata, filter_metadata, image_file,
                              load_spec, load_triples, make_pairs, parse_bytes, parse_line, parse_post, post_path, read_jsonl,
-                             read_posts, save_spec, scan_metadata, split_pairs, write_budget)
+                             read_posts, rule_flags, save_spec, scan_metadata, spec_rules, split_pairs, write_budget)
 
 
 # ---- records in the real schemas, written here ----
@@ -98,6 +98,8 @@ def test_post_round_trips_through_json():
     (api_record(image_width=True), 'image_width is not an integer'),
     (api_record(image_height=12.5), 'image_height is not an integer'),
     (api_record(image_height=0), 'not positive'),
+    (api_record(id='--3'), 'id is not an integer'),
+    (api_record(strings=True, score='²'), 'score is not an integer'),
     (api_record(file_size=None), 'missing file_size'),
     (api_record(file_ext='png/../../x'), 'is not a file extension'),
     (api_record(file_ext=7), 'file_ext is not a string'),
@@ -106,6 +108,7 @@ def test_post_round_trips_through_json():
     (legacy_record(tags='solo full_body'), 'tags is not a list'),
     (legacy_record(tags=[{'id': '1'}]), 'without name and category'),
     (legacy_record(tags=[{'name': 5, 'category': '0'}]), 'name that is not a string'),
+    (legacy_record(tags=[{'name': 'solo', 'category': ['4']}]), 'category that is not a code'),
     ([api_record()], 'not a JSON object'),
 ])
 def test_malformed_records_say_why(record, reason):
@@ -226,6 +229,96 @@ def test_directory_means_its_json_files(tmp_path):
     write_lines(other / 'b.json', [legacy_record()])
     assert filter_metadata([other], tmp_path / 'out2', apply_rules=False, progress=False)['read'] == 2
 
+
+# ---- the fast path (rule_flags) gives what building every post gives ----
+
+ODD_VALUES = ['12', '-3', '--3', '0', '', ' 12', '١٢', '²', 12, -3, 0, 12.0, True, False, None, 'true', 'false', 'TRUE', 'yes',
+              'JPG', 'png', 'png/../x', 's', 'g', 'safe', [], ['solo'], {}, {'name': 'solo'}, 'solo full_body', 'a\tb', 'a\u3000b',
+              [{'name': 5, 'category': '0'}], [{'name': 'solo', 'category': 4}], [{'name': 'solo', 'category': '4'}, {'name': 'a'}]]
+MUTABLE_KEYS = ['id', 'rating', 'image_width', 'image_height', 'file_size', 'file_ext', 'score', 'fav_count', 'parent_id', 'md5',
+                'is_deleted', 'is_banned', 'tags', 'tag_string', 'tag_string_general', 'tag_string_character', 'tag_string_meta']
+
+
+def odd_records(seed=0, n=600):
+    "Records of all three flavours with one to three fields changed to odd values (many still valid), or removed."
+    import random
+    rng, records = random.Random(seed), []
+    bases = [legacy_record(), api_record(), api_record(strings=True)]
+    bases.append(legacy_record(tags=[{"id": "1", "name": "solo", "category": "0"}, {"id": "2", "name": "x", "category": 4}]))
+    bases += [api_record(image_width=1600, image_height=1000), api_record(strings=True, image_width='256', image_height='640')]  # on the limits
+    for _ in range(n):
+        record = dict(rng.choice(bases))
+        for key in rng.sample(MUTABLE_KEYS, rng.randint(1, 3)):
+            if rng.random() < 0.15: record.pop(key, None)
+            else: record[key] = rng.choice(ODD_VALUES)
+        records.append(record)
+    return records
+
+
+def test_rule_flags_vouch_only_for_what_parse_post_reads_the_same():
+    spec = FilterSpec(min_side=256, required_tags=('solo',), excluded_tags=('comic', 'x'))
+    flags, rules = rule_flags(spec), spec_rules(spec)
+    answered = 0
+    for record in odd_records(n=3000):
+        try: got = flags(record)
+        except Exception: continue  # not sure: the full path decides
+        expected = tuple(not passes(parse_post(record)) for _, passes in rules)  # parse_post must accept what flags answered
+        assert tuple(map(bool, got)) == expected, record
+        answered += 1
+    assert 300 < answered < 3000  # it answers for plain records and declines odd ones
+
+
+def test_rule_flags_answer_every_well_formed_generated_record(tmp_path):
+    spec = FilterSpec()
+    flags, rules = rule_flags(spec), spec_rules(spec)
+    for i, flavour in enumerate(('legacy', 'bigquery', 'api')):
+        path = fake_metadata(tmp_path / f'{flavour}.jsonl', 300, flavour, seed=i, first_id=1 + 1000 * i)
+        for record in map(orjson.loads, path.read_bytes().splitlines()):
+            if 'id' not in record: continue
+            assert [not f for f in flags(record)] == [passes(parse_post(record)) for _, passes in rules]
+
+
+def reference_filter(paths, spec):
+    "Normalise every line into a Post, then apply the rules: the simple path, written out independently of scan_chunk."
+    rules, kept, malformed, rejected, failing, read = spec_rules(spec), [], [], Counter(), Counter(), 0
+    for path in paths:
+        for number, line in enumerate(path.read_bytes().split(b'\n'), 1):
+            if not line or line.isspace(): continue
+            try: post = parse_line(line)
+            except MalformedPost as e:
+                malformed.append([str(path), str(number), str(e)])
+                continue
+            read += 1
+            failed = [name for name, passes in rules if not passes(post)]
+            if failed:
+                rejected[failed[0]] += 1
+                failing.update(failed)
+            else: kept.append(post)
+    return kept, malformed, rejected, failing, read
+
+
+@pytest.mark.parametrize('spec', [FilterSpec(min_side=256, required_tags=('solo',)),
+                                  FilterSpec(drop_deleted=False, one_character=False, ratings=('s', 'q'), excluded_tags=('comic',))],
+                         ids=['default-like', 'rules-off'])
+def test_fast_path_equals_normalising_every_post(tmp_path, spec):
+    paths = []
+    for i, flavour in enumerate(('legacy', 'bigquery', 'api')):
+        path = fake_metadata(tmp_path / 'meta' / f'{flavour}.jsonl', 400, flavour, seed=10 + i, first_id=1 + 10**5 * i, n_characters=15)
+        lines = path.read_bytes().splitlines()
+        odd = [orjson.dumps(r) for r in odd_records(seed=i, n=60)]
+        broken = [b'{"id": 5, "rating": "s"', b'not json', b'', b'   ', lines[3].replace(b'"rating"', b'"r\xffting"'), b'[1, 2]']
+        for j, extra in enumerate(odd + broken): lines.insert(7 * j + 1, extra)
+        path.write_bytes(b'\n'.join(lines) + b'\n')
+        paths.append(path)
+    kept, malformed, rejected, failing, read = reference_filter(paths, spec)
+    fast = filter_metadata(paths, tmp_path / 'fast', spec, workers=2, chunk_bytes=100_000, progress=False)
+    full = filter_metadata(paths, tmp_path / 'full', spec, workers=1, progress=False, fast=False)
+    assert (fast['read'], fast['kept'], fast['malformed']) == (read, len(kept), len(malformed)) and len(kept) > 0
+    assert {k: v for k, v in fast['rejected_by'].items() if v} == rejected and {k: v for k, v in fast['failing'].items() if v} == failing
+    assert list(read_posts(tmp_path / 'fast')) == kept
+    assert [row.split('\t') for row in (tmp_path / 'fast' / 'malformed.tsv').read_text().splitlines()[1:]] == malformed
+    for name in ('report.json', 'posts.jsonl', 'malformed.tsv'):
+        assert (tmp_path / 'fast' / name).read_bytes() == (tmp_path / 'full' / name).read_bytes()
 
 # ---- the specification ----
 
