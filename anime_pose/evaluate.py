@@ -4,7 +4,8 @@
 
 # %% ../nbs/09_evaluate.ipynb #5d17c73a
 from __future__ import annotations
-import argparse, json, os, shutil
+import argparse, json, os, re, shutil, sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +19,18 @@ from tqdm.auto import tqdm
 
 from .core import AnimePoseError, N_BODY_KEYPOINTS, atomic_path, bundled_path, image_grid, load_image, tags_prompt
 from .diffusion import images_to_tensor
-from .pose import Pose, keypoint_heatmaps, oks, pck
+from .pose import Pose, PoseDetector, PoseError, detect_pose, keypoint_heatmaps, oks, pck
 
 # %% auto #0
-__all__ = ['IDENTITY_PARTS', 'MIRRORED', 'HEATMAP_SIGMA', 'METRICS', 'METHODS', 'LOWER_IS_BETTER', 'psnr', 'ssim',
+__all__ = ['IDENTITY_PARTS', 'MIRRORED', 'HEATMAP_SIGMA', 'METRICS', 'FID_HELP', 'LPIPS_HELP', 'LPIPS_NETS', 'ENCODER_HELP',
+           'DETECTOR_HELP', 'ENCODER_MISSING', 'METHODS', 'COLUMNS', 'LOWER_IS_BETTER', 'DECIMALS', 'psnr', 'ssim',
            'identity_error', 'SyntheticParser', 'heatmap_keypoints', 'train_parser', 'parse', 'load_parser',
-           'silhouette_iou', 'score', 'pipeline_method', 'copy_reference', 'gan_method', 'evaluate_methods',
-           'metrics_table', 'sample_grid', 'write_report', 'load_recipe', 'held_out_triples', 'build_methods',
-           'retrain_models', 'evaluate_models', 'demo', 'demo_cli', 'evaluate_cli']
+           'silhouette_iou', 'score', 'load_weights', 'frechet_distance', 'fid', 'kid', 'InceptionFeatures',
+           'load_inception', 'LPIPS', 'load_lpips', 'lpips', 'ImageEncoder', 'load_image_encoder',
+           'embedding_similarity', 'pose_scores', 'ParserDetector', 'load_detector', 'score_real', 'LearnedMetrics',
+           'load_learned_metrics', 'learned_truth', 'learned_scores', 'pipeline_method', 'copy_reference', 'gan_method',
+           'evaluate_methods', 'metrics_table', 'sample_grid', 'write_report', 'load_recipe', 'held_out_triples',
+           'build_methods', 'retrain_models', 'evaluate_models', 'demo', 'demo_cli', 'evaluate_cli']
 
 # %% ../nbs/09_evaluate.ipynb #c4cc59fb
 def _pixels(image) -> np.ndarray:
@@ -198,6 +203,337 @@ def score(generated: list[Image.Image], # one generated image per triple
                             psnr=psnr(image, target)))
     return results
 
+# %% ../nbs/09_evaluate.ipynb #b30b1158
+def load_weights(path: str | os.PathLike, # a .safetensors file, or a torchvision .pth/.pt state dict
+                 what: str, # what the weights are for, named in errors
+                ) -> dict[str, torch.Tensor]:
+    "A flat state dict from a local file, read without unpickling code."
+    path = Path(path)
+    if not path.is_file(): raise AnimePoseError(f"'{path}': no such weights file ({what})")
+    suffix = path.suffix.lower()
+    if suffix not in ('.safetensors', '.pth', '.pt'):
+        raise AnimePoseError(f"'{path}': unknown weights format '{suffix}' ({what}); expected .safetensors or a torchvision .pth state dict")
+    try:
+        if suffix == '.safetensors':
+            from safetensors.torch import load_file
+            weights = load_file(path)
+        else: weights = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise AnimePoseError(f"'{path}': not a plain state dict of tensors ({what}): {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+    if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise AnimePoseError(f"'{path}': expected a flat state dict of tensors ({what})")
+    return weights
+
+# %% ../nbs/09_evaluate.ipynb #cf4b9e71
+def _fill(module: nn.Module, # built under `torch.device('meta')`
+          weights: dict[str, torch.Tensor], path, what: str) -> nn.Module:
+    "`module` with `weights` assigned, in float32 and eval mode; a clear error when they do not fit."
+    try: module.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as e:
+        detail = ' '.join(str(e).split())[:300]
+        raise AnimePoseError(f"'{path}': not {what} weights ({detail})") from None
+    return module.float().eval()
+
+# %% ../nbs/09_evaluate.ipynb #bbe4ad68
+def frechet_distance(mean_a, covariance_a, # the first Gaussian: (D,) and (D, D)
+                     mean_b, covariance_b, # the second
+                    ) -> float:
+    "Squared Fréchet distance between two Gaussians: ‖μa−μb‖² + Tr(Σa + Σb − 2(ΣaΣb)^½)."
+    mean_a, mean_b = np.asarray(mean_a, np.float64), np.asarray(mean_b, np.float64)
+    covariance_a, covariance_b = np.atleast_2d(covariance_a).astype(np.float64), np.atleast_2d(covariance_b).astype(np.float64)
+    values, vectors = np.linalg.eigh(covariance_a)
+    root_a = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+    middle = root_a @ covariance_b @ root_a
+    cross = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(covariance_a) + np.trace(covariance_b) - 2 * cross)
+
+# %% ../nbs/09_evaluate.ipynb #4ffb698f
+def fid(features_a: np.ndarray, # (N, D) features of one image set (e.g. generated)
+        features_b: np.ndarray, # (M, D) features of the other (e.g. the targets)
+       ) -> float:
+    "Fréchet distance between Gaussian fits (mean, unbiased covariance) of two feature sets; 0 for identical sets."
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if len(a) < 2 or len(b) < 2 or a.shape[1:] != b.shape[1:]:
+        raise AnimePoseError(f'fid: needs two sets of at least 2 feature rows of the same width, got {a.shape} and {b.shape}')
+    if min(len(a), len(b)) > a.shape[1]: return max(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)), 0.0)
+    centred_a, centred_b = a - a.mean(0), b - b.mean(0)
+    scale_a, scale_b = len(a) - 1, len(b) - 1
+    cross = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum() / np.sqrt(scale_a * scale_b)
+    traces = (centred_a ** 2).sum() / scale_a + (centred_b ** 2).sum() / scale_b
+    return float(max(((a.mean(0) - b.mean(0)) ** 2).sum() + traces - 2 * cross, 0.0))
+
+# %% ../nbs/09_evaluate.ipynb #ec2bbda3
+def kid(features_a: np.ndarray, # (N, D) features of one image set
+        features_b: np.ndarray, # (M, D) features of the other
+        subset_size: int = 1000, # rows per subset (capped at the smaller set)
+        subsets: int = 100, # random subsets averaged
+        seed: int = 0,
+       ) -> float:
+    "Kernel inception distance: the unbiased MMD² with the cubic polynomial kernel, averaged over subsets."
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    m = min(subset_size, len(a), len(b))
+    if m < 2 or a.shape[1:] != b.shape[1:]:
+        raise AnimePoseError(f'kid: needs two sets of at least 2 feature rows of the same width, got {a.shape} and {b.shape}')
+    kernel = lambda x, y: (x @ y.T / a.shape[1] + 1) ** 3
+    within = lambda x: (kernel(x, x).sum() - np.trace(kernel(x, x))) / (m * (m - 1))
+    rng, estimates = np.random.default_rng(seed), []
+    for _ in range(subsets if m < max(len(a), len(b)) else 1):  # subsets of whole sets all give the same estimate
+        x, y = a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)]
+        estimates.append(within(x) + within(y) - 2 * kernel(x, y).mean())
+    return float(np.mean(estimates))
+
+# %% ../nbs/09_evaluate.ipynb #4747d64b
+FID_HELP = 'needs Inception weights; pass --fid-weights FILE (a torchvision inception_v3 state dict, .safetensors or .pth)'
+
+class InceptionFeatures:
+    "Inception v3's 2048 pooled features of images, the space FID and KID compare in."
+    def __init__(self, net: nn.Module, # torchvision's `inception_v3` with `fc` replaced by `nn.Identity`
+                 image_size: int = 299, # the side images are resized to (at least 75)
+                 batch_size: int = 16):
+        self.net, self.image_size, self.batch_size = net.eval(), image_size, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: list) -> np.ndarray:
+        "(N, 2048) features of `images`."
+        return np.concatenate([self.net(images_to_tensor(images[i:i + self.batch_size], self.image_size)).numpy()
+                               for i in range(0, len(images), self.batch_size)])
+
+def load_inception(path: str | os.PathLike, # torchvision inception_v3 weights (.safetensors or .pth)
+                   image_size: int = 299,
+                  ) -> InceptionFeatures:
+    "Inception v3 (torchvision's architecture) from a local weights file."
+    from torchvision.models import inception_v3
+    weights = {k: v for k, v in load_weights(path, 'Inception v3 for FID and KID').items() if not k.startswith(('AuxLogits.', 'fc.'))}
+    with torch.device('meta'): net = inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=False)
+    net.fc = nn.Identity()
+    return InceptionFeatures(_fill(net, weights, path, 'torchvision inception_v3'), image_size)
+
+# %% ../nbs/09_evaluate.ipynb #b4de6220
+LPIPS_HELP = ("needs LPIPS weights; pass --lpips-weights BACKBONE [LINEAR] (torchvision's alexnet or vgg16 state dict, and the "
+              "lpips package's linear layers weights/v0.1/alex.pth or vgg.pth; .safetensors or .pth; one file may hold both)")
+LPIPS_NETS = {'alex': ((2, 5, 8, 10, 12), (64, 192, 384, 256, 256)),  # features end after relu1 … relu5
+              'vgg': ((4, 9, 16, 23, 30), (64, 128, 256, 512, 512))}  # after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    "Feature vectors scaled to unit length along the channels."
+    return features / (features.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+
+class LPIPS(nn.Module):
+    "Learned perceptual image patch similarity (Zhang et al. 2018) between batches of images in [-1, 1]."
+    def __init__(self, features: nn.Sequential, # the backbone's convolutional layers up to the last used
+                 ends: tuple[int, ...], # where each compared layer ends in `features`
+                 linear: list[torch.Tensor], # per layer, the channel weights (1, C, 1, 1)
+                ):
+        super().__init__()
+        self.slices = nn.ModuleList(features[start:end] for start, end in zip((0, *ends[:-1]), ends))
+        for i, weight in enumerate(linear): self.register_buffer(f'linear{i}', weight.float().reshape(1, -1, 1, 1))
+        self.register_buffer('shift', torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1))  # the lpips package's input scaling
+        self.register_buffer('scale', torch.tensor([.458, .448, .450]).view(1, 3, 1, 1))
+
+    @torch.no_grad()
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        "(N,) distances between the images of `a` and `b`, both (N, 3, H, W) in [-1, 1]."
+        a, b, total = (a - self.shift) / self.scale, (b - self.shift) / self.scale, 0
+        for i, layer in enumerate(self.slices):
+            a, b = layer(a), layer(b)
+            total = total + ((_unit(a) - _unit(b)) ** 2 * getattr(self, f'linear{i}')).sum(1).mean((1, 2))
+        return total
+
+# %% ../nbs/09_evaluate.ipynb #9f96a0ff
+def load_lpips(*paths: str | os.PathLike, # one or two files holding the backbone and the linear layers
+              ) -> LPIPS:
+    "LPIPS from local weights: torchvision's alexnet or vgg16 `features.*`, and the linear layers `lin0`…`lin4`."
+    from torchvision.models import alexnet, vgg16
+    weights, where = {}, ' + '.join(f"'{p}'" for p in paths)
+    for path in paths: weights.update(load_weights(path, 'LPIPS'))
+    first = weights.get('features.0.weight')
+    if first is None: raise AnimePoseError(f'{where}: no torchvision backbone (features.0.weight); LPIPS {LPIPS_HELP}')
+    name = 'alex' if first.shape[-1] == 11 else 'vgg'
+    ends, channels = LPIPS_NETS[name]
+    linear = {int(m[1]): v for k, v in weights.items() if (m := re.fullmatch(r'lin(\d)\.(?:model\.\d+\.)?weight', k))}
+    if sorted(linear) != list(range(5)) or [v.numel() for _, v in sorted(linear.items())] != list(channels):
+        raise AnimePoseError(f'{where}: no LPIPS linear layers for {name} (lin0 … lin4 with {channels} channels); LPIPS {LPIPS_HELP}')
+    with torch.device('meta'): features = (alexnet if name == 'alex' else vgg16)(weights=None).features[:ends[-1]]
+    backbone = {k.removeprefix('features.'): v for k, v in weights.items() if k.startswith('features.')}
+    features = _fill(features, backbone, where, f'torchvision {name} backbone')
+    return LPIPS(features, ends, [linear[i] for i in range(5)]).eval()
+
+# %% ../nbs/09_evaluate.ipynb #ea161272
+def _as_tensor(image) -> torch.Tensor:
+    "An image as a (1, 3, H, W) tensor in [-1, 1]."
+    return torch.from_numpy(_pixels(image).astype(np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+
+def lpips(generated: list, # generated images
+          targets: list, # one target per generated image
+          model: LPIPS, # see `load_lpips`
+         ) -> np.ndarray:
+    "LPIPS distance of each generated image to its target (resized to the target's size); lower is better."
+    if len(generated) != len(targets): raise AnimePoseError(f'lpips: {len(generated)} generated images for {len(targets)} targets')
+    targets = [load_image(t) for t in targets]
+    return np.array([model(_as_tensor(load_image(g).resize(t.size, Image.BICUBIC)), _as_tensor(t)).item()
+                     for g, t in zip(generated, targets)])
+
+# %% ../nbs/09_evaluate.ipynb #8d2ddc47
+ENCODER_HELP = ('a transformers vision model directory written by save_pretrained (config.json and model.safetensors), '
+                'e.g. CLIPVisionModelWithProjection or DINOv2, with its preprocessor_config.json when it has one')
+
+class ImageEncoder:
+    "A transformers vision model and its image processor, as a function from images to unit-length embeddings."
+    def __init__(self, model, # `CLIPVisionModelWithProjection`, or any vision model whose output has `pooler_output`
+                 processor, # turns a list of PIL images into `pixel_values`
+                 batch_size: int = 16):
+        self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
+
+    def _embed(self, images: list) -> torch.Tensor:
+        pixels = self.processor(images=[load_image(i) for i in images], return_tensors='pt')['pixel_values']
+        output = self.model(pixel_values=pixels.to(self.model.dtype))
+        embeddings = getattr(output, 'image_embeds', None)
+        if embeddings is None: embeddings = getattr(output, 'pooler_output', None)
+        if embeddings is None: raise AnimePoseError(f'{type(self.model).__name__} gives neither image_embeds nor pooler_output; expected {ENCODER_HELP}')
+        return F.normalize(embeddings.float().flatten(1), dim=-1)
+
+    @torch.no_grad()
+    def __call__(self, images: list) -> torch.Tensor:
+        "(N, D) unit-length embeddings of `images`."
+        return torch.cat([self._embed(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)])
+
+# %% ../nbs/09_evaluate.ipynb #841f2958
+def load_image_encoder(path: str | os.PathLike, # a transformers vision model directory
+                       batch_size: int = 16,
+                      ) -> ImageEncoder:
+    "An `ImageEncoder` from a local directory (nothing is downloaded)."
+    import transformers
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    path = Path(path)
+    if not (path / 'config.json').is_file(): raise AnimePoseError(f"'{path}': no image encoder here; expected {ENCODER_HELP}")
+    if not any(path.glob('*.safetensors')): raise AnimePoseError(f"'{path}': no safetensors weights; expected {ENCODER_HELP}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        kind = transformers.CLIPVisionModelWithProjection if config.model_type in ('clip', 'clip_vision_model') else transformers.AutoModel
+        model = kind.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        if (path / 'preprocessor_config.json').is_file(): processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        else:
+            side = getattr(model.config, 'image_size', 224)
+            processor = transformers.ViTImageProcessor(size={'height': side, 'width': side}, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
+    except Exception as e:
+        raise AnimePoseError(f"'{path}': could not load an image encoder ({type(e).__name__}: {str(e).splitlines()[0][:160]}); expected {ENCODER_HELP}") from None
+    return ImageEncoder(model, processor, batch_size)
+
+# %% ../nbs/09_evaluate.ipynb #fdb2d776
+def embedding_similarity(generated: list, # generated images
+                         references_or_targets: list, # one image to compare with per generated image
+                         encoder: ImageEncoder, # see `load_image_encoder`
+                        ) -> np.ndarray:
+    "Cosine similarity of the embeddings of each pair, in [-1, 1] (1: the encoder sees the same thing)."
+    if len(generated) != len(references_or_targets):
+        raise AnimePoseError(f'embedding_similarity: {len(generated)} generated images for {len(references_or_targets)} to compare with')
+    return (encoder(generated) * encoder(references_or_targets)).sum(-1).numpy()
+
+# %% ../nbs/09_evaluate.ipynb #c0cc55b9
+def pose_scores(image, # the generated image, at the target's size
+                truth: Pose, # the target pose
+                detector: PoseDetector, # finds people in the image
+               ) -> dict[str, float]:
+    "PCK@0.1 and OKS of the largest person `detector` finds in `image` against `truth` (0 when it finds nobody)."
+    try: found = detect_pose(image, detector)
+    except PoseError: return dict(pck=0.0, oks=0.0, detected=0.0)
+    try: return dict(pck=pck(found, truth, 0.1), oks=oks(found, truth), detected=1.0)
+    except PoseError: return dict(pck=float('nan'), oks=float('nan'), detected=1.0)  # a target pose too small to score
+
+# %% ../nbs/09_evaluate.ipynb #cb22ed06
+class ParserDetector:
+    "A `SyntheticParser` as a `PoseDetector`: the one character it reads (nobody when under 2 joints are found)."
+    def __init__(self, parser: SyntheticParser): self.parser = parser
+    def detect(self, image) -> list[Pose]:
+        pose = parse(self.parser, [load_image(image)])[0][0]
+        return [pose] if pose.visible.sum() >= 2 else []
+    def __repr__(self): return 'ParserDetector()'
+
+DETECTOR_HELP = ('needs a pose detector; pass --detector DIR (a directory holding OpenPose weights body_pose_model.pth, '
+                 'hand_pose_model.pth and facenet.pth, or a SyntheticParser directory)')
+
+def load_detector(path: str | os.PathLike) -> PoseDetector:
+    "A pose detector from a local directory: a `SyntheticParser` (config.json) or OpenPose annotator weights."
+    from anime_pose.pose import OpenPoseDetector
+    path = Path(path)
+    if not path.is_dir(): raise AnimePoseError(f"'{path}': no such detector directory; it {DETECTOR_HELP.removeprefix('needs ')}")
+    if (path / 'config.json').is_file():
+        if json.loads((path / 'config.json').read_text()).get('_class_name') != 'SyntheticParser':
+            raise AnimePoseError(f"'{path}': config.json is not a SyntheticParser's; a detector directory {DETECTOR_HELP.removeprefix('needs ')}")
+        return ParserDetector(load_parser(path))
+    return OpenPoseDetector.load(path)
+
+# %% ../nbs/09_evaluate.ipynb #8c27ffd7
+def score_real(generated: list[Image.Image], # one generated image per triple
+               triples: list[dict], # rows with target and pose
+               detector: PoseDetector | None = None, # None leaves pck, oks and detected out
+              ) -> list[dict[str, float]]:
+    "pck, oks and detected (with a detector), ssim and psnr for each generated image."
+    results = []
+    for image, triple in zip(generated, triples):
+        target = load_image(triple['target'])
+        image = load_image(image).resize(target.size, Image.BICUBIC)
+        row = pose_scores(image, Pose(np.asarray(triple['pose'], np.float32), *target.size), detector) if detector else {}
+        results.append({**row, 'ssim': ssim(image, target), 'psnr': psnr(image, target)})
+    return results
+
+# %% ../nbs/09_evaluate.ipynb #8cb254cf
+ENCODER_MISSING = f'needs an image encoder; pass --identity-encoder DIR ({ENCODER_HELP})'
+
+@dataclass
+class LearnedMetrics:
+    "The networks for the learned metrics, and what each metric that cannot be computed needs."
+    encoder: ImageEncoder | None = None # identity_cosine, reference_cosine
+    lpips: LPIPS | None = None # lpips
+    inception: InceptionFeatures | None = None # fid, kid
+    unavailable: dict[str, str] = field(default_factory=dict) # 'metric, metric' -> what they need
+
+def _weights_paths(given) -> list[Path]:
+    return [Path(given)] if isinstance(given, (str, os.PathLike)) else [Path(p) for p in given or []]
+
+def load_learned_metrics(identity_encoder: str | os.PathLike | None = None, # a transformers vision model directory
+                         lpips_weights: str | os.PathLike | list | None = None, # one or two LPIPS weights files
+                         fid_weights: str | os.PathLike | None = None, # torchvision inception_v3 weights
+                        ) -> LearnedMetrics:
+    "The learned metrics the given local weights allow."
+    learned = LearnedMetrics()
+    if identity_encoder is None: learned.unavailable['identity_cosine, reference_cosine'] = ENCODER_MISSING
+    else: learned.encoder = load_image_encoder(identity_encoder)
+    for name, paths, help in (('lpips', _weights_paths(lpips_weights), LPIPS_HELP), ('fid, kid', _weights_paths(fid_weights), FID_HELP)):
+        missing = [p for p in paths if not p.is_file()]
+        if not paths or missing:
+            learned.unavailable[name] = (f"'{missing[0]}' not found; " if missing else '') + help
+        elif name == 'lpips': learned.lpips = load_lpips(*paths)
+        else: learned.inception = load_inception(paths[0])
+    return learned
+
+# %% ../nbs/09_evaluate.ipynb #1dda01e2
+def learned_truth(triples: list[dict], learned: LearnedMetrics) -> dict:
+    "The targets, and the embeddings and features of the targets and references that `learned` needs."
+    targets = [load_image(t['target']) for t in triples]
+    truth = dict(targets=targets)
+    if learned.encoder is not None:
+        truth.update(target_embeddings=learned.encoder(targets), reference_embeddings=learned.encoder([t['reference'] for t in triples]))
+    if learned.inception is not None: truth['target_features'] = learned.inception(targets)
+    return truth
+
+def learned_scores(generated: list, # one generated image per triple
+                   truth: dict, # `learned_truth` of the triples
+                   learned: LearnedMetrics,
+                  ) -> dict[str, float]:
+    "identity_cosine, reference_cosine, lpips, fid and kid of `generated`, each when its network is loaded."
+    generated = [load_image(g).resize(t.size, Image.BICUBIC) for g, t in zip(generated, truth['targets'])]
+    scores = {}
+    if learned.encoder is not None:
+        embeddings = learned.encoder(generated)
+        scores['identity_cosine'] = float((embeddings * truth['target_embeddings']).sum(-1).mean())
+        scores['reference_cosine'] = float((embeddings * truth['reference_embeddings']).sum(-1).mean())
+    if learned.lpips is not None: scores['lpips'] = float(lpips(generated, truth['targets'], learned.lpips).mean())
+    if learned.inception is not None:
+        features = learned.inception(generated)
+        scores.update(fid=fid(features, truth['target_features']), kid=kid(features, truth['target_features']))
+    return scores
+
 # %% ../nbs/09_evaluate.ipynb #6089d487
 METHODS = ('copy_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose')
 
@@ -227,32 +563,45 @@ def gan_method(gan) -> callable:
 
 # %% ../nbs/09_evaluate.ipynb #3e9c7bef
 def evaluate_methods(methods: dict, # name -> function from a triple to an image
-                     triples, # a `datasets.Dataset` (or list of rows) of synthetic triples
-                     parser: SyntheticParser,
-                     part_labels: dict[str, int],
+                     triples, # a `datasets.Dataset` (or list of rows) of triples
+                     parser: SyntheticParser | None = None, # synthetic triples (with masks): reads poses and silhouettes
+                     part_labels: dict[str, int] | None = None, # label of each part in the masks (with `parser`)
                      progress: bool = True,
+                     detector: PoseDetector | None = None, # without `parser`: pose accuracy on real triples
+                     learned: LearnedMetrics | None = None, # the learned metrics' networks (`load_learned_metrics`)
                     ) -> tuple[dict[str, dict[str, float]], dict[str, list[Image.Image]]]:
     "Mean metrics `{method: {metric: value}}` over `triples`, and every method's images."
     rows = list(triples)
+    if parser is not None and 'masks' not in rows[0]:
+        raise AnimePoseError('the triples have no part masks: the synthetic parser needs them (pass parser=None to score them as real data)')
+    learned = learned if learned is not None and (learned.encoder or learned.lpips or learned.inception) else None
+    truth = learned_truth(rows, learned) if learned else None
     metrics, images = {}, {}
     for name, method in methods.items():
         images[name] = [method(row) for row in tqdm(rows, desc=f'generating: {name}', disable=not progress)]
-        per_image = score(images[name], rows, parser, part_labels)
-        metrics[name] = {m: float(np.nanmean([r[m] for r in per_image])) for m in METRICS}
+        per_image = score(images[name], rows, parser, part_labels) if parser is not None else score_real(images[name], rows, detector)
+        metrics[name] = {m: float(np.nanmean([r[m] for r in per_image])) for m in per_image[0]}
+        if learned: metrics[name].update(learned_scores(images[name], truth, learned))
     return metrics, images
 
 # %% ../nbs/09_evaluate.ipynb #8241611d
-LOWER_IS_BETTER = {'identity_error'}
+COLUMNS = METRICS + ('detected', 'identity_cosine', 'reference_cosine', 'lpips', 'fid', 'kid')  # the table's order
+LOWER_IS_BETTER = {'identity_error', 'lpips', 'fid', 'kid'}
+DECIMALS = {'identity_error': 2, 'psnr': 2, 'fid': 2, 'kid': 4}  # others: 3
+
+def _best(values: list[float], metric: str) -> float | None:
+    values = [v for v in values if v == v]  # NaN (nothing to average) never wins
+    return (min if metric in LOWER_IS_BETTER else max)(values) if values else None
 
 def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    "A Markdown table of `metrics`, one row per method, the best method's value in bold."
-    methods = [m for m in metrics if m != 'ground_truth']
-    best = {m: (min if m in LOWER_IS_BETTER else max)(metrics[k][m] for k in methods) for m in METRICS}
-    arrows = {m: '↓' if m in LOWER_IS_BETTER else '↑' for m in METRICS}
-    lines = ['| method | ' + ' | '.join(f'{m} {arrows[m]}' for m in METRICS) + ' |', '|---' * (len(METRICS) + 1) + '|']
+    "A Markdown table of `metrics`, one row per method, a column per metric any method has, the best value in bold."
+    found = {m for row in metrics.values() for m in row}
+    columns = [m for m in COLUMNS if m in found] + sorted(found - set(COLUMNS))
+    best = {m: _best([metrics[k][m] for k in metrics if k != 'ground_truth' and m in metrics[k]], m) for m in columns}
+    lines = ['| method | ' + ' | '.join(f"{m} {'↓' if m in LOWER_IS_BETTER else '↑'}" for m in columns) + ' |', '|---' * (len(columns) + 1) + '|']
     for name, row in metrics.items():
-        cells = [f'{row[m]:.3f}' if m not in ('identity_error', 'psnr') else f'{row[m]:.2f}' for m in METRICS]
-        cells = [f'**{c}**' if name != 'ground_truth' and row[m] == best[m] else c for c, m in zip(cells, METRICS)]
+        cells = [f'{row[m]:.{DECIMALS.get(m, 3)}f}' if m in row else '–' for m in columns]
+        cells = [f'**{c}**' if name != 'ground_truth' and m in row and row[m] == best[m] else c for c, m in zip(cells, columns)]
         lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -276,6 +625,7 @@ def write_report(out: str | os.PathLike, # the report directory (replaced atomic
                  triples: list[dict], images: dict[str, list[Image.Image]],
                  curves: dict[str, str | os.PathLike] | None = None, # title -> a run directory or losses.csv to plot
                  notes: str = '', # Markdown added under the table (what was evaluated, how)
+                 not_measured: dict[str, str] | None = None, # metrics -> what they would need (`LearnedMetrics.unavailable`)
                 ) -> Path:
     "Write metrics.json, samples.png, the loss curves and report.md to `out`."
     import matplotlib; matplotlib.use('Agg')
@@ -285,7 +635,9 @@ def write_report(out: str | os.PathLike, # the report directory (replaced atomic
     with atomic_path(out, is_dir=True) as tmp:
         (tmp / 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
         sample_grid(triples, images).save(tmp / 'samples.png')
-        sections = [f'# anime_pose evaluation\n\n{metrics_table(metrics)}\n', notes, f'## Samples\n\n{columns}\n\n![samples](samples.png)\n']
+        missing = ''.join(f'- {names}: {why}\n' for names, why in (not_measured or {}).items())
+        sections = [f'# anime_pose evaluation\n\n{metrics_table(metrics)}\n', notes, missing and f'## Not measured\n\n{missing}',
+                    f'## Samples\n\n{columns}\n\n![samples](samples.png)\n']
         for title, run in (curves or {}).items():
             figure = plot_losses(run).figure
             name = f"losses_{title.replace(' ', '_')}.png"
@@ -353,26 +705,39 @@ def evaluate_models(out: str | os.PathLike, # the report directory
                     pipeline: str | os.PathLike, # a saved `PoseTransferPipeline`
                     config, # the `TrainConfig` it was trained with: its held-out split is evaluated
                     gan: str | os.PathLike | None = None, # a GAN run or generator directory
-                    parser: str | os.PathLike | None = None, # default: the bundled parser
+                    parser: str | os.PathLike | None = None, # synthetic data: default the bundled parser
                     curves: dict | None = None, # title -> run directory, for the loss plots
                     count: int = 24, # held-out triples to evaluate
                     num_inference_steps: int = 20,
-                    progress: bool = True,
+                    progress: bool = True, # also print what is not measured, on stderr
+                    detector: PoseDetector | str | os.PathLike | None = None, # real data: a detector or its directory; None: no pck/oks
+                    learned: LearnedMetrics | None = None, # the learned metrics' networks; default none (`load_learned_metrics`)
                    ) -> dict[str, dict[str, float]]:
     "Evaluate the pipeline and its baselines on held-out triples; write the report to `out`; return the metrics."
     from anime_pose.synthetic import PART_LABELS
     triples = list(held_out_triples(config, count))
-    if 'masks' not in triples[0]:
-        raise AnimePoseError(f'the data {config.data!r} has no part masks: pose, silhouette and identity metrics need synthetic triples')
-    parser = load_parser(parser)
+    synthetic = 'masks' in triples[0]
+    learned = learned if learned is not None else load_learned_metrics()
+    if learned.inception is not None and len(triples) < 2:  # one image has no covariance
+        learned = LearnedMetrics(learned.encoder, learned.lpips, None, {**learned.unavailable, 'fid, kid': 'need at least 2 triples (--count 2 or more)'})
+    not_measured = dict(learned.unavailable)
+    if synthetic: parser, detector = load_parser(parser), None
+    else:
+        parser = None
+        if isinstance(detector, (str, os.PathLike)): detector = load_detector(detector)
+        if detector is None: not_measured['pck, oks'] = DETECTOR_HELP
+    if progress:
+        for names, why in not_measured.items(): print(f'not measured: {names}: {why}', file=sys.stderr)
     methods = {'ground_truth': lambda triple: load_image(triple['target']),
                **build_methods(pipeline, gan, num_inference_steps)}
-    metrics, images = evaluate_methods(methods, triples, parser, PART_LABELS, progress)
+    metrics, images = evaluate_methods(methods, triples, parser, PART_LABELS, progress, detector, learned)
     images.pop('ground_truth')
+    reader = 'synthetic parser' if synthetic else 'pose detector'
+    pose_columns = 'pck, oks and silhouette_iou' if synthetic else 'pck and oks'
     notes = (f'{len(triples)} held-out triples (the test split of the training data: characters no model saw), '
-             f'{num_inference_steps} denoising steps. `ground_truth` scores the real targets: the ceiling the synthetic '
-             'parser allows for pck, oks and silhouette_iou.\n')
-    write_report(out, metrics, triples, images, curves, notes)
+             f'{num_inference_steps} denoising steps. `ground_truth` scores the real targets: the ceiling the {reader} '
+             f'allows for {pose_columns}.\n')
+    write_report(out, metrics, triples, images, curves, notes, not_measured)
     return metrics
 
 # %% ../nbs/09_evaluate.ipynb #1bbb26b4
@@ -381,6 +746,7 @@ def demo(out: str | os.PathLike, # the report directory
          count: int = 24, # held-out triples to evaluate
          num_inference_steps: int = 20,
          progress: bool = True,
+         learned: LearnedMetrics | None = None, # the learned metrics' networks (`load_learned_metrics`); default none
         ) -> dict[str, dict[str, float]]:
     "Evaluate the bundled (or retrained) models and their baselines on held-out synthetic characters."
     from anime_pose.train import override_config, TrainConfig
@@ -388,15 +754,28 @@ def demo(out: str | os.PathLike, # the report directory
     models = retrain_models(out.with_name(out.name + '-models'), recipe, progress) if retrain else bundled_path()
     config = override_config(TrainConfig(), recipe['anime_pose']['config'], 'recipe anime_pose')
     return evaluate_models(out, models / 'model', config, models / 'gan', models / 'parser',
-                           {'anime_pose': models / 'model', 'gan': models / 'gan'}, count, num_inference_steps, progress)
+                           {'anime_pose': models / 'model', 'gan': models / 'gan'}, count, num_inference_steps, progress,
+                           learned=learned)
 
 # %% ../nbs/09_evaluate.ipynb #900f52e1
 def _print_metrics(metrics: dict, out: Path):
     print(metrics_table(metrics))
     print(f'report: {out / "report.md"}, metrics: {out / "metrics.json"}')
 
+def _learned(args) -> LearnedMetrics:
+    return load_learned_metrics(args.identity_encoder, args.lpips_weights, args.fid_weights)
+
+def _learned_flags(parser: argparse.ArgumentParser):
+    "The flags naming local weights for the learned metrics."
+    parser.add_argument('--identity-encoder', metavar='DIR', help='a transformers vision model directory (CLIPVisionModelWithProjection, '
+                        'DINOv2, ...; safetensors) for identity_cosine and reference_cosine (default: not measured)')
+    parser.add_argument('--lpips-weights', nargs='+', metavar='FILE', help="LPIPS: torchvision's alexnet or vgg16 state dict and the lpips "
+                        'linear layers (weights/v0.1/alex.pth), one or two files (default: not measured)')
+    parser.add_argument('--fid-weights', metavar='FILE', help='torchvision inception_v3 state dict (.safetensors or .pth) for fid and kid '
+                        '(default: not measured)')
+
 def _run_demo(args) -> int:
-    _print_metrics(demo(args.out, args.retrain, args.count, args.steps), Path(args.out))
+    _print_metrics(demo(args.out, args.retrain, args.count, args.steps, learned=_learned(args)), Path(args.out))
     return 0
 
 def demo_cli(parser: argparse.ArgumentParser):
@@ -407,6 +786,7 @@ def demo_cli(parser: argparse.ArgumentParser):
     parser.add_argument('--retrain', action='store_true', help='retrain the pipeline, GAN and parser from scratch (into OUT-models/)')
     parser.add_argument('--count', type=int, default=24, help='held-out triples to evaluate (default 24)')
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
+    _learned_flags(parser)
     parser.set_defaults(run=_run_demo)
 
 # %% ../nbs/09_evaluate.ipynb #11489fc1
@@ -417,16 +797,24 @@ def _run_evaluate(args) -> int:
         raise AnimePoseError(f"'{run}': not a training run (expected config.json and final/ as written by anime-pose train)")
     curves = {'anime_pose': run, **({'gan': args.gan} if args.gan and (Path(args.gan) / 'losses.csv').is_file() else {})}
     metrics = evaluate_models(args.out, run / 'final', load_config(run / 'config.json'), args.gan, args.parser, curves,
-                              args.count, args.steps)
+                              args.count, args.steps, detector=args.detector, learned=_learned(args))
     _print_metrics(metrics, Path(args.out))
     return 0
 
 def evaluate_cli(parser: argparse.ArgumentParser):
-    "`anime-pose evaluate`: a trained run against the baselines on its held-out split."
-    parser.epilog = 'example:\n  anime-pose evaluate --model runs/tiny --gan runs/gan --out report'
+    "`anime-pose evaluate`: a trained run against the baselines on its held-out split (synthetic or real triples)."
+    parser.epilog = ('examples:\n  anime-pose evaluate --model runs/tiny --gan runs/gan --out report\n'
+                     '  anime-pose evaluate --model runs/danbooru --out report --detector annotators --identity-encoder clip-vit \\\n'
+                     '      --lpips-weights alexnet.pth lpips_alex.pth --fid-weights inception_v3.pth\n\n'
+                     'Synthetic data is scored with the parser (pck, oks, silhouette_iou, identity_error, ssim, psnr);\n'
+                     'data without part masks (Danbooru triples) with --detector for pck and oks, and ssim and psnr.\n'
+                     'The learned metrics are added when their weights are given; the others are listed as not measured.')
     parser.add_argument('--model', required=True, help='an `anime-pose train` run directory (config.json, final/)')
     parser.add_argument('--gan', help='an `anime-pose train --method gan` run directory (default: leave the GAN out)')
     parser.add_argument('--parser', help='a synthetic parser directory (default: the bundled one)')
+    parser.add_argument('--detector', metavar='DIR', help='data without part masks: OpenPose weights or a SyntheticParser directory '
+                        'for pck and oks (default: not measured)')
+    _learned_flags(parser)
     parser.add_argument('--out', required=True, help='report directory')
     parser.add_argument('--count', type=int, default=24, help='held-out triples to evaluate (default 24)')
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')

@@ -10,7 +10,7 @@ from anime_pose.core import AnimePoseError
 from anime_pose.evaluate import (METRICS, MIRRORED, SyntheticParser, _mirror, evaluate_methods, heatmap_keypoints,
                                  identity_error, load_parser, metrics_table, psnr, silhouette_iou, ssim,
                                  write_report)
-from anime_pose.pose import keypoint_heatmaps
+from anime_pose.pose import Pose, keypoint_heatmaps
 from anime_pose.synthetic import PART_LABELS, synthetic_dataset
 
 
@@ -138,3 +138,239 @@ def test_retrain_follows_a_recipe_and_the_result_evaluates(tmp_path):
     metrics = evaluate_models(tmp_path / 'report', models / 'model', config, models / 'gan', models / 'parser',
                               {'anime_pose': models / 'model'}, count=1, num_inference_steps=1, progress=False)
     assert set(metrics) == {'ground_truth', 'copy_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose'}
+
+
+# --- learned metrics (LPIPS, FID, KID, embeddings), real data without masks, and their CLI paths ---
+
+from anime_pose.evaluate import (FID_HELP, LPIPS_NETS, LearnedMetrics, ParserDetector, evaluate_models, fid, frechet_distance,
+                                 kid, load_detector, load_image_encoder, load_inception, load_learned_metrics, load_lpips,
+                                 load_weights, lpips, embedding_similarity, learned_scores, learned_truth, score_real)
+
+
+def _random_image(seed, size=64):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    "Randomly initialised networks saved the way their real weights come: torchvision state dicts and a transformers directory."
+    from safetensors.torch import save_file
+    from torchvision.models import alexnet, inception_v3
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    root = tmp_path_factory.mktemp('weights')
+    torch.manual_seed(0)
+    torch.save({f'features.{k}': v for k, v in alexnet(weights=None).features.state_dict().items()}, root / 'alexnet.pth')
+    save_file({f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate(LPIPS_NETS['alex'][1])}, root / 'alex_linear.safetensors')
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), root / 'inception.pth')
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                              patch_size=8, projection_dim=16)
+    CLIPVisionModelWithProjection(config).save_pretrained(root / 'clip')
+    return root
+
+
+def test_load_weights_reads_tensors_only(tmp_path):
+    torch.save({'w': torch.arange(3)}, tmp_path / 'plain.pth')
+    assert torch.equal(load_weights(tmp_path / 'plain.pth', 'test')['w'], torch.arange(3))
+    torch.save({'layer': torch.nn.Linear(2, 2)}, tmp_path / 'module.pth')
+    with pytest.raises(AnimePoseError, match='not a plain state dict'): load_weights(tmp_path / 'module.pth', 'test')
+    (tmp_path / 'weights.ckpt').write_bytes(b'x')
+    with pytest.raises(AnimePoseError, match="unknown weights format '.ckpt'"): load_weights(tmp_path / 'weights.ckpt', 'test')
+
+
+def test_frechet_distance_matches_scipy_and_the_diagonal_closed_form():
+    from scipy.linalg import sqrtm
+    rng = np.random.default_rng(1)
+    left, right = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    a, b, mean_a, mean_b = left @ left.T, right @ right.T, rng.normal(size=6), rng.normal(size=6)
+    expected = ((mean_a - mean_b) ** 2).sum() + np.trace(a + b - 2 * sqrtm(a @ b).real)
+    assert frechet_distance(mean_a, a, mean_b, b) == pytest.approx(expected, rel=1e-9)
+    variances_a, variances_b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
+    closed = 2.0 ** 2 + ((np.sqrt(variances_a) - np.sqrt(variances_b)) ** 2).sum()
+    assert frechet_distance([0, 0, 0], np.diag(variances_a), [2, 0, 0], np.diag(variances_b)) == pytest.approx(closed, rel=1e-12)
+
+
+def test_fid_is_zero_for_identical_sets_and_recovers_known_gaussians():
+    rng = np.random.default_rng(2)
+    few = rng.normal(size=(10, 64))  # fewer rows than features: the Gram form
+    assert abs(fid(few, few)) < 1e-8
+    other = rng.normal(0.3, 1.5, size=(12, 64))
+    fits = lambda x: (x.mean(0), np.cov(x, rowvar=False))
+    assert fid(few, other) == pytest.approx(frechet_distance(*fits(few), *fits(other)), rel=1e-6)
+    scales_a, scales_b, shift = np.array([1.0, 3.0]), np.array([2.0, 1.0]), np.array([0.0, 2.0])
+    many_a, many_b = rng.normal(0, scales_a, (40000, 2)), rng.normal(shift, scales_b, (40000, 2))
+    assert fid(many_a, many_b) == pytest.approx((shift ** 2).sum() + ((scales_a - scales_b) ** 2).sum(), rel=0.03)
+
+
+def test_kid_is_unbiased_near_zero_and_grows_with_a_shift():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(300, 32)), rng.normal(size=(300, 32))
+    same, shifted = kid(a, b, subset_size=100, subsets=20), kid(a, b + 0.5, subset_size=100, subsets=20)
+    assert abs(same) < 0.03 and shifted > 0.5  # a shift of half a standard deviation per feature: MMD² near 1
+    x, y = rng.normal(size=(4, 2)), rng.normal(size=(4, 2))
+    k = lambda u, v: (u @ v / 2 + 1) ** 3
+    by_hand = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(4) for j in range(4) if i != j) / 12
+               - 2 * sum(k(x[i], y[j]) for i in range(4) for j in range(4)) / 16)
+    assert kid(x, y) == pytest.approx(by_hand, rel=1e-12)
+    with pytest.raises(AnimePoseError, match='at least 2'): kid(x[:1], y)
+
+
+def test_lpips_is_zero_for_an_image_with_itself_symmetric_and_grows_with_damage(weights):
+    model = load_lpips(weights / 'alexnet.pth', weights / 'alex_linear.safetensors')
+    image = _random_image(0)
+    blurred, blank = image.resize((16, 16)).resize((64, 64)), Image.new('RGB', (64, 64), 'white')
+    assert lpips([image], [image], model)[0] == 0.0
+    forward, backward = lpips([image, blurred], [blurred, image], model)
+    assert forward == pytest.approx(backward, rel=1e-6) and 0 < forward < lpips([blank], [image], model)[0]
+    with pytest.raises(AnimePoseError, match='no LPIPS linear layers'): load_lpips(weights / 'alexnet.pth')
+    with pytest.raises(AnimePoseError, match='no torchvision backbone'): load_lpips(weights / 'alex_linear.safetensors')
+
+
+def test_lpips_tells_vgg_from_alexnet_in_one_file(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision.models import vgg16
+    with torch.device('meta'): shapes = vgg16(weights=None).features.state_dict()
+    backbone = {f'features.{k}': torch.randn(v.shape) * 0.05 for k, v in shapes.items()}
+    linear = {f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate(LPIPS_NETS['vgg'][1])}
+    save_file({**backbone, **linear}, tmp_path / 'vgg_lpips.safetensors')
+    model = load_lpips(tmp_path / 'vgg_lpips.safetensors')
+    assert len(model.slices) == 5 and model.linear4.shape == (1, 512, 1, 1)
+    image = _random_image(1, 32)
+    assert lpips([image], [image], model)[0] == 0.0 and lpips([image], [Image.new('RGB', (32, 32))], model)[0] > 0
+
+
+def test_inception_features_from_a_torchvision_state_dict(weights, tmp_path):
+    inception = load_inception(weights / 'inception.pth', image_size=75)  # AuxLogits and fc in the file are not used
+    images = [_random_image(seed, 32) for seed in range(3)]
+    features = inception(images)
+    assert features.shape == (3, 2048) and np.isfinite(features).all()
+    assert abs(fid(features, features)) < 1e-6 and fid(features, inception([Image.new('RGB', (32, 32))] * 3)) > 0
+    torch.save({'features.0.weight': torch.zeros(1)}, tmp_path / 'other.pth')
+    with pytest.raises(AnimePoseError, match='not torchvision inception_v3 weights'): load_inception(tmp_path / 'other.pth')
+
+
+def test_image_encoder_round_trip_cosines_and_errors(weights, tmp_path):
+    encoder = load_image_encoder(weights / 'clip')
+    image, other = _random_image(0), Image.new('RGB', (64, 64), 'white')
+    similarity = embedding_similarity([image, other], [image, image], encoder)
+    assert similarity[0] == pytest.approx(1.0, abs=1e-5) and similarity[1] < similarity[0]
+    assert encoder([image, other, image]).shape == (3, 16)
+    with pytest.raises(AnimePoseError, match='expected a transformers vision model directory'): load_image_encoder(tmp_path / 'none')
+    (tmp_path / 'config_only').mkdir(); (tmp_path / 'config_only' / 'config.json').write_text('{}')
+    with pytest.raises(AnimePoseError, match='no safetensors weights'): load_image_encoder(tmp_path / 'config_only')
+
+
+def test_image_encoder_takes_any_vision_model_with_a_pooler_output(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                             patch_size=8)).save_pretrained(tmp_path / 'dino')
+    encoder = load_image_encoder(tmp_path / 'dino')
+    assert type(encoder.model).__name__ == 'Dinov2Model' and encoder([_random_image(0)]).shape == (1, 32)
+
+
+def test_learned_metrics_name_what_is_missing(weights, tmp_path):
+    nothing = load_learned_metrics()
+    assert set(nothing.unavailable) == {'identity_cosine, reference_cosine', 'lpips', 'fid, kid'}
+    assert nothing.unavailable['fid, kid'] == FID_HELP and '--lpips-weights' in nothing.unavailable['lpips']
+    absent = load_learned_metrics(lpips_weights=[weights / 'alexnet.pth', tmp_path / 'gone.pth'])
+    assert absent.lpips is None and absent.unavailable['lpips'].startswith(f"'{tmp_path / 'gone.pth'}' not found")
+    with pytest.raises(AnimePoseError, match='not torchvision inception_v3'): load_learned_metrics(fid_weights=weights / 'alexnet.pth')
+
+
+def test_synthetic_metrics_keep_their_keys_and_gain_learned_ones(weights, triples):
+    learned = LearnedMetrics(encoder=load_image_encoder(weights / 'clip'))
+    methods = {'perfect': lambda t: t['target'], 'copy_reference': lambda t: t['reference']}
+    metrics, _ = evaluate_methods(methods, triples[:2], SyntheticParser(), PART_LABELS, progress=False, learned=learned)
+    assert list(metrics['perfect']) == [*METRICS, 'identity_cosine', 'reference_cosine']
+    assert metrics['perfect']['identity_cosine'] == pytest.approx(1.0, abs=1e-5)
+    assert metrics['copy_reference']['reference_cosine'] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_real_triples_are_scored_through_a_detector(triples):
+    rows = [{k: v for k, v in row.items() if k != 'masks'} for row in triples[:2]]
+    found = Pose(np.asarray(rows[0]['pose'], np.float32), 64, 64)
+    class Fixed:
+        def __init__(self, poses): self.poses = poses
+        def detect(self, image): return self.poses
+    assert score_real([rows[0]['target']], rows[:1], Fixed([found]))[0]['pck'] == 1.0
+    assert score_real([rows[0]['target']], rows[:1], Fixed([]))[0] == pytest.approx(
+        dict(pck=0.0, oks=0.0, detected=0.0, ssim=1.0, psnr=float('inf')))
+    assert list(score_real([r['reference'] for r in rows], rows)[0]) == ['ssim', 'psnr']
+
+
+def test_detector_directories(tmp_path):
+    from anime_pose.core import bundled_path
+    assert isinstance(load_detector(bundled_path('parser')), ParserDetector)
+    with pytest.raises(AnimePoseError, match='no such detector directory'): load_detector(tmp_path / 'none')
+    with pytest.raises(AnimePoseError, match='body_pose_model.pth'): load_detector(tmp_path)  # OpenPose weights missing
+
+
+def test_metrics_table_copes_with_missing_and_extra_columns():
+    table = metrics_table({'ground_truth': dict(ssim=1.0, psnr=float('inf'), fid=0.0),
+                           'a': dict(ssim=0.5, psnr=20.0, fid=30.0, kid=0.01), 'b': dict(ssim=0.6, psnr=float('nan'), fid=40.0)})
+    lines = table.splitlines()
+    assert lines[0] == '| method | ssim ↑ | psnr ↑ | fid ↓ | kid ↓ |'
+    assert '| ground_truth | 1.000 | inf | 0.00 | – |' in lines and '| a | 0.500 | **20.00** | **30.00** | **0.0100** |' in lines
+    assert '| b | **0.600** | nan | 40.00 | – |' in lines
+
+
+@pytest.fixture(scope='module')
+def real_run(tmp_path_factory):
+    "A training run (the bundled tiny model) whose data are triples without part masks, as Danbooru triples come."
+    import shutil
+    from anime_pose.core import bundled_path
+    from anime_pose.evaluate import load_recipe
+    root = tmp_path_factory.mktemp('real')
+    data = synthetic_dataset(10, 2, 64, seed=5, progress=False).remove_columns('masks')
+    data.save_to_disk(str(root / 'data'))
+    run = root / 'run'
+    shutil.copytree(bundled_path('model'), run / 'final')
+    shutil.copy(bundled_path('model') / 'losses.csv', run / 'losses.csv')
+    (run / 'config.json').write_text(json.dumps({**load_recipe()['anime_pose']['config'], 'data': str(root / 'data')}))
+    return run
+
+
+def _evaluate(*args):
+    from anime_pose.cli import main
+    return main(['evaluate', *map(str, args), '--count', '2', '--steps', '1'])
+
+
+def test_evaluate_cli_on_real_data_without_weights_says_what_is_not_measured(real_run, tmp_path, capsys):
+    assert _evaluate('--model', real_run, '--out', tmp_path / 'report') == 0
+    err = capsys.readouterr().err
+    assert f'not measured: fid, kid: {FID_HELP}' in err and 'not measured: pck, oks: needs a pose detector; pass --detector DIR' in err
+    metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
+    assert set(metrics) == {'ground_truth', 'copy_reference', 'pose_only', 'reference_only', 'anime_pose'}
+    assert all(set(row) == {'ssim', 'psnr'} for row in metrics.values())
+    report = (tmp_path / 'report' / 'report.md').read_text()
+    assert '## Not measured' in report and '- lpips: needs LPIPS weights' in report and 'the ceiling the pose detector allows' in report
+
+
+def test_evaluate_cli_on_real_data_with_every_learned_metric(real_run, weights, tmp_path):
+    from anime_pose.core import bundled_path
+    assert _evaluate('--model', real_run, '--out', tmp_path / 'report', '--detector', bundled_path('parser'),
+                     '--identity-encoder', weights / 'clip', '--lpips-weights', weights / 'alexnet.pth', weights / 'alex_linear.safetensors',
+                     '--fid-weights', weights / 'inception.pth') == 0
+    metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
+    expected = ['pck', 'oks', 'detected', 'ssim', 'psnr', 'identity_cosine', 'reference_cosine', 'lpips', 'fid', 'kid']
+    assert all(list(row) == expected for row in metrics.values())
+    truth = metrics['ground_truth']
+    assert truth['lpips'] == 0.0 and truth['identity_cosine'] == pytest.approx(1.0, abs=1e-5) and abs(truth['fid']) < 1e-6
+    assert metrics['copy_reference']['reference_cosine'] == pytest.approx(1.0, abs=1e-5)
+    assert '## Not measured' not in (tmp_path / 'report' / 'report.md').read_text()
+
+
+def test_evaluate_cli_refuses_weights_that_are_not_what_they_claim(real_run, weights, tmp_path, capsys):
+    assert _evaluate('--model', real_run, '--out', tmp_path / 'report', '--fid-weights', weights / 'alexnet.pth') == 1
+    err = capsys.readouterr().err.strip()
+    assert 'not torchvision inception_v3 weights' in err and len(err.splitlines()) == 1 and not (tmp_path / 'report').exists()
+    assert _evaluate('--model', real_run, '--out', tmp_path / 'report', '--identity-encoder', tmp_path / 'nothing') == 1
+    assert 'expected a transformers vision model directory' in capsys.readouterr().err and not (tmp_path / 'report').exists()
+
+
+def test_a_single_triple_leaves_fid_and_kid_unmeasured_instead_of_failing(real_run, weights, tmp_path):
+    from anime_pose.train import load_config
+    learned = LearnedMetrics(inception=load_inception(weights / 'inception.pth', image_size=75))
+    metrics = evaluate_models(tmp_path / 'report', real_run / 'final', load_config(real_run / 'config.json'), count=1,
+                              num_inference_steps=1, progress=False, learned=learned)
+    assert all(set(row) == {'ssim', 'psnr'} for row in metrics.values())
+    assert '- fid, kid: need at least 2 triples' in (tmp_path / 'report' / 'report.md').read_text()
