@@ -675,7 +675,8 @@ def build_methods(pipeline: str | os.PathLike, # a saved `PoseTransferPipeline` 
     from anime_pose.gan import load_gan
     from anime_pose.pipeline import PoseTransferPipeline
     trained = PoseTransferPipeline.from_pretrained(pipeline)
-    untrained = PoseTransferPipeline(**{**trained.components, 'controlnet': controlnet_from_unet(trained.unet), 'reference_net': None})
+    untrained = PoseTransferPipeline(**{**trained.components, 'controlnet': controlnet_from_unet(trained.unet, vae_scale_factor=trained.vae_scale_factor),
+                                                          'reference_net': None})
     settings = dict(num_inference_steps=num_inference_steps, seed=seed)
     methods = dict(copy_reference=copy_reference,
                    pose_only=pipeline_method(trained, reference_strength=0.0, **settings),
@@ -685,20 +686,25 @@ def build_methods(pipeline: str | os.PathLike, # a saved `PoseTransferPipeline` 
     return {name: method for name, method in methods.items() if method is not None}
 
 # %% ../nbs/09_evaluate.ipynb #59ed8533
-def retrain_models(out: str | os.PathLike, # where to write model/, gan/ and parser/
+def retrain_models(out: str | os.PathLike, # where to write model/ (and gan/, parser/)
                    recipe: dict | None = None, # default: the bundled models' recipe
+                   baselines: bool = False, # also retrain the GAN baseline and the synthetic parser
                    progress: bool = True,
-                  ) -> Path:
-    "Train the pipeline, the GAN baseline and the parser from scratch, as the bundled ones were."
+                  ) -> dict[str, Path]:
+    "Train the pipeline (and with `baselines` the GAN and the parser) from scratch, as the bundled ones were; return their folders."
     from anime_pose.train import override_config, TrainConfig, train
-    recipe, out = recipe or load_recipe(), Path(out)
-    for name, folder in (('anime_pose', 'model'), ('gan', 'gan')):
+    recipe, out, folders = recipe or load_recipe(), Path(out), {}
+    for name, folder in (('anime_pose', 'model'), *([('gan', 'gan')] if baselines else [])):
         summary = train(override_config(TrainConfig(), recipe[name]['config'], f'recipe {name}'), out / 'runs' / name, progress=progress)
         with atomic_path(out / folder, is_dir=True) as tmp:
             shutil.copytree(summary['final'], tmp, dirs_exist_ok=True)
             shutil.copy(out / 'runs' / name / 'losses.csv', tmp / 'losses.csv')
-    train_parser(**recipe['parser'], progress=progress).save_pretrained(out / 'parser', safe_serialization=True)
-    return out
+        folders[folder] = out / folder
+    if baselines:
+        with atomic_path(out / 'parser', is_dir=True) as tmp:
+            train_parser(**recipe['parser'], progress=progress).save_pretrained(tmp, safe_serialization=True)
+        folders['parser'] = out / 'parser'
+    return folders
 
 # %% ../nbs/09_evaluate.ipynb #a2b23350
 def evaluate_models(out: str | os.PathLike, # the report directory
@@ -742,7 +748,8 @@ def evaluate_models(out: str | os.PathLike, # the report directory
 
 # %% ../nbs/09_evaluate.ipynb #1bbb26b4
 def demo(out: str | os.PathLike, # the report directory
-         retrain: bool = False, # first rebuild every model from scratch, into OUT-models/
+         retrain: bool = False, # first rebuild the pose-transfer model from scratch, into OUT-models/
+         retrain_baselines: bool = False, # also rebuild the GAN and the parser (else the bundled ones are used)
          count: int = 24, # held-out triples to evaluate
          num_inference_steps: int = 20,
          progress: bool = True,
@@ -751,10 +758,12 @@ def demo(out: str | os.PathLike, # the report directory
     "Evaluate the bundled (or retrained) models and their baselines on held-out synthetic characters."
     from anime_pose.train import override_config, TrainConfig
     out, recipe = Path(out), load_recipe()
-    models = retrain_models(out.with_name(out.name + '-models'), recipe, progress) if retrain else bundled_path()
+    models = {name: bundled_path(name) for name in ('model', 'gan', 'parser')}
+    if retrain or retrain_baselines:
+        models |= retrain_models(out.with_name(out.name + '-models'), recipe, retrain_baselines, progress)
     config = override_config(TrainConfig(), recipe['anime_pose']['config'], 'recipe anime_pose')
-    return evaluate_models(out, models / 'model', config, models / 'gan', models / 'parser',
-                           {'anime_pose': models / 'model', 'gan': models / 'gan'}, count, num_inference_steps, progress,
+    return evaluate_models(out, models['model'], config, models['gan'], models['parser'],
+                           {'anime_pose': models['model'], 'gan': models['gan']}, count, num_inference_steps, progress,
                            learned=learned)
 
 # %% ../nbs/09_evaluate.ipynb #900f52e1
@@ -775,15 +784,17 @@ def _learned_flags(parser: argparse.ArgumentParser):
                         '(default: not measured)')
 
 def _run_demo(args) -> int:
-    _print_metrics(demo(args.out, args.retrain, args.count, args.steps, learned=_learned(args)), Path(args.out))
+    _print_metrics(demo(args.out, args.retrain, args.retrain_baselines, args.count, args.steps, learned=_learned(args)), Path(args.out))
     return 0
 
 def demo_cli(parser: argparse.ArgumentParser):
     "`anime-pose demo`: the bundled models against every baseline on held-out characters, with a report."
     parser.epilog = ('examples:\n  anime-pose demo --out demo_out             # about a minute on a laptop CPU\n'
-                     '  anime-pose demo --out demo_out --retrain   # rebuild every model from scratch first')
+                     '  anime-pose demo --out demo_out --retrain   # rebuild the pose-transfer model from scratch first\n'
+                     '  anime-pose demo --out demo_out --retrain --retrain-baselines   # and the GAN and the parser')
     parser.add_argument('--out', required=True, help='report directory (report.md, metrics.json, PNGs)')
-    parser.add_argument('--retrain', action='store_true', help='retrain the pipeline, GAN and parser from scratch (into OUT-models/)')
+    parser.add_argument('--retrain', action='store_true', help='retrain the pose-transfer model from scratch (into OUT-models/) as the recipe says')
+    parser.add_argument('--retrain-baselines', action='store_true', help='also retrain the GAN baseline and the synthetic parser (much longer)')
     parser.add_argument('--count', type=int, default=24, help='held-out triples to evaluate (default 24)')
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
     _learned_flags(parser)

@@ -131,12 +131,13 @@ def test_retrain_follows_a_recipe_and_the_result_evaluates(tmp_path):
     small = {'anime_pose': {'config': {**recipe['anime_pose']['config'], **shrink}},
              'gan': {'config': {**recipe['gan']['config'], **shrink}},
              'parser': dict(characters=6, poses_per_character=2, steps=2, batch_size=4, seed=1)}
-    models = retrain_models(tmp_path / 'models', small, progress=False)
-    assert all((models / name).is_dir() for name in ('model', 'gan', 'parser'))
-    assert (models / 'model' / 'losses.csv').is_file() and (models / 'model' / 'model_index.json').is_file()
+    assert set(retrain_models(tmp_path / 'model-only', small, progress=False)) == {'model'}  # `--retrain`: the GAN and parser stay bundled
+    models = retrain_models(tmp_path / 'models', small, baselines=True, progress=False)
+    assert set(models) == {'model', 'gan', 'parser'} and all(path.is_dir() for path in models.values())
+    assert (models['model'] / 'losses.csv').is_file() and (models['model'] / 'model_index.json').is_file()
     config = override_config(TrainConfig(), small['anime_pose']['config'], 'test')
-    metrics = evaluate_models(tmp_path / 'report', models / 'model', config, models / 'gan', models / 'parser',
-                              {'anime_pose': models / 'model'}, count=1, num_inference_steps=1, progress=False)
+    metrics = evaluate_models(tmp_path / 'report', models['model'], config, models['gan'], models['parser'],
+                              {'anime_pose': models['model']}, count=1, num_inference_steps=1, progress=False)
     assert set(metrics) == {'ground_truth', 'copy_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose'}
 
 
