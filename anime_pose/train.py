@@ -65,7 +65,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
     cache: bool = True  # encode latents and text embeddings once, before training
-    base_steps: int = 300  # with base_model='tiny' or 'small': steps pre-training that base on the synthetic characters
+    base_steps: int = 300  # with base_model='tiny' or 'small': steps pre-training that base's UNet on the synthetic characters
+    base_vae_steps: int = 0  # steps pre-training its VAE; 0: base_steps
     seed: int = 0
     max_steps: int = 200  # optimizer steps
     validate_every: int = 50  # steps between test-loss evaluations; 0 turns them off
@@ -88,7 +89,7 @@ def _check_config(config: TrainConfig, source: str = 'config') -> TrainConfig:
         if getattr(config, name) not in choices: bad(name, 'one of ' + ', '.join(choices))
     for name in ('resolution', 'batch_size', 'gradient_accumulation', 'max_steps', 'keep_checkpoints', 'validation_batches'):
         if getattr(config, name) < 1: bad(name, 'a positive integer')
-    for name in ('warmup_steps', 'validate_every', 'sample_every', 'checkpoint_every', 'base_steps', 'synthetic_characters', 'reference_lora_rank'):
+    for name in ('warmup_steps', 'validate_every', 'sample_every', 'checkpoint_every', 'base_steps', 'base_vae_steps', 'synthetic_characters', 'reference_lora_rank'):
         if getattr(config, name) < 0: bad(name, 'zero or more')
     if config.resolution % 8: bad('resolution', 'a multiple of 8 (the VAE downsamples by 8)')
     if not config.learning_rate > 0: bad('learning_rate', 'a positive number')
@@ -643,9 +644,10 @@ def _pretrain_unet(unet, latents: torch.Tensor, text: torch.Tensor, empty: torch
 
 def pretrain_tiny_base(triples, # the DatasetDict whose train split teaches the base
                        directory: Path, # where the base is saved (and found again)
-                       steps: int = 300, # optimizer steps for the VAE and again for the UNet
+                       steps: int = 300, # optimizer steps for the UNet
                        seed: int = 0, batch_size: int = 8, progress: bool = True,
                        shape: str = 'tiny', # a key of `TINY_SHAPES`
+                       vae_steps: int | None = None, # optimizer steps for the VAE; default `steps`
                       ) -> Path:
     "Train the tiny VAE and UNet on the synthetic characters and save a diffusers model directory (once)."
     from anime_pose.pipeline import PoseTransferPipeline, tiny_components, encode_prompt
@@ -657,8 +659,9 @@ def pretrain_tiny_base(triples, # the DatasetDict whose train split teaches the 
     train = triples['train']
     images = torch.cat([images_to_tensor(train['target'], vae.config.sample_size), images_to_tensor(train['reference'], vae.config.sample_size)])
     generator = torch.Generator().manual_seed(seed)
-    with tqdm(total=2 * steps, desc=f'pre-training the {shape} base', unit='step', disable=not progress) as bar:
-        latents = _pretrain_vae(vae, images, steps, batch_size, generator, bar)
+    vae_steps = steps if vae_steps is None else vae_steps
+    with tqdm(total=vae_steps + steps, desc=f'pre-training the {shape} base', unit='step', disable=not progress) as bar:
+        latents = _pretrain_vae(vae, images, vae_steps, batch_size, generator, bar)
         with torch.no_grad():
             text = encode_prompt(tokenizer, text_encoder, [tags_prompt(t) for t in train['tags']] * 2)
             empty = encode_prompt(tokenizer, text_encoder, '')
@@ -683,7 +686,8 @@ def load_base(config: TrainConfig, out: Path, triples=None, progress: bool = Tru
     if config.base_model in TINY_SHAPES:
         if triples is None: triples = training_triples(config)
         path = Path(out) / 'base'
-        if _is_main_process(): pretrain_tiny_base(triples, path, config.base_steps, config.seed, progress=progress, shape=config.base_model)
+        if _is_main_process(): pretrain_tiny_base(triples, path, config.base_steps, config.seed, progress=progress, shape=config.base_model,
+                                                  vae_steps=config.base_vae_steps or config.base_steps)
         _wait_for_everyone()
     else: path = Path(config.base_model)
     has_controlnet = (path / 'controlnet').is_dir()
