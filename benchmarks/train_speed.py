@@ -1,8 +1,10 @@
-"""Training steps per second on the tiny models: this project's loop (cached latents and text embeddings) against a
+"""Training steps per second on the CPU-sized models: this project's loop (cached latents and text embeddings) against a
 faithful re-implementation of the step of diffusers' examples/controlnet/train_controlnet.py (VAE and text encoder
 every step), plus the cost of building the caches; `--end-to-end` also times `anime-pose train --config tiny`.
+`--base small` (the default: the bundled model's shape, 4x VAE) writes results/train_speed.json; `--base tiny`
+(8x VAE, the tests' shape) writes results/train_speed_tiny.json.
 
-    python benchmarks/train_speed.py [--steps 20] [--batch-size 4] [--end-to-end]
+    python benchmarks/train_speed.py [--base small|tiny] [--steps 20] [--batch-size 4] [--end-to-end] [--flops]
 """
 import argparse, json, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -78,7 +80,7 @@ def diffusers_reference_steps(components: dict, triples, steps: int, batch_size:
 
 
 def our_steps(out: Path, steps: int, batch_size: int, **overrides) -> dict:
-    "Steps/s of `anime_pose.train.train` on the tiny default, and the seconds spent building the caches."
+    "Steps/s of `anime_pose.train.train` on a CPU-sized base (`base_model` in overrides), and the seconds spent building the caches."
     from anime_pose.train import DiffusionMethod, load_config, override_config, train
     config = override_config(load_config('tiny'), dict(max_steps=steps + 2, batch_size=batch_size, base_steps=0, validate_every=0,
                                                         sample_every=0, checkpoint_every=0, synthetic_characters=8, **overrides))
@@ -123,6 +125,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--steps', type=int, default=20)
     parser.add_argument('--batch-size', type=int, default=4)
+    parser.add_argument('--base', default='small', choices=('tiny', 'small'),
+                        help="CPU-sized shape: 'small' (4x VAE, the bundled model's) or 'tiny' (8x VAE, the tests')")
     parser.add_argument('--threads', type=int, default=1, help='torch threads (1 avoids oversubscription on a shared 2-core machine)')
     parser.add_argument('--end-to-end', action='store_true', help='also time `anime-pose train --config tiny` from nothing')
     parser.add_argument('--flops', action='store_true', help='also count the compute per step at SD 1.x size, 512 px (meta device)')
@@ -135,21 +139,25 @@ def main():
     results = {}
     try:
         if args.speed:
-            ours = our_steps(scratch / 'ours', args.steps, args.batch_size, train_reference=False, use_reference=False)
+            base = dict(base_model=args.base)
+            ours = our_steps(scratch / 'ours', args.steps, args.batch_size, train_reference=False, use_reference=False, **base)
             triples = training_triples(override_config(load_config('tiny'), dict(synthetic_characters=8)))['train']
-            reference = diffusers_reference_steps(tiny_components(0), triples, args.steps, args.batch_size, 64)
-            with_reference = our_steps(scratch / 'ours_ref', args.steps, args.batch_size)
-            uncached = our_steps(scratch / 'ours_uncached', args.steps, args.batch_size, train_reference=False, use_reference=False, cache=False)
-            results.update(steps=args.steps, batch_size=args.batch_size, threads=args.threads,
+            reference = diffusers_reference_steps(tiny_components(0, shape=args.base), triples, args.steps, args.batch_size, 64)
+            with_reference = our_steps(scratch / 'ours_ref', args.steps, args.batch_size, **base)
+            with_reference_uncached = our_steps(scratch / 'ours_ref_uncached', args.steps, args.batch_size, cache=False, **base)
+            uncached = our_steps(scratch / 'ours_uncached', args.steps, args.batch_size, train_reference=False, use_reference=False, cache=False, **base)
+            results.update(base=args.base, steps=args.steps, batch_size=args.batch_size, threads=args.threads,
                            ours_controlnet_cached=ours['steps_per_second'], cache_build_seconds=ours['cache_seconds'],
                            ours_controlnet_uncached=uncached['steps_per_second'],
                            diffusers_train_controlnet=reference, ratio_cached_vs_diffusers=ours['steps_per_second'] / reference,
-                           ours_controlnet_and_reference_cached=with_reference['steps_per_second'])
+                           ours_controlnet_and_reference_cached=with_reference['steps_per_second'],
+                           ours_controlnet_and_reference_uncached=with_reference_uncached['steps_per_second'])
             print(f"diffusers train_controlnet.py step (VAE + text encoder every step): {reference:.2f} steps/s")
             print(f"this loop, ControlNet only, cached:                                 {ours['steps_per_second']:.2f} steps/s "
                   f"(caches built in {ours['cache_seconds']:.1f} s)")
             print(f"this loop, ControlNet only, no cache:                               {uncached['steps_per_second']:.2f} steps/s")
             print(f"this loop, ControlNet + reference net, cached:                      {with_reference['steps_per_second']:.2f} steps/s")
+            print(f"this loop, ControlNet + reference net, no cache:                    {with_reference_uncached['steps_per_second']:.2f} steps/s")
             print(f"ratio (this loop cached / diffusers): {ours['steps_per_second'] / reference:.2f}x")
         if args.flops:
             for checkpointing in (False, True):
@@ -167,7 +175,7 @@ def main():
             samples = sorted((out / 'samples').glob('*.png'))
             if samples: shutil.copy(samples[-1], Path(__file__).parent / 'results' / 'train_tiny_samples.png')
     finally: shutil.rmtree(scratch, ignore_errors=True)
-    path = Path(__file__).parent / 'results' / 'train_speed.json'
+    path = Path(__file__).parent / 'results' / f'train_speed{"" if args.base == "small" else "_" + args.base}.json'
     path.parent.mkdir(exist_ok=True)
     previous = json.loads(path.read_text()) if path.exists() else {}  # keep figures this run did not measure (end to end, flops)
     path.write_text(json.dumps({**previous, **results}, indent=2) + '\n')
