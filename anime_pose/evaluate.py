@@ -169,7 +169,7 @@ def load_parser(path: str | os.PathLike | None = None, # a directory written by 
     path = Path(path) if path is not None else bundled_path('parser')
     if not (path / 'config.json').is_file():
         raise AnimePoseError(f"'{path}': no synthetic parser here (expected config.json and diffusion_pytorch_model.safetensors "
-                             "from SyntheticParser.save_pretrained; `anime-pose demo --retrain` rebuilds the bundled one)")
+                             "from SyntheticParser.save_pretrained; `anime-pose demo --retrain-baselines` rebuilds the bundled one)")
     return SyntheticParser.from_pretrained(path, use_safetensors=True).eval()
 
 # %% ../nbs/09_evaluate.ipynb #9cd304ef
