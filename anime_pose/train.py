@@ -612,7 +612,8 @@ def held_out_split(triples) -> str | None:
 def _one_cycle(parameters, peak_lr: float, steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     "AdamW with a one-cycle schedule (warm up for 10% of `steps`, then cosine down): fast convergence for short runs."
     optimizer = torch.optim.AdamW(parameters, lr=peak_lr)
-    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, peak_lr, total_steps=max(steps, 1), pct_start=0.1)
+    if steps < 4: return optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)  # too short to warm up and cool down
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, peak_lr, total_steps=steps, pct_start=max(0.1, 2 / steps))
 
 def _pretrain_vae(vae, images: torch.Tensor, steps: int, batch_size: int, generator: torch.Generator, bar) -> torch.Tensor:
     "Teach `vae` to reconstruct `images` (L1, a touch of KL); set its scaling factor; return the scaled latents of `images`."
@@ -681,7 +682,7 @@ def load_base(config: TrainConfig, out: Path, triples=None, progress: bool = Tru
     "The base components (vae, text_encoder, tokenizer, unet, scheduler, and controlnet when the directory has one)."
     from anime_pose.pipeline import TINY_SHAPES, PoseTransferPipeline, check_model_dir
     from anime_pose.controlnet import ModelError
-    if config.base_model in SD_SHAPES:
+    if config.base_model in PRESETS and config.base_model not in TINY_SHAPES:  # the sd15/sd21 shapes
         raise ConfigError(f"base_model='{config.base_model}' is a shape for --dry-run; to train, set base_model to a local diffusers directory")
     if config.base_model in TINY_SHAPES:
         if triples is None: triples = training_triples(config)

@@ -293,6 +293,16 @@ def test_small_base_trains_on_16x16_latents_end_to_end(tmp_path):
     assert result.images[0].size == (64, 64)
 
 
+def test_base_pretraining_schedule_runs_for_any_number_of_steps():
+    from anime_pose.train import _one_cycle
+    for steps in range(1, 40):
+        optimizer, schedule = _one_cycle([torch.nn.Parameter(torch.zeros(1))], 1e-3, steps)
+        rates = []
+        for _ in range(steps): rates.append(optimizer.param_groups[0]['lr']); optimizer.step(); schedule.step()  # the rate each step used
+        assert max(rates) <= 1e-3 + 1e-12
+        if steps >= 4: assert rates[0] < max(rates) and rates[-1] < max(rates)  # warms up, then cools down
+
+
 def test_losses_and_min_snr():
     from anime_pose.train import diffusion_loss, min_snr_weights
     x, y = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
