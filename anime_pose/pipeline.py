@@ -395,8 +395,8 @@ def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument('--reference-pose', help="A's pose as OpenPose JSON, to retarget poses to A's proportions")
     parser.add_argument('--retarget', action=argparse.BooleanOptionalAction, default=None, help='retarget poses to A (default: when --reference-pose is given)')
     parser.add_argument('--canvas', type=_canvas, metavar='WxH', help='size of the image pixel-coordinate pose JSON came from, when the file does not say')
-    parser.add_argument('--height', type=int, help="image height, a multiple of 8 (default: the model's)")
-    parser.add_argument('--width', type=int, help="image width, a multiple of 8 (default: the model's)")
+    parser.add_argument('--height', type=int, help="image height, a multiple of the VAE's scale factor: 8 for SD, 4 for the bundled model (default: the model's)")
+    parser.add_argument('--width', type=int, help="image width, a multiple of the VAE's scale factor (default: the model's)")
     parser.add_argument('--seed', type=int, default=0, help='random seed (default 0): the same seed gives the same image')
     parser.add_argument('--device', help='cpu, cuda, mps (default: the best available)')
 

@@ -127,7 +127,7 @@ def test_retrain_follows_a_recipe_and_the_result_evaluates(tmp_path):
     from anime_pose.evaluate import evaluate_models, load_recipe, retrain_models
     from anime_pose.train import TrainConfig, override_config
     recipe = load_recipe()
-    shrink = dict(synthetic_characters=6, max_steps=2, base_steps=2, validate_every=1, sample_every=0, checkpoint_every=0)
+    shrink = dict(synthetic_characters=6, max_steps=2, base_steps=2, base_vae_steps=2, validate_every=1, sample_every=0, checkpoint_every=0)
     small = {'anime_pose': {'config': {**recipe['anime_pose']['config'], **shrink}},
              'gan': {'config': {**recipe['gan']['config'], **shrink}},
              'parser': dict(characters=6, poses_per_character=2, steps=2, batch_size=4, seed=1)}

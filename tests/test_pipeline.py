@@ -227,7 +227,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, reference, poses, c
     from anime_pose.cli import main
     reference.save(tmp_path / 'a.png'); poses[0].save(tmp_path / 'b.json')
     common = ('--reference', tmp_path / 'a.png', '--pose', tmp_path / 'b.json', '--steps', 1)
-    for extra, message in [(('--out', tmp_path / 'o.png', '--height', 63), 'height must be a positive multiple of 8'),
+    for extra, message in [(('--out', tmp_path / 'o.png', '--height', 63), 'height must be a positive multiple of 4, got 63'),
                            (('--out', tmp_path / 'o.png', '--model', tmp_path / 'nope'), 'no such model directory'),
                            (('--out', tmp_path / 'o.txt'), 'expected an image file name'),
                            (('--out', tmp_path / 'o.png', '--reference', tmp_path / 'missing.png'), 'no such file')]:
