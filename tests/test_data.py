@@ -666,21 +666,6 @@ def test_find_pose_uses_detect_pose_to_choose_and_puts_the_pose_on_the_image():
     assert find_pose(lambda image: lone, image) is None  # a joint without a limb is no body (as anime_pose.pose reads files)
 
 
-@pytest.fixture(scope='module')
-def blind_openpose():
-    "controlnet_aux's real OpenPose body network with all-zero weights (no download): it finds nobody."
-    import warnings, torch
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        from controlnet_aux.open_pose import OpenposeDetector
-        from controlnet_aux.open_pose.body import Body
-        from controlnet_aux.open_pose.model import bodypose_model
-    body = Body.__new__(Body)
-    body.model = bodypose_model().eval()
-    for parameter in body.model.parameters(): torch.nn.init.zeros_(parameter)
-    return OpenPoseDetector(OpenposeDetector(body), detect_resolution=64)
-
-
 def pose_pairs_on_disk(root, colours, variant='original', size=(60, 90)):
     "Posts of one character whose images (solid `colours`, None = not fetched) are under `root`; and their pairs."
     posts = [post_dict(i, 'alice', file_ext='png', width=size[0], height=size[1]) for i in range(1, len(colours) + 1)]
@@ -693,6 +678,7 @@ def pose_pairs_on_disk(root, colours, variant='original', size=(60, 90)):
 
 
 def test_detect_poses_counts_what_it_could_not_use_and_goes_on(tmp_path, blind_openpose):
+    blind = OpenPoseDetector(blind_openpose, detect_resolution=64)
     posts, pairs = pose_pairs_on_disk(tmp_path, ['red', 'blue', None, 'white', 'red'])
     (tmp_path / post_path(4, 'png')).write_bytes(b'\x89PNG\r\n\x1a\n broken')
     poses, report = detect_poses(pairs, tmp_path, Stub({(255, 0, 0): [figure()]}), progress=False)
@@ -700,7 +686,7 @@ def test_detect_poses_counts_what_it_could_not_use_and_goes_on(tmp_path, blind_o
     assert {k: report[k] for k in ('posts', 'detected', 'no_person', 'missing_image', 'unreadable_image')} == \
         dict(posts=5, detected=2, no_person=1, missing_image=1, unreadable_image=1)
     assert {u['id']: u['reason'] for u in report['undetected']} == {2: 'no_person', 3: 'missing_image', 4: 'unreadable_image'}
-    poses, report = detect_poses(pairs, tmp_path, blind_openpose, progress=False)  # the real network, finding nobody: never fatal
+    poses, report = detect_poses(pairs, tmp_path, blind, progress=False)  # the real network, finding nobody: never fatal
     assert poses == {} and report['no_person'] == 3 and report['detected'] == 0
 
 

@@ -636,21 +636,6 @@ def test_openpose_weights_that_are_not_openpose_are_refused(tmp_path):
         OpenPoseDetector.load(tmp_path)
 
 
-@pytest.fixture(scope='module')
-def blind_openpose():
-    "controlnet_aux's real OpenPose body network with all-zero weights: it finds nobody."
-    import torch
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        from controlnet_aux.open_pose import OpenposeDetector
-        from controlnet_aux.open_pose.body import Body
-        from controlnet_aux.open_pose.model import bodypose_model
-    body = Body.__new__(Body)
-    body.model = bodypose_model().eval()
-    for parameter in body.model.parameters(): torch.nn.init.zeros_(parameter)
-    return OpenposeDetector(body)
-
-
 def test_real_openpose_network_finding_nobody_is_an_error(blind_openpose):
     detector = OpenPoseDetector(blind_openpose, detect_resolution=128)
     picture = Image.new('RGB', (200, 300), (240, 220, 200))
