@@ -14,7 +14,7 @@ from PIL import Image
 from .core import AnimePoseError, load_image
 
 # %% auto #0
-__all__ = ['TINY_CONDITIONING_CHANNELS', 'ModelError', 'tiny_unet_config', 'tiny_unet', 'controlnet_from_unet',
+__all__ = ['TINY_CONDITIONING_CHANNELS', 'ModelError', 'tiny_unet_config', 'tiny_unet', 'downsampling', 'controlnet_from_unet',
            'zero_convolutions', 'is_zero_initialised', 'condition_tensor', 'controlled_prediction', 'check_controlnet',
            'load_controlnet', 'residual_maps']
 
@@ -41,6 +41,10 @@ def tiny_unet(seed: int = 0, # seeds the random initialisation
         return UNet2DConditionModel(**{**tiny_unet_config(), **config})
 
 # %% ../nbs/05_controlnet.ipynb #b10ea6ff
+def downsampling(widths) -> int:
+    "How much a stack of stages that halve the image between them shrinks it (`len(widths)` stages: 2**(stages - 1)), as a VAE encoder or a conditioning embedding does."
+    return 2 ** (len(widths) - 1)
+
 TINY_CONDITIONING_CHANNELS = (8, 16, 32, 32)  # conditioning embedding widths for CPU-sized UNets (÷8; the first 3 for ÷4)
 
 def controlnet_from_unet(unet: UNet2DConditionModel, # the frozen denoiser to control
@@ -54,7 +58,7 @@ def controlnet_from_unet(unet: UNet2DConditionModel, # the frozen denoiser to co
     if conditioning_channels is None:
         tiny = max(unet.config.block_out_channels) <= 128
         conditioning_channels = (TINY_CONDITIONING_CHANNELS if tiny else (16, 32, 96, 256))[:strides + 1]
-    if len(conditioning_channels) != strides + 1:
+    if downsampling(conditioning_channels) != vae_scale_factor:
         raise ModelError(f'a {vae_scale_factor}x VAE needs {strides + 1} conditioning widths, got {tuple(conditioning_channels)}')
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(conditioning_channels))
 

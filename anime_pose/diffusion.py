@@ -101,10 +101,11 @@ def q_sample(schedule: NoiseSchedule, # the noise schedule
 
 # %% ../nbs/04_annotated_diffusion.ipynb #72680556
 def images_to_tensor(images, # paths, encoded bytes or PIL images
-                     size: int = 32, # side of the square the images are resized to
+                     size: int | None = 32, # side of the square the images are resized to; None keeps their (equal) sizes
                     ) -> torch.Tensor:
     "Load `images` as an N×3×`size`×`size` float tensor in [-1, 1]."
-    arrays = [np.asarray(load_image(image).resize((size, size), Image.Resampling.LANCZOS), dtype=np.float32) for image in images]
+    images = [load_image(image) for image in images]
+    arrays = [np.asarray(image if size is None else image.resize((size, size), Image.Resampling.LANCZOS), dtype=np.float32) for image in images]
     if not arrays: raise DiffusionError('no images given')
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
 

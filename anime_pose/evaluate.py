@@ -359,10 +359,6 @@ def load_lpips(*paths: str | os.PathLike, # one or two files holding the backbon
     return LPIPS(features, ends, [linear[i] for i in range(5)]).eval()
 
 # %% ../nbs/09_evaluate.ipynb #ea161272
-def _as_tensor(image) -> torch.Tensor:
-    "An image as a (1, 3, H, W) tensor in [-1, 1]."
-    return torch.from_numpy(_pixels(image).astype(np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
-
 def lpips(generated: list, # generated images
           targets: list, # one target per generated image
           model: LPIPS, # see `load_lpips`
@@ -370,7 +366,7 @@ def lpips(generated: list, # generated images
     "LPIPS distance of each generated image to its target (resized to the target's size); lower is better."
     if len(generated) != len(targets): raise AnimePoseError(f'lpips: {len(generated)} generated images for {len(targets)} targets')
     targets = [load_image(t) for t in targets]
-    return np.array([model(_as_tensor(load_image(g).resize(t.size, Image.BICUBIC)), _as_tensor(t)).item()
+    return np.array([model(images_to_tensor([load_image(g).resize(t.size, Image.BICUBIC)], None), images_to_tensor([t], None)).item()
                      for g, t in zip(generated, targets)])
 
 # %% ../nbs/09_evaluate.ipynb #8d2ddc47

@@ -19,7 +19,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .core import AnimePoseError, atomic_path, bundled_path, image_grid, load_image
 from .pose import Pose, PoseError, retarget as retarget_pose
-from .controlnet import ModelError, check_controlnet, condition_tensor, controlled_prediction, controlnet_from_unet, load_controlnet, tiny_unet
+from .controlnet import (ModelError, check_controlnet, condition_tensor, controlled_prediction, controlnet_from_unet, downsampling,
+                                   load_controlnet, tiny_unet)
 from .reference import ReferenceAttention, make_reference_net, self_attention_names
 
 # %% auto #0
@@ -114,7 +115,7 @@ def tiny_components(seed: int = 0, # seeds every random initialisation
     "Every component of a `PoseTransferPipeline`, small enough for a CPU, built without downloads."
     if shape not in TINY_SHAPES: raise ModelError(f"shape {shape!r} is unknown; expected one of {', '.join(TINY_SHAPES)}")
     widths = TINY_SHAPES[shape]
-    factor = 2 ** (len(widths['vae']) - 1)
+    factor = downsampling(widths['vae'])
     tokenizer = tiny_tokenizer()
     unet = tiny_unet(seed, cross_attention_dim=cross_attention_dim, sample_size=64 // factor, block_out_channels=widths['unet']).eval()
     return dict(vae=tiny_vae(seed, widths['vae']), text_encoder=tiny_text_encoder(tokenizer, cross_attention_dim, seed), tokenizer=tokenizer,
@@ -130,10 +131,10 @@ def check_components(vae, text_encoder, unet, controlnet, reference_net=None):
     if vae.config.latent_channels != unet.config.in_channels:
         raise ModelError(f'the VAE has {vae.config.latent_channels} latent channels but the UNet takes {unet.config.in_channels}')
     check_controlnet(unet, controlnet)
-    pixels_per_latent = 2 ** (len(vae.config.block_out_channels) - 1)
-    if 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1) != pixels_per_latent:
-        raise ModelError(f'the ControlNet embeds skeletons for a {2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)}x VAE '
-                         f'but the VAE downsamples {pixels_per_latent}x (see controlnet_from_unet(vae_scale_factor=))')
+    embedded, pixels_per_latent = downsampling(controlnet.config.conditioning_embedding_out_channels), downsampling(vae.config.block_out_channels)
+    if embedded != pixels_per_latent:
+        raise ModelError(f'the ControlNet embeds skeletons for a {embedded}x VAE but the VAE downsamples {pixels_per_latent}x '
+                         '(see controlnet_from_unet(vae_scale_factor=))')
     if reference_net is not None and self_attention_names(reference_net) != self_attention_names(unet):
         raise ModelError('the reference net does not match the UNet: different self-attention layers')
 
@@ -209,7 +210,7 @@ class PoseTransferPipeline(DiffusionPipeline):
         check_components(vae, text_encoder, unet, controlnet, reference_net)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
                               scheduler=scheduler, reference_net=reference_net)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = downsampling(vae.config.block_out_channels)
 
 # %% ../nbs/07_pipeline.ipynb #b7ec0232
 @torch.no_grad()
@@ -338,7 +339,7 @@ def check_model_dir(path: Path, controlnet_given: bool = False) -> Path:
 def vae_scale_factor(path: str | os.PathLike, # a model directory with vae/config.json
                     ) -> int:
     "Pixels per latent of the VAE in the model directory `path` (8 for Stable Diffusion)."
-    return 2 ** (len(AutoencoderKL.load_config(Path(path) / 'vae')['block_out_channels']) - 1)
+    return downsampling(AutoencoderKL.load_config(Path(path) / 'vae')['block_out_channels'])
 
 # %% ../nbs/07_pipeline.ipynb #4c166dfb
 @patch(cls_method=True)

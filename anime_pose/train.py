@@ -727,6 +727,7 @@ def build_cache(split, # a `datasets.Dataset` of triples
     "Encode every triple of `split` once into a memory-mapped `datasets.Dataset` saved at `directory` (reused when present)."
     import datasets
     from PIL import Image
+    from anime_pose.controlnet import downsampling
     from anime_pose.core import load_image
     from anime_pose.pipeline import encode_images, encode_prompt
     from anime_pose.pose import Pose
@@ -734,7 +735,7 @@ def build_cache(split, # a `datasets.Dataset` of triples
     if (directory / 'dataset_info.json').exists(): return datasets.load_from_disk(str(directory))
     vae, text_encoder, tokenizer = components['vae'], components['text_encoder'], components['tokenizer']
     features = cache_features(resolution, vae.config.latent_channels, (tokenizer.model_max_length, text_encoder.config.hidden_size),
-                              2 ** (len(vae.config.block_out_channels) - 1))
+                              downsampling(vae.config.block_out_channels))
     def rows():
         for start in tqdm(range(0, len(split), batch_size), desc=f'caching {directory.name}', unit='batch', disable=not progress):
             batch = split[start:start + batch_size]
@@ -959,17 +960,12 @@ SD_SHAPES = {  # Stable Diffusion 1.x (waifu-diffusion 1.3, Anything) and 2.x (w
 # %% ../nbs/08_train.ipynb #10202073
 def _component_configs(base_model: str) -> dict:
     "The unet, vae and text-encoder configurations of a shape name, 'tiny' or 'small', or a diffusers directory (configs only)."
-    from anime_pose.controlnet import ModelError, tiny_unet_config
-    from anime_pose.pipeline import TINY_SHAPES
+    from anime_pose.controlnet import ModelError
+    from anime_pose.pipeline import TINY_SHAPES, tiny_components
     if base_model in SD_SHAPES: return SD_SHAPES[base_model]
-    if base_model in TINY_SHAPES:
-        widths = TINY_SHAPES[base_model]
-        stages = len(widths['vae'])
-        return dict(unet=tiny_unet_config(sample_size=64 // 2 ** (stages - 1)) | dict(block_out_channels=widths['unet']),
-                    text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                              max_position_embeddings=77, vocab_size=1000, projection_dim=32),
-                    vae=dict(block_out_channels=widths['vae'], down_block_types=('DownEncoderBlock2D',) * stages,
-                             up_block_types=('UpDecoderBlock2D',) * stages, latent_channels=4, layers_per_block=1, norm_num_groups=8))
+    if base_model in TINY_SHAPES:  # the very configurations the tiny components are built with
+        parts = tiny_components(shape=base_model)
+        return dict(unet=dict(parts['unet'].config), vae=dict(parts['vae'].config), text=parts['text_encoder'].config.to_dict())
     path, configs = Path(base_model), {}
     for key, folder in (('unet', 'unet'), ('vae', 'vae'), ('text', 'text_encoder')):
         file = path / folder / 'config.json'
@@ -984,26 +980,26 @@ def meta_components(config: TrainConfig) -> dict:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    from anime_pose.controlnet import controlnet_from_unet
+    from anime_pose.controlnet import controlnet_from_unet, downsampling
     configs = _component_configs(config.base_model)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(configs['unet'])
-        factor = 2 ** (len(configs['vae']['block_out_channels']) - 1)
         components = dict(unet=unet, vae=AutoencoderKL.from_config(configs['vae']), text_encoder=CLIPTextModel(CLIPTextConfig(**configs['text'])),
-                          controlnet=controlnet_from_unet(unet, vae_scale_factor=factor))
+                          controlnet=controlnet_from_unet(unet, vae_scale_factor=downsampling(configs['vae']['block_out_channels'])))
         if config.train_reference: components['reference_net'] = UNet2DConditionModel.from_config(configs['unet'])
     return components
 
 # %% ../nbs/08_train.ipynb #dc7da16f
 def _saved_activation_bytes(components: dict, config: TrainConfig) -> int:
     "Bytes of the tensors one training forward pass saves for backward, counted on the meta device."
+    from anime_pose.controlnet import downsampling
     dtype = WEIGHT_DTYPES[config.mixed_precision]
     unet, controlnet, reference_net = components['unet'], components['controlnet'], components.get('reference_net')
     for module, trains in ((unet, False), (controlnet, config.train_controlnet), (reference_net, True)):
         if module is None: continue
         nn.Module.to(module, dtype).requires_grad_(trains).train()  # nn.Module.to: diffusers' own `to` warns about casts
         if config.gradient_checkpointing: module.enable_gradient_checkpointing()
-    side, batch = config.resolution // 2 ** (len(components['vae'].config.block_out_channels) - 1), config.batch_size
+    side, batch = config.resolution // downsampling(components['vae'].config.block_out_channels), config.batch_size
     meta = dict(device='meta', dtype=dtype)
     latents = torch.empty(batch, unet.config.in_channels, side, side, **meta)
     text = torch.empty(batch, 77, unet.config.cross_attention_dim, **meta)
