@@ -9,6 +9,9 @@ PYTHON ?= python3
 install: $(VENV)/.installed
 
 $(VENV)/.installed: settings.ini setup.py constraints.txt
+	@# torch's CUDA build (the one this machine's wheels provide) makes the environment about 6.6 GB
+	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); if [ "$$free_kb" -lt 7340032 ]; then \
+	  echo "make install: the virtual environment needs about 7 GB of free disk; only $$((free_kb / 1048576)) GB are free here" >&2; exit 1; fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch and torchvision first, as the pair this machine's wheels provide (see constraints.txt)
