@@ -711,7 +711,7 @@ def evaluate_models(out: str | os.PathLike, # the report directory
                     curves: dict | None = None, # title -> run directory, for the loss plots
                     count: int = 24, # held-out triples to evaluate
                     num_inference_steps: int = 20,
-                    progress: bool = True, # also print what is not measured, on stderr
+                    progress: bool = True, # also print what is not measured or not used, on stderr
                     detector: PoseDetector | str | os.PathLike | None = None, # real data: a detector or its directory; None: no pck/oks
                     learned: LearnedMetrics | None = None, # the learned metrics' networks; default none (`load_learned_metrics`)
                    ) -> dict[str, dict[str, float]]:
@@ -723,12 +723,17 @@ def evaluate_models(out: str | os.PathLike, # the report directory
     if learned.inception is not None and len(triples) < 2:  # one image has no covariance
         learned = LearnedMetrics(learned.encoder, learned.lpips, None, {**learned.unavailable, 'fid, kid': 'need at least 2 triples (--count 2 or more)'})
     not_measured = dict(learned.unavailable)
-    if synthetic: parser, detector = load_parser(parser), None
+    not_used = []
+    if synthetic:
+        if detector is not None: not_used.append('--detector: triples with part masks are scored by the synthetic parser (--parser)')
+        parser, detector = load_parser(parser), None
     else:
+        if parser is not None: not_used.append('--parser: triples without part masks are scored by the pose detector (--detector)')
         parser = None
         if isinstance(detector, (str, os.PathLike)): detector = load_detector(detector)
         if detector is None: not_measured['pck, oks'] = DETECTOR_HELP
     if progress:
+        for note in not_used: print(f'not used: {note}', file=sys.stderr)
         for names, why in not_measured.items(): print(f'not measured: {names}: {why}', file=sys.stderr)
     methods = {'ground_truth': lambda triple: load_image(triple['target']),
                **build_methods(pipeline, gan, num_inference_steps)}
@@ -802,7 +807,7 @@ def _run_evaluate(args) -> int:
     run = Path(args.model)
     if not (run / 'config.json').is_file() or not (run / 'final').is_dir():
         raise AnimePoseError(f"'{run}': not a training run (expected config.json and final/ as written by anime-pose train)")
-    curves = {'anime_pose': run, **({'gan': args.gan} if args.gan and (Path(args.gan) / 'losses.csv').is_file() else {})}
+    curves = {title: path for title, path in (('anime_pose', run), ('gan', args.gan)) if path and (Path(path) / 'losses.csv').is_file()}  # runs keep losses.csv
     metrics = evaluate_models(args.out, run / 'final', load_config(run / 'config.json'), args.gan, args.parser, curves,
                               args.count, args.steps, detector=args.detector, learned=_learned(args))
     _print_metrics(metrics, Path(args.out))

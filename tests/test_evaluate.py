@@ -336,14 +336,30 @@ def _evaluate(*args):
 
 
 def test_evaluate_cli_on_real_data_without_weights_says_what_is_not_measured(real_run, tmp_path, capsys):
-    assert _evaluate('--model', real_run, '--out', tmp_path / 'report') == 0
+    from anime_pose.core import bundled_path
+    assert _evaluate('--model', real_run, '--out', tmp_path / 'report', '--parser', bundled_path('parser')) == 0
     err = capsys.readouterr().err
     assert f'not measured: fid, kid: {FID_HELP}' in err and 'not measured: pck, oks: needs a pose detector; pass --detector DIR' in err
+    assert 'not used: --parser: triples without part masks are scored by the pose detector' in err
     metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
     assert set(metrics) == {'ground_truth', 'copy_reference', 'pose_only', 'reference_only', 'anime_pose'}
     assert all(set(row) == {'ssim', 'psnr'} for row in metrics.values())
     report = (tmp_path / 'report' / 'report.md').read_text()
     assert '## Not measured' in report and '- lpips: needs LPIPS weights' in report and 'the ceiling the pose detector allows' in report
+
+
+def test_evaluate_cli_on_synthetic_data_says_the_detector_is_not_used(tmp_path, capsys):
+    "Synthetic triples carry part masks, so the synthetic parser scores them: a --detector given anyway is named as unused. A run without losses.csv still evaluates."
+    import shutil
+    from anime_pose.core import bundled_path
+    from anime_pose.evaluate import load_recipe
+    run = tmp_path / 'run'
+    shutil.copytree(bundled_path('model'), run / 'final')
+    (run / 'config.json').write_text(json.dumps({**load_recipe()['anime_pose']['config'], 'synthetic_characters': 6}))
+    assert _evaluate('--model', run, '--out', tmp_path / 'report', '--detector', bundled_path('parser')) == 0
+    assert 'not used: --detector: triples with part masks are scored by the synthetic parser' in capsys.readouterr().err
+    assert {'pck', 'silhouette_iou', 'identity_error'} <= set(json.loads((tmp_path / 'report' / 'metrics.json').read_text())['anime_pose'])
+    assert '## Training and test loss' not in (tmp_path / 'report' / 'report.md').read_text()  # the run has no losses.csv to plot
 
 
 def test_evaluate_cli_on_real_data_with_every_learned_metric(real_run, weights, tmp_path):
