@@ -24,10 +24,11 @@ from .synthetic import POSE_LIBRARY, Rendering, character_renderings, random_ide
 # %% auto #0
 __all__ = ['LDM_HINT_CHANNELS', 'LDM_PREFIX', 'EXPORT_EXAMPLES', 'AppError', 'uploaded_files', 'PoseInput', 'read_pose_file',
            'parse_canvas', 'pose_preview', 'synthetic_characters', 'synthetic_poses', 'TransferSettings', 'progress_to',
-           'generate', 'load_model', 'save_gallery', 'PoseTransferApp', 'ExportError', 'ldm_key', 'check_exportable',
-           'base_model_name', 'single_file_loaders', 'controlnet_to_ldm', 'default_export_name', 'check_export_name',
-           'load_controlnet_weights', 'export_controlnet', 'exported_config', 'load_exported', 'export_difference',
-           'bundled_controlnet_dir', 'export_cli', 'run_export']
+           'generate', 'load_model', 'default_controlnet_scale', 'save_gallery', 'PoseTransferApp', 'ExportError',
+           'ldm_key', 'check_exportable', 'base_model_name', 'single_file_loaders', 'controlnet_to_ldm',
+           'default_export_name', 'check_export_name', 'load_controlnet_weights', 'export_controlnet',
+           'exported_config', 'load_exported', 'export_difference', 'bundled_controlnet_dir', 'export_cli',
+           'run_export']
 
 # %% ../nbs/11_app.ipynb #59e0291f
 class AppError(AnimePoseError):
@@ -108,7 +109,7 @@ class TransferSettings:
     negative_prompt: str = 'lowres, bad anatomy, worst quality'
     steps: int = 20  # denoising steps
     guidance: float = 5.0  # classifier-free guidance scale
-    controlnet_scale: float = 1.0  # how strongly the skeleton steers
+    controlnet_scale: float | None = None  # how strongly the skeleton steers; None: the model's calibrated scale
     reference_strength: float = 1.0  # how strongly A's features are attended to
     seed: int = 0  # the same seed gives the same images
     retarget: bool = False  # redraw poses with A's proportions (needs A's pose)
@@ -154,6 +155,14 @@ def load_model(model: str | os.PathLike | None = None, # a model directory; defa
     from anime_pose.pipeline import load_pipeline
     return load_pipeline(model, device=device)
 
+def default_controlnet_scale(pipe=None, # a `PoseTransferPipeline`; None: the model `load_model()` would load
+                            ) -> float:
+    "The ControlNet scale the model draws with when a call gives none (its calibrated scale, else 1)."
+    if pipe is not None: return pipe.config.controlnet_conditioning_scale
+    from anime_pose.pipeline import bundled_model_dir
+    folder = bundled_model_dir()
+    return float(json.loads((folder / 'model_index.json').read_text()).get('controlnet_conditioning_scale', 1.0)) if folder else 1.0
+
 # %% ../nbs/11_app.ipynb #b9d17758
 def save_gallery(images: list[Image.Image], # the generated images
                  names: list[str], # one name per image (the pose's)
@@ -198,7 +207,7 @@ def _build(self: PoseTransferApp):
     self.prompt = w.Text(description='tags', placeholder='1girl, solo, long hair', layout=w.Layout(width='40em'))
     self.steps = w.IntSlider(value=20, min=1, max=100, description='steps', **slider)
     self.guidance = w.FloatSlider(5.0, min=0, max=15, step=0.5, description='guidance', **slider)
-    self.controlnet_scale = w.FloatSlider(1.0, min=0, max=2, step=0.05, description='ControlNet scale', **slider)
+    self.controlnet_scale = w.FloatSlider(default_controlnet_scale(self.pipe), min=0, max=5, step=0.05, description='ControlNet scale', **slider)
     self.reference_strength = w.FloatSlider(1.0, min=0, max=2, step=0.05, description='reference strength', **slider)
     self.seed = w.IntText(value=0, description='seed')
     self.generate_button, self.progress = w.Button(description='Generate', button_style='primary'), w.IntProgress(value=0, min=0, max=1)

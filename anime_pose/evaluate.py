@@ -23,14 +23,15 @@ from .pose import Pose, PoseDetector, PoseError, detect_pose, keypoint_heatmaps,
 
 # %% auto #0
 __all__ = ['IDENTITY_PARTS', 'MIRRORED', 'HEATMAP_SIGMA', 'METRICS', 'FID_HELP', 'LPIPS_HELP', 'LPIPS_NETS', 'ENCODER_HELP',
-           'DETECTOR_HELP', 'ENCODER_MISSING', 'METHODS', 'COLUMNS', 'LOWER_IS_BETTER', 'DECIMALS', 'psnr', 'ssim',
-           'identity_error', 'SyntheticParser', 'heatmap_keypoints', 'train_parser', 'parse', 'load_parser',
-           'silhouette_iou', 'score', 'load_weights', 'frechet_distance', 'fid', 'kid', 'InceptionFeatures',
-           'load_inception', 'LPIPS', 'load_lpips', 'lpips', 'ImageEncoder', 'load_image_encoder',
-           'embedding_similarity', 'pose_scores', 'ParserDetector', 'load_detector', 'score_real', 'LearnedMetrics',
-           'load_learned_metrics', 'learned_truth', 'learned_scores', 'pipeline_method', 'copy_reference', 'gan_method',
-           'evaluate_methods', 'metrics_table', 'sample_grid', 'write_report', 'load_recipe', 'held_out_triples',
-           'build_methods', 'retrain_models', 'evaluate_models', 'demo', 'demo_cli', 'evaluate_cli']
+           'DETECTOR_HELP', 'ENCODER_MISSING', 'METHODS', 'COLUMNS', 'LOWER_IS_BETTER', 'DECIMALS',
+           'CALIBRATION_SCALES', 'psnr', 'ssim', 'identity_error', 'SyntheticParser', 'heatmap_keypoints',
+           'train_parser', 'parse', 'load_parser', 'silhouette_iou', 'score', 'load_weights', 'frechet_distance', 'fid',
+           'kid', 'InceptionFeatures', 'load_inception', 'LPIPS', 'load_lpips', 'lpips', 'ImageEncoder',
+           'load_image_encoder', 'embedding_similarity', 'pose_scores', 'ParserDetector', 'load_detector', 'score_real',
+           'LearnedMetrics', 'load_learned_metrics', 'learned_truth', 'learned_scores', 'pipeline_method',
+           'copy_reference', 'gan_method', 'evaluate_methods', 'metrics_table', 'sample_grid', 'write_report',
+           'load_recipe', 'held_out_triples', 'build_methods', 'mean_ranks', 'calibrate_controlnet_scale',
+           'retrain_models', 'evaluate_models', 'demo', 'demo_cli', 'evaluate_cli', 'calibrate_cli']
 
 # %% ../nbs/09_evaluate.ipynb #c4cc59fb
 def _pixels(image) -> np.ndarray:
@@ -538,6 +539,7 @@ def pipeline_method(pipe, # a `PoseTransferPipeline`
                     num_inference_steps: int = 20,
                     guidance_scale: float = 3.0,
                     seed: int = 0,
+                    controlnet_conditioning_scale: float | None = None, # None: the model's default (see `calibrate_controlnet_scale`)
                    ):
     "A method drawing each triple's reference in its pose with `pipe`."
     pipe.set_progress_bar_config(disable=True)
@@ -546,7 +548,7 @@ def pipeline_method(pipe, # a `PoseTransferPipeline`
         pose = Pose(np.asarray(triple['pose'], np.float32), *size)
         return pipe(triple['reference'], pose, prompt=tags_prompt(triple['tags']), num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale, reference_strength=reference_strength, width=size[0], height=size[1],
-                    generator=torch.Generator().manual_seed(seed)).images[0]
+                    controlnet_conditioning_scale=controlnet_conditioning_scale, generator=torch.Generator().manual_seed(seed)).images[0]
     return generate
 
 def copy_reference(triple: dict) -> Image.Image:
@@ -651,12 +653,14 @@ def load_recipe(path: str | os.PathLike | None = None) -> dict:
 
 def held_out_triples(config, # the `TrainConfig` the model was trained with
                      count: int | None = None, # at most this many triples
+                     split: str | None = None, # None: the split reports use (test, else validation)
                     ):
-    "The held-out split of the data `config` trains on."
+    "A held-out split of the data `config` trains on."
     from anime_pose.train import held_out_split, training_triples
     triples = training_triples(config)
-    split = held_out_split(triples)
+    split = split or held_out_split(triples)
     if split is None: raise AnimePoseError(f'the data {config.data!r} has no test or validation split to evaluate on')
+    if split not in triples: raise AnimePoseError(f"the data {config.data!r} has no {split} split (it has {', '.join(triples)})")
     held_out = triples[split]
     return held_out.select(range(min(count, len(held_out)))) if count else held_out
 
@@ -682,6 +686,50 @@ def build_methods(pipeline: str | os.PathLike, # a saved `PoseTransferPipeline` 
     return {name: method for name, method in methods.items() if method is not None}
 
 # %% ../nbs/09_evaluate.ipynb #59ed8533
+CALIBRATION_SCALES = (1.0, 2.0, 3.0, 4.0)  # candidate ControlNet scales
+
+def mean_ranks(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    "Each method's mean rank over the metrics every method has (1 is the worst; ties share their mean rank; closeness to the reference is no merit)."
+    shared = [m for m in COLUMNS if m != 'reference_cosine' and all(m in row and np.isfinite(row[m]) for row in metrics.values())]
+    if not shared: raise AnimePoseError('no metric was measured for every method, so they cannot be ranked')
+    ranks = {name: 0.0 for name in metrics}
+    for m in shared:
+        values = {name: -row[m] if m in LOWER_IS_BETTER else row[m] for name, row in metrics.items()}
+        for name, value in values.items():
+            below, equal = sum(v < value for v in values.values()), sum(v == value for v in values.values())
+            ranks[name] += below + (equal + 1) / 2
+    return {name: total / len(shared) for name, total in ranks.items()}
+
+# %% ../nbs/09_evaluate.ipynb #61412c3d
+def calibrate_controlnet_scale(model: str | os.PathLike, # a saved `PoseTransferPipeline`; its model_index.json gets the scale
+                               config, # the `TrainConfig` it was trained with: its validation split is drawn
+                               scales=CALIBRATION_SCALES, # the candidates
+                               count: int = 24, # validation triples to draw at each scale
+                               num_inference_steps: int = 20,
+                               parser: str | os.PathLike | None = None, # synthetic data: default the bundled parser
+                               detector: PoseDetector | str | os.PathLike | None = None, # data without part masks: needed for pose accuracy
+                               progress: bool = True,
+                              ) -> dict:
+    "Draw the validation split at each of `scales`, store the best (mean rank over the metrics) as `model`'s default scale."
+    from anime_pose.pipeline import PoseTransferPipeline, set_default_controlnet_scale
+    from anime_pose.synthetic import PART_LABELS
+    scales = sorted({float(s) for s in scales})
+    if not scales or scales[0] < 0: raise AnimePoseError(f'ControlNet scales must be numbers >= 0, got {scales}')
+    triples = list(held_out_triples(config, count, 'validation'))
+    if 'masks' in triples[0]: parser, detector = load_parser(parser), None
+    else:
+        parser = None
+        if isinstance(detector, (str, os.PathLike)): detector = load_detector(detector)
+        if detector is None: raise AnimePoseError(f'calibrating needs pose accuracy on triples without part masks: it {DETECTOR_HELP}')
+    pipe = PoseTransferPipeline.from_pretrained(model)
+    methods = {f'{s:g}': pipeline_method(pipe, num_inference_steps=num_inference_steps, controlnet_conditioning_scale=s) for s in scales}
+    metrics, _ = evaluate_methods(methods, triples, parser, PART_LABELS, progress, detector)
+    ranks = mean_ranks(metrics)
+    best = max(scales, key=lambda s: (ranks[f'{s:g}'], -s))  # ties: the gentler scale
+    set_default_controlnet_scale(model, best)
+    return dict(scale=best, mean_rank=ranks, metrics=metrics, triples=len(triples))
+
+# %% ../nbs/09_evaluate.ipynb #2d6382e2
 def retrain_models(out: str | os.PathLike, # where to write model/ (and gan/, parser/)
                    recipe: dict | None = None, # default: the bundled models' recipe
                    baselines: bool = False, # also retrain the GAN baseline and the synthetic parser
@@ -690,16 +738,19 @@ def retrain_models(out: str | os.PathLike, # where to write model/ (and gan/, pa
     "Train the pipeline (and with `baselines` the GAN and the parser) from scratch, as the bundled ones were; return their folders."
     from anime_pose.train import override_config, TrainConfig, train
     recipe, out, folders = recipe or load_recipe(), Path(out), {}
+    if baselines:  # first: the model's calibration scores with it
+        with atomic_path(out / 'parser', is_dir=True) as tmp:
+            train_parser(**recipe['parser'], progress=progress).save_pretrained(tmp, safe_serialization=True)
+        folders['parser'] = out / 'parser'
     for name, folder in (('anime_pose', 'model'), *([('gan', 'gan')] if baselines else [])):
-        summary = train(override_config(TrainConfig(), recipe[name]['config'], f'recipe {name}'), out / 'runs' / name, progress=progress)
+        config = override_config(TrainConfig(), recipe[name]['config'], f'recipe {name}')
+        summary = train(config, out / 'runs' / name, progress=progress)
+        if 'calibration' in recipe[name]:
+            calibrate_controlnet_scale(summary['final'], config, parser=folders.get('parser'), progress=progress, **recipe[name]['calibration'])
         with atomic_path(out / folder, is_dir=True) as tmp:
             shutil.copytree(summary['final'], tmp, dirs_exist_ok=True)
             shutil.copy(out / 'runs' / name / 'losses.csv', tmp / 'losses.csv')
         folders[folder] = out / folder
-    if baselines:
-        with atomic_path(out / 'parser', is_dir=True) as tmp:
-            train_parser(**recipe['parser'], progress=progress).save_pretrained(tmp, safe_serialization=True)
-        folders['parser'] = out / 'parser'
     return folders
 
 # %% ../nbs/09_evaluate.ipynb #a2b23350
@@ -804,9 +855,7 @@ def demo_cli(parser: argparse.ArgumentParser):
 # %% ../nbs/09_evaluate.ipynb #11489fc1
 def _run_evaluate(args) -> int:
     from anime_pose.train import load_config
-    run = Path(args.model)
-    if not (run / 'config.json').is_file() or not (run / 'final').is_dir():
-        raise AnimePoseError(f"'{run}': not a training run (expected config.json and final/ as written by anime-pose train)")
+    run = _training_run(args.model)
     curves = {title: path for title, path in (('anime_pose', run), ('gan', args.gan)) if path and (Path(path) / 'losses.csv').is_file()}  # runs keep losses.csv
     metrics = evaluate_models(args.out, run / 'final', load_config(run / 'config.json'), args.gan, args.parser, curves,
                               args.count, args.steps, detector=args.detector, learned=_learned(args))
@@ -831,3 +880,34 @@ def evaluate_cli(parser: argparse.ArgumentParser):
     parser.add_argument('--count', type=int, default=24, help='held-out triples to evaluate (default 24)')
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
     parser.set_defaults(run=_run_evaluate)
+
+def _training_run(path) -> Path:
+    run = Path(path)
+    if not (run / 'config.json').is_file() or not (run / 'final').is_dir():
+        raise AnimePoseError(f"'{run}': not a training run (expected config.json and final/ as written by anime-pose train)")
+    return run
+
+def _run_calibrate(args) -> int:
+    from anime_pose.train import load_config
+    run = _training_run(args.model)
+    result = calibrate_controlnet_scale(run / 'final', load_config(run / 'config.json'), args.scales, args.count, args.steps,
+                                        args.parser, args.detector)
+    print(metrics_table({f"scale {name} (mean rank {rank:.2f})": result['metrics'][name] for name, rank in result['mean_rank'].items()}))
+    print(f"ControlNet scale {result['scale']:g} chosen on {result['triples']} validation triples; "
+          f"stored in {run / 'final' / 'model_index.json'}")
+    return 0
+
+def calibrate_cli(parser: argparse.ArgumentParser):
+    "`anime-pose calibrate`: choose the ControlNet scale a trained model draws with, on its validation split."
+    parser.epilog = ('examples:\n  anime-pose calibrate --model runs/tiny\n'
+                     '  anime-pose calibrate --model runs/danbooru --detector annotators --scales 1 1.5 2\n\n'
+                     'Each scale draws the validation split; the scale with the best mean rank over the measured metrics\n'
+                     'becomes the default of the model in RUN/final (model_index.json). The test split is not used.')
+    parser.add_argument('--model', required=True, help='an `anime-pose train` run directory (config.json, final/)')
+    parser.add_argument('--scales', type=float, nargs='+', default=list(CALIBRATION_SCALES),
+                        help=f"candidate scales (default {' '.join(f'{s:g}' for s in CALIBRATION_SCALES)})")
+    parser.add_argument('--count', type=int, default=24, help='validation triples drawn at each scale (default 24)')
+    parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
+    parser.add_argument('--parser', help='a synthetic parser directory (default: the bundled one)')
+    parser.add_argument('--detector', metavar='DIR', help='data without part masks: OpenPose weights or a SyntheticParser directory (required there)')
+    parser.set_defaults(run=_run_calibrate)

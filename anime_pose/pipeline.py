@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_pipeline.ipynb #6493e597
 from __future__ import annotations
-import argparse, inspect, os, sys
+import argparse, inspect, json, os, sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +27,8 @@ from .reference import ReferenceAttention, make_reference_net, self_attention_na
 __all__ = ['DANBOORU_WORDS', 'TINY_SHAPES', 'LAYOUT', 'tiny_tokenizer', 'tiny_text_encoder', 'tiny_vae', 'sd_scheduler',
            'tiny_components', 'check_components', 'TransferError', 'check_size', 'fit_reference', 'skeleton_images',
            'PoseTransferOutput', 'PoseTransferPipeline', 'encode_prompt', 'encode_images', 'decode_latents',
-           'check_model_dir', 'vae_scale_factor', 'bundled_model_dir', 'load_pipeline', 'run_transfer', 'transfer_cli',
-           'run_sheet', 'sheet_cli']
+           'check_model_dir', 'vae_scale_factor', 'set_default_controlnet_scale', 'bundled_model_dir', 'load_pipeline',
+           'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
 
 # %% ../nbs/07_pipeline.ipynb #a6247911
 DANBOORU_WORDS = '''girl boy solo long short hair eyes blue red green brown black white blonde pink purple silver grey
@@ -205,11 +205,16 @@ class PoseTransferPipeline(DiffusionPipeline):
     _optional_components = ['reference_net']
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, unet: UNet2DConditionModel,
-                 controlnet: ControlNetModel, scheduler, reference_net: UNet2DConditionModel | None = None):
+                 controlnet: ControlNetModel, scheduler, reference_net: UNet2DConditionModel | None = None,
+                 controlnet_conditioning_scale: float = 1.0, # the scale calls use by default (saved in model_index.json; see `anime-pose calibrate`)
+                ):
         super().__init__()
         check_components(vae, text_encoder, unet, controlnet, reference_net)
+        if not (isinstance(controlnet_conditioning_scale, (int, float)) and controlnet_conditioning_scale >= 0):
+            raise ModelError(f'controlnet_conditioning_scale must be a number >= 0, got {controlnet_conditioning_scale!r}')
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
                               scheduler=scheduler, reference_net=reference_net)
+        self.register_to_config(controlnet_conditioning_scale=float(controlnet_conditioning_scale))
         self.vae_scale_factor = downsampling(vae.config.block_out_channels)
 
 # %% ../nbs/07_pipeline.ipynb #b7ec0232
@@ -255,7 +260,7 @@ def __call__(self: PoseTransferPipeline,
              negative_prompt: str = '', # tags to steer away from, e.g. 'lowres, bad anatomy'
              num_inference_steps: int = 20,
              guidance_scale: float = 5.0, # classifier-free guidance; <= 1 turns it off
-             controlnet_conditioning_scale: float = 1.0, # how strongly the skeleton steers
+             controlnet_conditioning_scale: float | None = None, # how strongly the skeleton steers; None: the model's default (`config`)
              reference_strength: float = 1.0, # how strongly A's features are attended to; 0 ignores the reference
              retarget: bool | None = None, # redraw poses with A's proportions (needs `reference_pose`)
              reference_pose=None, # A's pose (Pose or OpenPose JSON), for `retarget`
@@ -269,6 +274,7 @@ def __call__(self: PoseTransferPipeline,
     "Draw the character of `reference` in every pose of `pose`."
     native = self.unet.config.sample_size * self.vae_scale_factor
     height, width = native if height is None else height, native if width is None else width
+    if controlnet_conditioning_scale is None: controlnet_conditioning_scale = self.config.controlnet_conditioning_scale
     check_size(height, width, self.vae_scale_factor)
     _check_settings(num_inference_steps, guidance_scale, controlnet_conditioning_scale, reference_strength, batch_size)
     if output_type not in ('pil', 'latent'): raise TransferError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
@@ -358,6 +364,19 @@ def from_pretrained(cls: PoseTransferPipeline,
     if not (Path(path) / 'reference_net').is_dir(): kwargs.setdefault('reference_net', None)
     return super(PoseTransferPipeline, cls).from_pretrained(path, use_safetensors=True, local_files_only=True, **kwargs)
 
+# %% ../nbs/07_pipeline.ipynb #e18536bf
+def set_default_controlnet_scale(path: str | os.PathLike, # a saved pipeline's directory
+                                 scale: float, # the ControlNet scale its calls use when they give none
+                                ) -> Path:
+    "Store `scale` in the model directory's `model_index.json` (atomically); return that file."
+    if not (isinstance(scale, (int, float)) and scale >= 0): raise ModelError(f'a ControlNet scale must be a number >= 0, got {scale!r}')
+    index = Path(path) / 'model_index.json'
+    if not index.is_file(): raise ModelError(f"'{path}': no model_index.json, so not a saved pipeline")
+    config = json.loads(index.read_text())
+    config['controlnet_conditioning_scale'] = float(scale)
+    with atomic_path(index) as tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
+    return index
+
 # %% ../nbs/07_pipeline.ipynb #2bf40fab
 def bundled_model_dir() -> Path | None:
     "The pose-transfer model bundled with anime_pose, or None if this installation has none."
@@ -391,7 +410,7 @@ def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument('--negative-prompt', default='lowres, bad anatomy, worst quality', help='tags to avoid')
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
     parser.add_argument('--guidance', type=float, default=5.0, help='classifier-free guidance scale (default 5)')
-    parser.add_argument('--controlnet-scale', type=float, default=1.0, help='pose conditioning strength (default 1)')
+    parser.add_argument('--controlnet-scale', type=float, help="pose conditioning strength (default: the model's calibrated scale, else 1)")
     parser.add_argument('--reference-strength', type=float, default=1.0, help='identity strength; 0 ignores the reference (default 1)')
     parser.add_argument('--reference-pose', help="A's pose as OpenPose JSON, to retarget poses to A's proportions")
     parser.add_argument('--retarget', action=argparse.BooleanOptionalAction, default=None, help='retarget poses to A (default: when --reference-pose is given)')

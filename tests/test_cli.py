@@ -28,7 +28,7 @@ def test_unknown_subcommand_is_a_usage_error():
 
 def test_available_subcommands_are_a_subset_of_the_contract():
     assert set(available_subcommands()) <= set(SUBCOMMANDS)
-    assert {'transfer', 'sheet', 'pose', 'synth', 'data', 'train', 'evaluate', 'demo', 'export'} == set(SUBCOMMANDS)
+    assert {'transfer', 'sheet', 'pose', 'synth', 'data', 'train', 'evaluate', 'calibrate', 'demo', 'export'} == set(SUBCOMMANDS)
 
 
 def test_no_subcommand_prints_help(capsys):

@@ -128,13 +128,14 @@ def test_retrain_follows_a_recipe_and_the_result_evaluates(tmp_path):
     from anime_pose.train import TrainConfig, override_config
     recipe = load_recipe()
     shrink = dict(synthetic_characters=6, max_steps=2, base_steps=2, base_vae_steps=2, validate_every=1, sample_every=0, checkpoint_every=0)
-    small = {'anime_pose': {'config': {**recipe['anime_pose']['config'], **shrink}},
+    small = {'anime_pose': {'config': {**recipe['anime_pose']['config'], **shrink}, 'calibration': dict(scales=[1, 2], count=1, num_inference_steps=1)},
              'gan': {'config': {**recipe['gan']['config'], **shrink}},
              'parser': dict(characters=6, poses_per_character=2, steps=2, batch_size=4, seed=1)}
     assert set(retrain_models(tmp_path / 'model-only', small, progress=False)) == {'model'}  # `--retrain`: the GAN and parser stay bundled
     models = retrain_models(tmp_path / 'models', small, baselines=True, progress=False)
     assert set(models) == {'model', 'gan', 'parser'} and all(path.is_dir() for path in models.values())
     assert (models['model'] / 'losses.csv').is_file() and (models['model'] / 'model_index.json').is_file()
+    assert json.loads((models['model'] / 'model_index.json').read_text())['controlnet_conditioning_scale'] in (1.0, 2.0)  # calibrated
     config = override_config(TrainConfig(), small['anime_pose']['config'], 'test')
     metrics = evaluate_models(tmp_path / 'report', models['model'], config, models['gan'], models['parser'],
                               {'anime_pose': models['model']}, count=1, num_inference_steps=1, progress=False)
@@ -391,3 +392,51 @@ def test_a_single_triple_leaves_fid_and_kid_unmeasured_instead_of_failing(real_r
                               num_inference_steps=1, progress=False, learned=learned)
     assert all(set(row) == {'ssim', 'psnr'} for row in metrics.values())
     assert '- fid, kid: need at least 2 triples' in (tmp_path / 'report' / 'report.md').read_text()
+
+
+# --- calibrating the ControlNet scale ---
+
+def _synthetic_run(tmp_path, characters=10):
+    "A training run directory holding the bundled model, trained (as far as its config says) on `characters` synthetic characters."
+    import shutil
+    from anime_pose.core import bundled_path
+    from anime_pose.evaluate import load_recipe
+    run = tmp_path / 'run'
+    shutil.copytree(bundled_path('model'), run / 'final')
+    (run / 'config.json').write_text(json.dumps({**load_recipe()['anime_pose']['config'], 'synthetic_characters': characters}))
+    return run
+
+
+def test_calibrate_cli_stores_the_chosen_scale_where_the_pipeline_finds_it(tmp_path, capsys):
+    from anime_pose.cli import main
+    from anime_pose.pipeline import PoseTransferPipeline
+    run = _synthetic_run(tmp_path)
+    assert main(['calibrate', '--model', str(run), '--scales', '3', '1', '--count', '2', '--steps', '2']) == 0
+    out = capsys.readouterr().out
+    stored = json.loads((run / 'final' / 'model_index.json').read_text())['controlnet_conditioning_scale']
+    assert stored in (1.0, 3.0) and f'ControlNet scale {stored:g} chosen on 2 validation triples' in out
+    assert '| scale 1 (mean rank' in out and '| scale 3 (mean rank' in out
+    assert PoseTransferPipeline.from_pretrained(run / 'final').config.controlnet_conditioning_scale == stored
+
+
+def test_calibrate_picks_the_best_mean_rank_and_prefers_the_gentler_scale_on_a_tie(tmp_path, monkeypatch):
+    import anime_pose.evaluate as evaluate
+    from anime_pose.train import load_config
+    run = _synthetic_run(tmp_path)
+    scores = {'1': dict(pck=.5, ssim=.6), '2': dict(pck=.7, ssim=.5), '3': dict(pck=.8, ssim=.7), '4': dict(pck=.8, ssim=.7)}
+    monkeypatch.setattr(evaluate, 'evaluate_methods', lambda methods, *args, **kwargs: ({name: scores[name] for name in methods}, {}))
+    result = evaluate.calibrate_controlnet_scale(run / 'final', load_config(run / 'config.json'), (4, 3, 2, 1), count=1, progress=False)
+    assert result['scale'] == 3.0 and result['mean_rank'] == {'1': 1.5, '2': 1.5, '3': 3.5, '4': 3.5}
+    assert json.loads((run / 'final' / 'model_index.json').read_text())['controlnet_conditioning_scale'] == 3.0
+
+
+def test_calibrating_real_triples_without_a_detector_is_a_one_line_error_and_changes_nothing(real_run, tmp_path, capsys):
+    import shutil
+    from anime_pose.cli import main
+    run = tmp_path / 'real'
+    shutil.copytree(real_run, run)
+    before = (run / 'final' / 'model_index.json').read_text()
+    assert main(['calibrate', '--model', str(run), '--count', '1', '--steps', '1']) == 1
+    err = capsys.readouterr().err.strip()
+    assert 'calibrating needs pose accuracy' in err and '--detector DIR' in err and len(err.splitlines()) == 1
+    assert (run / 'final' / 'model_index.json').read_text() == before
