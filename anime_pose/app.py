@@ -159,9 +159,10 @@ def default_controlnet_scale(pipe=None, # a `PoseTransferPipeline`; None: the mo
                             ) -> float:
     "The ControlNet scale the model draws with when a call gives none (its calibrated scale, else 1)."
     if pipe is not None: return pipe.config.controlnet_conditioning_scale
-    from anime_pose.pipeline import bundled_model_dir
+    from anime_pose.pipeline import bundled_model_dir, stored_controlnet_scale
     folder = bundled_model_dir()
-    return float(json.loads((folder / 'model_index.json').read_text()).get('controlnet_conditioning_scale', 1.0)) if folder else 1.0
+    scale = stored_controlnet_scale(folder) if folder else None
+    return 1.0 if scale is None else scale
 
 # %% ../nbs/11_app.ipynb #b9d17758
 def save_gallery(images: list[Image.Image], # the generated images
@@ -476,6 +477,9 @@ def export_controlnet(controlnet: str | os.PathLike | torch.nn.Module, # a Contr
     ldm = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for k, v in ldm.items()}
     public = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith('_')}
     metadata = {'format': 'pt', 'anime_pose.version': __version__, 'anime_pose.controlnet_config': json.dumps(public)}
+    from anime_pose.pipeline import stored_controlnet_scale
+    scale = None if isinstance(controlnet, torch.nn.Module) else stored_controlnet_scale(controlnet)
+    if scale is not None: metadata['anime_pose.controlnet_conditioning_scale'] = f'{scale:g}'  # the UIs' control weight
     with atomic_path(out) as tmp: save_file(ldm, tmp, metadata=metadata)
     return out
 
@@ -548,6 +552,9 @@ def run_export(args: argparse.Namespace) -> int:
     source = Path(args.controlnet) if args.controlnet else bundled_controlnet_dir()
     out = export_controlnet(source, args.out, fp16=args.fp16)
     print(f'wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, original ControlNet layout{", float16" if args.fp16 else ""})')
+    from anime_pose.pipeline import stored_controlnet_scale
+    scale = stored_controlnet_scale(source)
+    if scale is not None: print(f'calibrated ControlNet scale {scale:g}: use it as the control weight in A1111/ComfyUI (also in the file metadata)')
     for loader, reason in single_file_loaders(exported_config(out)).items():
         print(f'{loader}: ' + (f'does not load it faithfully: {reason}' if reason else 'loads it'))
     if 'openpose' not in out.name.lower(): print("note: without 'openpose' in the name the UIs do not list it under OpenPose")

@@ -27,8 +27,8 @@ from .reference import ReferenceAttention, make_reference_net, self_attention_na
 __all__ = ['DANBOORU_WORDS', 'TINY_SHAPES', 'LAYOUT', 'tiny_tokenizer', 'tiny_text_encoder', 'tiny_vae', 'sd_scheduler',
            'tiny_components', 'check_components', 'TransferError', 'check_size', 'fit_reference', 'skeleton_images',
            'PoseTransferOutput', 'PoseTransferPipeline', 'encode_prompt', 'encode_images', 'decode_latents',
-           'check_model_dir', 'vae_scale_factor', 'set_default_controlnet_scale', 'bundled_model_dir', 'load_pipeline',
-           'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
+           'check_model_dir', 'vae_scale_factor', 'set_default_controlnet_scale', 'stored_controlnet_scale',
+           'bundled_model_dir', 'load_pipeline', 'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
 
 # %% ../nbs/07_pipeline.ipynb #a6247911
 DANBOORU_WORDS = '''girl boy solo long short hair eyes blue red green brown black white blonde pink purple silver grey
@@ -376,6 +376,15 @@ def set_default_controlnet_scale(path: str | os.PathLike, # a saved pipeline's d
     config['controlnet_conditioning_scale'] = float(scale)
     with atomic_path(index) as tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
     return index
+
+def stored_controlnet_scale(folder: str | os.PathLike, # a saved pipeline, or its controlnet/ folder
+                           ) -> float | None:
+    "The default ControlNet scale stored in the pipeline `folder` belongs to (None: none stored), read without loading the model."
+    for index in (Path(folder) / 'model_index.json', Path(folder).parent / 'model_index.json'):
+        if index.is_file():
+            scale = json.loads(index.read_text()).get('controlnet_conditioning_scale')
+            return float(scale) if scale is not None else None
+    return None
 
 # %% ../nbs/07_pipeline.ipynb #2bf40fab
 def bundled_model_dir() -> Path | None:

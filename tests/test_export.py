@@ -294,3 +294,12 @@ def test_colab_cell_installs_keeping_the_torch_already_there(monkeypatch):
     constraints = Path(command[command.index('-c') + 1])
     assert f'torch=={version("torch")}' in constraints.read_text().splitlines()
     constraints.unlink()
+
+
+def test_a_calibrated_scale_travels_with_the_export(tmp_path, tiny, capsys):
+    _, folder = tiny
+    (folder.parent / 'model_index.json').write_text(json.dumps({'_class_name': 'PoseTransferPipeline', 'controlnet_conditioning_scale': 2.5}))
+    assert main(['export', '--controlnet', str(folder.parent), '--out', str(tmp_path / 'calibrated_openpose.safetensors')]) == 0
+    assert 'calibrated ControlNet scale 2.5: use it as the control weight' in capsys.readouterr().out
+    with safe_open(str(tmp_path / 'calibrated_openpose.safetensors'), 'pt') as f:
+        assert f.metadata()['anime_pose.controlnet_conditioning_scale'] == '2.5'
