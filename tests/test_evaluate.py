@@ -430,6 +430,19 @@ def test_calibrate_picks_the_best_mean_rank_and_prefers_the_gentler_scale_on_a_t
     assert json.loads((run / 'final' / 'model_index.json').read_text())['controlnet_conditioning_scale'] == 3.0
 
 
+def test_calibrating_real_triples_scores_them_with_the_detector(real_run, tmp_path):
+    import shutil
+    from anime_pose.core import bundled_path
+    from anime_pose.evaluate import calibrate_controlnet_scale
+    from anime_pose.train import load_config
+    run = tmp_path / 'real'
+    shutil.copytree(real_run, run)
+    result = calibrate_controlnet_scale(run / 'final', load_config(run / 'config.json'), (1, 2), count=2, num_inference_steps=1,
+                                        detector=bundled_path('parser'), progress=False)
+    assert all(set(row) == {'pck', 'oks', 'detected', 'ssim', 'psnr'} for row in result['metrics'].values())
+    assert json.loads((run / 'final' / 'model_index.json').read_text())['controlnet_conditioning_scale'] == result['scale']
+
+
 def test_calibrating_real_triples_without_a_detector_is_a_one_line_error_and_changes_nothing(real_run, tmp_path, capsys):
     import shutil
     from anime_pose.cli import main
