@@ -372,7 +372,7 @@ def set_default_controlnet_scale(path: str | os.PathLike, # a saved pipeline's d
     if not (isinstance(scale, (int, float)) and scale >= 0): raise ModelError(f'a ControlNet scale must be a number >= 0, got {scale!r}')
     index = Path(path) / 'model_index.json'
     if not index.is_file(): raise ModelError(f"'{path}': no model_index.json, so not a saved pipeline")
-    config = json.loads(index.read_text())
+    config = _model_index(index)
     config['controlnet_conditioning_scale'] = float(scale)
     with atomic_path(index) as tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
     return index
@@ -382,9 +382,17 @@ def stored_controlnet_scale(folder: str | os.PathLike, # a saved pipeline, or it
     "The default ControlNet scale stored in the pipeline `folder` belongs to (None: none stored), read without loading the model."
     for index in (Path(folder) / 'model_index.json', Path(folder).parent / 'model_index.json'):
         if index.is_file():
-            scale = json.loads(index.read_text()).get('controlnet_conditioning_scale')
-            return float(scale) if scale is not None else None
+            scale = _model_index(index).get('controlnet_conditioning_scale')
+            if scale is not None and not (isinstance(scale, (int, float)) and scale >= 0):
+                raise ModelError(f"'{index}': controlnet_conditioning_scale must be a number >= 0, got {scale!r}")
+            return None if scale is None else float(scale)
     return None
+
+def _model_index(index: Path) -> dict:
+    try: config = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ModelError(f"'{index}': not valid JSON ({e})") from None
+    if not isinstance(config, dict): raise ModelError(f"'{index}': not a pipeline's model_index.json (a JSON object)")
+    return config
 
 # %% ../nbs/07_pipeline.ipynb #2bf40fab
 def bundled_model_dir() -> Path | None:
