@@ -24,11 +24,10 @@ from .synthetic import POSE_LIBRARY, Rendering, character_renderings, random_ide
 # %% auto #0
 __all__ = ['LDM_HINT_CHANNELS', 'LDM_PREFIX', 'EXPORT_EXAMPLES', 'AppError', 'uploaded_files', 'PoseInput', 'read_pose_file',
            'parse_canvas', 'pose_preview', 'synthetic_characters', 'synthetic_poses', 'TransferSettings', 'progress_to',
-           'generate', 'load_model', 'default_controlnet_scale', 'save_gallery', 'PoseTransferApp', 'ExportError',
-           'ldm_key', 'check_exportable', 'base_model_name', 'single_file_loaders', 'controlnet_to_ldm',
-           'default_export_name', 'check_export_name', 'load_controlnet_weights', 'export_controlnet',
-           'exported_config', 'load_exported', 'export_difference', 'bundled_controlnet_dir', 'export_cli',
-           'run_export']
+           'generate', 'load_model', 'drawing_defaults', 'save_gallery', 'PoseTransferApp', 'ExportError', 'ldm_key',
+           'check_exportable', 'base_model_name', 'single_file_loaders', 'controlnet_to_ldm', 'default_export_name',
+           'check_export_name', 'load_controlnet_weights', 'export_controlnet', 'exported_config', 'load_exported',
+           'export_difference', 'bundled_controlnet_dir', 'export_cli', 'run_export']
 
 # %% ../nbs/11_app.ipynb #59e0291f
 class AppError(AnimePoseError):
@@ -108,8 +107,8 @@ class TransferSettings:
     prompt: str = ''  # Danbooru tags describing A
     negative_prompt: str = 'lowres, bad anatomy, worst quality'
     steps: int = 20  # denoising steps
-    guidance: float = 5.0  # classifier-free guidance scale
-    controlnet_scale: float | None = None  # how strongly the skeleton steers; None: the model's calibrated scale
+    guidance: float | None = None  # classifier-free guidance scale; None: the model's default
+    controlnet_scale: float | None = None  # how strongly the skeleton steers; None: the model's default
     reference_strength: float = 1.0  # how strongly A's features are attended to
     seed: int = 0  # the same seed gives the same images
     retarget: bool = False  # redraw poses with A's proportions (needs A's pose)
@@ -155,14 +154,15 @@ def load_model(model: str | os.PathLike | None = None, # a model directory; defa
     from anime_pose.pipeline import load_pipeline
     return load_pipeline(model, device=device)
 
-def default_controlnet_scale(pipe=None, # a `PoseTransferPipeline`; None: the model `load_model()` would load
-                            ) -> float:
-    "The ControlNet scale the model draws with when a call gives none (its calibrated scale, else 1)."
-    if pipe is not None: return pipe.config.controlnet_conditioning_scale
-    from anime_pose.pipeline import bundled_model_dir, stored_controlnet_scale
+def drawing_defaults(pipe=None, # a `PoseTransferPipeline`; None: the model `load_model()` would load
+                    ) -> dict[str, float]:
+    "The ControlNet scale and guidance the model draws with when a call gives none (calibrated, else 1 and 5)."
+    import inspect
+    from anime_pose.pipeline import DRAWING_DEFAULTS, PoseTransferPipeline, bundled_model_dir, stored_drawing_defaults
+    if pipe is not None: return {name: pipe.config[name] for name in DRAWING_DEFAULTS}
+    uncalibrated = {name: inspect.signature(PoseTransferPipeline).parameters[name].default for name in DRAWING_DEFAULTS}
     folder = bundled_model_dir()
-    scale = stored_controlnet_scale(folder) if folder else None
-    return 1.0 if scale is None else scale
+    return uncalibrated | (stored_drawing_defaults(folder) if folder else {})
 
 # %% ../nbs/11_app.ipynb #b9d17758
 def save_gallery(images: list[Image.Image], # the generated images
@@ -207,8 +207,9 @@ def _build(self: PoseTransferApp):
     self.retarget = w.Checkbox(value=False, description="retarget to A's proportions")
     self.prompt = w.Text(description='tags', placeholder='1girl, solo, long hair', layout=w.Layout(width='40em'))
     self.steps = w.IntSlider(value=20, min=1, max=100, description='steps', **slider)
-    self.guidance = w.FloatSlider(5.0, min=0, max=15, step=0.5, description='guidance', **slider)
-    self.controlnet_scale = w.FloatSlider(default_controlnet_scale(self.pipe), min=0, max=5, step=0.05, description='ControlNet scale', **slider)
+    defaults = drawing_defaults(self.pipe)
+    self.guidance = w.FloatSlider(defaults['guidance_scale'], min=0, max=15, step=0.5, description='guidance', **slider)
+    self.controlnet_scale = w.FloatSlider(defaults['controlnet_conditioning_scale'], min=0, max=5, step=0.05, description='ControlNet scale', **slider)
     self.reference_strength = w.FloatSlider(1.0, min=0, max=2, step=0.05, description='reference strength', **slider)
     self.seed = w.IntText(value=0, description='seed')
     self.generate_button, self.progress = w.Button(description='Generate', button_style='primary'), w.IntProgress(value=0, min=0, max=1)
@@ -477,8 +478,8 @@ def export_controlnet(controlnet: str | os.PathLike | torch.nn.Module, # a Contr
     ldm = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for k, v in ldm.items()}
     public = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith('_')}
     metadata = {'format': 'pt', 'anime_pose.version': __version__, 'anime_pose.controlnet_config': json.dumps(public)}
-    from anime_pose.pipeline import stored_controlnet_scale
-    scale = None if isinstance(controlnet, torch.nn.Module) else stored_controlnet_scale(controlnet)
+    from anime_pose.pipeline import stored_drawing_defaults
+    scale = None if isinstance(controlnet, torch.nn.Module) else stored_drawing_defaults(controlnet).get('controlnet_conditioning_scale')
     if scale is not None: metadata['anime_pose.controlnet_conditioning_scale'] = f'{scale:g}'  # the UIs' control weight
     with atomic_path(out) as tmp: save_file(ldm, tmp, metadata=metadata)
     return out
@@ -552,8 +553,8 @@ def run_export(args: argparse.Namespace) -> int:
     source = Path(args.controlnet) if args.controlnet else bundled_controlnet_dir()
     out = export_controlnet(source, args.out, fp16=args.fp16)
     print(f'wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, original ControlNet layout{", float16" if args.fp16 else ""})')
-    from anime_pose.pipeline import stored_controlnet_scale
-    scale = stored_controlnet_scale(source)
+    from anime_pose.pipeline import stored_drawing_defaults
+    scale = stored_drawing_defaults(source).get('controlnet_conditioning_scale')
     if scale is not None: print(f'calibrated ControlNet scale {scale:g}: use it as the control weight in A1111/ComfyUI (also in the file metadata)')
     for loader, reason in single_file_loaders(exported_config(out)).items():
         print(f'{loader}: ' + (f'does not load it faithfully: {reason}' if reason else 'loads it'))

@@ -24,13 +24,13 @@ from .pose import Pose, PoseDetector, PoseError, detect_pose, keypoint_heatmaps,
 # %% auto #0
 __all__ = ['IDENTITY_PARTS', 'MIRRORED', 'HEATMAP_SIGMA', 'METRICS', 'FID_HELP', 'LPIPS_HELP', 'LPIPS_NETS', 'ENCODER_HELP',
            'DETECTOR_HELP', 'ENCODER_MISSING', 'METHODS', 'COLUMNS', 'LOWER_IS_BETTER', 'DECIMALS',
-           'CALIBRATION_SCALES', 'psnr', 'ssim', 'identity_error', 'SyntheticParser', 'heatmap_keypoints',
-           'train_parser', 'parse', 'load_parser', 'silhouette_iou', 'score', 'load_weights', 'frechet_distance', 'fid',
-           'kid', 'InceptionFeatures', 'load_inception', 'LPIPS', 'load_lpips', 'lpips', 'ImageEncoder',
-           'load_image_encoder', 'embedding_similarity', 'pose_scores', 'ParserDetector', 'load_detector', 'score_real',
-           'LearnedMetrics', 'load_learned_metrics', 'learned_truth', 'learned_scores', 'pipeline_method',
-           'copy_reference', 'gan_method', 'evaluate_methods', 'metrics_table', 'sample_grid', 'write_report',
-           'load_recipe', 'held_out_triples', 'build_methods', 'mean_ranks', 'calibrate_controlnet_scale',
+           'CALIBRATION_SCALES', 'CALIBRATION_GUIDANCES', 'psnr', 'ssim', 'identity_error', 'SyntheticParser',
+           'heatmap_keypoints', 'train_parser', 'parse', 'load_parser', 'silhouette_iou', 'score', 'load_weights',
+           'frechet_distance', 'fid', 'kid', 'InceptionFeatures', 'load_inception', 'LPIPS', 'load_lpips', 'lpips',
+           'ImageEncoder', 'load_image_encoder', 'embedding_similarity', 'pose_scores', 'ParserDetector',
+           'load_detector', 'score_real', 'LearnedMetrics', 'load_learned_metrics', 'learned_truth', 'learned_scores',
+           'pipeline_method', 'copy_reference', 'gan_method', 'evaluate_methods', 'metrics_table', 'sample_grid',
+           'write_report', 'load_recipe', 'held_out_triples', 'build_methods', 'mean_ranks', 'calibrate',
            'retrain_models', 'evaluate_models', 'demo', 'demo_cli', 'evaluate_cli', 'calibrate_cli']
 
 # %% ../nbs/09_evaluate.ipynb #c4cc59fb
@@ -537,9 +537,9 @@ METHODS = ('copy_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose')
 def pipeline_method(pipe, # a `PoseTransferPipeline`
                     reference_strength: float = 1.0, # 0 switches the reference path off
                     num_inference_steps: int = 20,
-                    guidance_scale: float = 3.0,
+                    guidance_scale: float | None = None, # None: the model's default
                     seed: int = 0,
-                    controlnet_conditioning_scale: float | None = None, # None: the model's default (see `calibrate_controlnet_scale`)
+                    controlnet_conditioning_scale: float | None = None, # None: the model's default (see `calibrate`)
                    ):
     "A method drawing each triple's reference in its pose with `pipe`."
     pipe.set_progress_bar_config(disable=True)
@@ -676,7 +676,7 @@ def build_methods(pipeline: str | os.PathLike, # a saved `PoseTransferPipeline` 
     from anime_pose.pipeline import PoseTransferPipeline
     trained = PoseTransferPipeline.from_pretrained(pipeline)
     untrained = PoseTransferPipeline(**{**trained.components, 'controlnet': controlnet_from_unet(trained.unet, vae_scale_factor=trained.vae_scale_factor),
-                                                          'reference_net': None})
+                                                          'reference_net': None}, guidance_scale=trained.config.guidance_scale)  # drawn like the trained model
     settings = dict(num_inference_steps=num_inference_steps, seed=seed)
     methods = dict(copy_reference=copy_reference,
                    pose_only=pipeline_method(trained, reference_strength=0.0, **settings),
@@ -687,6 +687,7 @@ def build_methods(pipeline: str | os.PathLike, # a saved `PoseTransferPipeline` 
 
 # %% ../nbs/09_evaluate.ipynb #59ed8533
 CALIBRATION_SCALES = (1.0, 2.0, 3.0, 4.0)  # candidate ControlNet scales
+CALIBRATION_GUIDANCES = (1.0, 2.0, 3.0, 5.0)  # candidate guidance scales (1: none)
 
 def mean_ranks(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     "Each method's mean rank over the metrics every method has (1 is the worst; ties share their mean rank; closeness to the reference is no merit)."
@@ -701,20 +702,30 @@ def mean_ranks(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     return {name: total / len(shared) for name, total in ranks.items()}
 
 # %% ../nbs/09_evaluate.ipynb #61412c3d
-def calibrate_controlnet_scale(model: str | os.PathLike, # a saved `PoseTransferPipeline`; its model_index.json gets the scale
-                               config, # the `TrainConfig` it was trained with: its validation split is drawn
-                               scales=CALIBRATION_SCALES, # the candidates
-                               count: int = 24, # validation triples to draw at each scale
-                               num_inference_steps: int = 20,
-                               parser: str | os.PathLike | None = None, # synthetic data: default the bundled parser
-                               detector: PoseDetector | str | os.PathLike | None = None, # data without part masks: needed for pose accuracy
-                               progress: bool = True,
-                              ) -> dict:
-    "Draw the validation split at each of `scales`, store the best (mean rank over the metrics) as `model`'s default scale."
-    from anime_pose.pipeline import PoseTransferPipeline, set_default_controlnet_scale
+def _best_setting(candidates: list[float], metrics: dict, label: str) -> tuple[float, dict[str, float]]:
+    "The candidate with the best mean rank (ties: the smaller value), and every candidate's mean rank."
+    ranks = mean_ranks({name: metrics[name] for name in (f'{label} {c:g}' for c in candidates)})
+    return max(candidates, key=lambda c: (ranks[f'{label} {c:g}'], -c)), ranks
+
+def _candidates(values, name: str) -> list[float]:
+    values = sorted({float(v) for v in values})
+    if not values or not all(v >= 0 for v in values): raise AnimePoseError(f'{name} must be numbers >= 0, got {values}')
+    return values
+
+def calibrate(model: str | os.PathLike, # a saved `PoseTransferPipeline`; its model_index.json gets the drawing defaults
+              config, # the `TrainConfig` it was trained with: its validation split is drawn
+              scales=CALIBRATION_SCALES, # candidate ControlNet scales
+              guidances=CALIBRATION_GUIDANCES, # candidate guidance scales
+              count: int = 24, # validation triples drawn per candidate
+              num_inference_steps: int = 20,
+              parser: str | os.PathLike | None = None, # synthetic data: default the bundled parser
+              detector: PoseDetector | str | os.PathLike | None = None, # data without part masks: needed for pose accuracy
+              progress: bool = True,
+             ) -> dict:
+    "Choose the ControlNet scale, then the guidance, by mean rank on the validation split; store both as `model`'s drawing defaults."
+    from anime_pose.pipeline import PoseTransferPipeline, set_drawing_defaults
     from anime_pose.synthetic import PART_LABELS
-    scales = sorted({float(s) for s in scales})
-    if not scales or scales[0] < 0: raise AnimePoseError(f'ControlNet scales must be numbers >= 0, got {scales}')
+    scales, guidances = _candidates(scales, 'ControlNet scales'), _candidates(guidances, 'guidance scales')
     triples = list(held_out_triples(config, count, 'validation'))
     if 'masks' in triples[0]: parser, detector = load_parser(parser), None
     else:
@@ -722,12 +733,15 @@ def calibrate_controlnet_scale(model: str | os.PathLike, # a saved `PoseTransfer
         if isinstance(detector, (str, os.PathLike)): detector = load_detector(detector)
         if detector is None: raise AnimePoseError(f'calibrating needs pose accuracy on triples without part masks: it {DETECTOR_HELP}')
     pipe = PoseTransferPipeline.from_pretrained(model)
-    methods = {f'{s:g}': pipeline_method(pipe, num_inference_steps=num_inference_steps, controlnet_conditioning_scale=s) for s in scales}
-    metrics, _ = evaluate_methods(methods, triples, parser, PART_LABELS, progress, detector)
-    ranks = mean_ranks(metrics)
-    best = max(scales, key=lambda s: (ranks[f'{s:g}'], -s))  # ties: the gentler scale
-    set_default_controlnet_scale(model, best)
-    return dict(scale=best, mean_rank=ranks, metrics=metrics, triples=len(triples))
+    draw = lambda **setting: pipeline_method(pipe, num_inference_steps=num_inference_steps, **setting)
+    metrics, _ = evaluate_methods({f'scale {s:g}': draw(controlnet_conditioning_scale=s) for s in scales}, triples, parser, PART_LABELS, progress, detector)
+    scale, ranks = _best_setting(scales, metrics, 'scale')
+    already = {f'guidance {g:g}': metrics[f'scale {scale:g}'] for g in guidances if g == pipe.config.guidance_scale}  # drawn in the first pass
+    todo = {f'guidance {g:g}': draw(controlnet_conditioning_scale=scale, guidance_scale=g) for g in guidances if f'guidance {g:g}' not in already}
+    metrics |= already | evaluate_methods(todo, triples, parser, PART_LABELS, progress, detector)[0]
+    guidance, guidance_ranks = _best_setting(guidances, metrics, 'guidance')
+    set_drawing_defaults(model, controlnet_conditioning_scale=scale, guidance_scale=guidance)
+    return dict(controlnet_conditioning_scale=scale, guidance_scale=guidance, mean_rank=ranks | guidance_ranks, metrics=metrics, triples=len(triples))
 
 # %% ../nbs/09_evaluate.ipynb #2d6382e2
 def retrain_models(out: str | os.PathLike, # where to write model/ (and gan/, parser/)
@@ -746,7 +760,7 @@ def retrain_models(out: str | os.PathLike, # where to write model/ (and gan/, pa
         config = override_config(TrainConfig(), recipe[name]['config'], f'recipe {name}')
         summary = train(config, out / 'runs' / name, progress=progress)
         if 'calibration' in recipe[name]:
-            calibrate_controlnet_scale(summary['final'], config, parser=folders.get('parser'), progress=progress, **recipe[name]['calibration'])
+            calibrate(summary['final'], config, parser=folders.get('parser'), progress=progress, **recipe[name]['calibration'])
         with atomic_path(out / folder, is_dir=True) as tmp:
             shutil.copytree(summary['final'], tmp, dirs_exist_ok=True)
             shutil.copy(out / 'runs' / name / 'losses.csv', tmp / 'losses.csv')
@@ -890,23 +904,26 @@ def _training_run(path) -> Path:
 def _run_calibrate(args) -> int:
     from anime_pose.train import load_config
     run = _training_run(args.model)
-    result = calibrate_controlnet_scale(run / 'final', load_config(run / 'config.json'), args.scales, args.count, args.steps,
-                                        args.parser, args.detector)
-    print(metrics_table({f"scale {name} (mean rank {rank:.2f})": result['metrics'][name] for name, rank in result['mean_rank'].items()}))
-    print(f"ControlNet scale {result['scale']:g} chosen on {result['triples']} validation triples; "
-          f"stored in {run / 'final' / 'model_index.json'}")
+    result = calibrate(run / 'final', load_config(run / 'config.json'), args.scales, args.guidances, args.count, args.steps,
+                       args.parser, args.detector)
+    print(metrics_table({f"{name} (mean rank {rank:.2f})": result['metrics'][name] for name, rank in result['mean_rank'].items()}))
+    print(f"ControlNet scale {result['controlnet_conditioning_scale']:g} and guidance {result['guidance_scale']:g} chosen on "
+          f"{result['triples']} validation triples; stored in {run / 'final' / 'model_index.json'}")
     return 0
 
 def calibrate_cli(parser: argparse.ArgumentParser):
-    "`anime-pose calibrate`: choose the ControlNet scale a trained model draws with, on its validation split."
+    "`anime-pose calibrate`: choose the ControlNet scale and guidance a trained model draws with, on its validation split."
     parser.epilog = ('examples:\n  anime-pose calibrate --model runs/tiny\n'
-                     '  anime-pose calibrate --model runs/danbooru --detector annotators --scales 1 1.5 2\n\n'
-                     'Each scale draws the validation split; the scale with the best mean rank over the measured metrics\n'
-                     'becomes the default of the model in RUN/final (model_index.json). The test split is not used.')
+                     '  anime-pose calibrate --model runs/danbooru --detector annotators --scales 1 1.5 2 --guidances 5 7\n\n'
+                     'Each ControlNet scale (at the model\'s guidance), then each guidance (at the chosen scale), draws the\n'
+                     'validation split; the best mean rank over the measured metrics wins each time, and both become the\n'
+                     'defaults of the model in RUN/final (model_index.json). The test split is not used.')
     parser.add_argument('--model', required=True, help='an `anime-pose train` run directory (config.json, final/)')
     parser.add_argument('--scales', type=float, nargs='+', default=list(CALIBRATION_SCALES),
-                        help=f"candidate scales (default {' '.join(f'{s:g}' for s in CALIBRATION_SCALES)})")
-    parser.add_argument('--count', type=int, default=24, help='validation triples drawn at each scale (default 24)')
+                        help=f"candidate ControlNet scales (default {' '.join(f'{s:g}' for s in CALIBRATION_SCALES)})")
+    parser.add_argument('--guidances', type=float, nargs='+', default=list(CALIBRATION_GUIDANCES),
+                        help=f"candidate guidance scales, 1 for none (default {' '.join(f'{g:g}' for g in CALIBRATION_GUIDANCES)})")
+    parser.add_argument('--count', type=int, default=24, help='validation triples drawn per candidate (default 24)')
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
     parser.add_argument('--parser', help='a synthetic parser directory (default: the bundled one)')
     parser.add_argument('--detector', metavar='DIR', help='data without part masks: OpenPose weights or a SyntheticParser directory (required there)')

@@ -24,10 +24,10 @@ from .controlnet import (ModelError, check_controlnet, condition_tensor, control
 from .reference import ReferenceAttention, make_reference_net, self_attention_names
 
 # %% auto #0
-__all__ = ['DANBOORU_WORDS', 'TINY_SHAPES', 'LAYOUT', 'tiny_tokenizer', 'tiny_text_encoder', 'tiny_vae', 'sd_scheduler',
-           'tiny_components', 'check_components', 'TransferError', 'check_size', 'fit_reference', 'skeleton_images',
-           'PoseTransferOutput', 'PoseTransferPipeline', 'encode_prompt', 'encode_images', 'decode_latents',
-           'check_model_dir', 'vae_scale_factor', 'set_default_controlnet_scale', 'stored_controlnet_scale',
+__all__ = ['DANBOORU_WORDS', 'TINY_SHAPES', 'DRAWING_DEFAULTS', 'LAYOUT', 'tiny_tokenizer', 'tiny_text_encoder', 'tiny_vae',
+           'sd_scheduler', 'tiny_components', 'check_components', 'TransferError', 'check_size', 'fit_reference',
+           'skeleton_images', 'PoseTransferOutput', 'PoseTransferPipeline', 'encode_prompt', 'encode_images',
+           'decode_latents', 'check_model_dir', 'vae_scale_factor', 'set_drawing_defaults', 'stored_drawing_defaults',
            'bundled_model_dir', 'load_pipeline', 'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
 
 # %% ../nbs/07_pipeline.ipynb #a6247911
@@ -199,6 +199,16 @@ class PoseTransferOutput(BaseOutput):
     skeletons: list[Image.Image]
 
 # %% ../nbs/07_pipeline.ipynb #544c1d06
+DRAWING_DEFAULTS = ('controlnet_conditioning_scale', 'guidance_scale')  # call settings a saved pipeline carries in model_index.json
+
+def _drawing_defaults(settings: dict, error=ValueError, where: str = '') -> dict:
+    "`settings` checked to be drawing defaults with numbers >= 0, as floats."
+    for name, value in settings.items():
+        if name not in DRAWING_DEFAULTS: raise error(f"{where}{name!r} is not a drawing default (expected one of {', '.join(DRAWING_DEFAULTS)})")
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0): raise error(f'{where}{name} must be a number >= 0, got {value!r}')
+    return {name: float(value) for name, value in settings.items()}
+
+# %% ../nbs/07_pipeline.ipynb #bb339300
 class PoseTransferPipeline(DiffusionPipeline):
     "Character A from a reference image drawn in pose B: Stable Diffusion + ControlNet (pose) + reference attention (identity)."
     model_cpu_offload_seq = 'text_encoder->reference_net->controlnet->unet->vae'
@@ -206,15 +216,15 @@ class PoseTransferPipeline(DiffusionPipeline):
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, unet: UNet2DConditionModel,
                  controlnet: ControlNetModel, scheduler, reference_net: UNet2DConditionModel | None = None,
-                 controlnet_conditioning_scale: float = 1.0, # the scale calls use by default (saved in model_index.json; see `anime-pose calibrate`)
+                 controlnet_conditioning_scale: float = 1.0, # the ControlNet scale calls use by default (saved in model_index.json; see `anime-pose calibrate`)
+                 guidance_scale: float = 5.0, # the guidance calls use by default (saved likewise)
                 ):
         super().__init__()
         check_components(vae, text_encoder, unet, controlnet, reference_net)
-        if not (isinstance(controlnet_conditioning_scale, (int, float)) and controlnet_conditioning_scale >= 0):
-            raise ModelError(f'controlnet_conditioning_scale must be a number >= 0, got {controlnet_conditioning_scale!r}')
+        defaults = _drawing_defaults(dict(controlnet_conditioning_scale=controlnet_conditioning_scale, guidance_scale=guidance_scale), ModelError)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
                               scheduler=scheduler, reference_net=reference_net)
-        self.register_to_config(controlnet_conditioning_scale=float(controlnet_conditioning_scale))
+        self.register_to_config(**defaults)
         self.vae_scale_factor = downsampling(vae.config.block_out_channels)
 
 # %% ../nbs/07_pipeline.ipynb #b7ec0232
@@ -259,7 +269,7 @@ def __call__(self: PoseTransferPipeline,
              prompt: str = '', # Danbooru tags describing A, e.g. '1girl, solo, long hair'
              negative_prompt: str = '', # tags to steer away from, e.g. 'lowres, bad anatomy'
              num_inference_steps: int = 20,
-             guidance_scale: float = 5.0, # classifier-free guidance; <= 1 turns it off
+             guidance_scale: float | None = None, # classifier-free guidance; <= 1 turns it off; None: the model's default (`config`)
              controlnet_conditioning_scale: float | None = None, # how strongly the skeleton steers; None: the model's default (`config`)
              reference_strength: float = 1.0, # how strongly A's features are attended to; 0 ignores the reference
              retarget: bool | None = None, # redraw poses with A's proportions (needs `reference_pose`)
@@ -274,6 +284,7 @@ def __call__(self: PoseTransferPipeline,
     "Draw the character of `reference` in every pose of `pose`."
     native = self.unet.config.sample_size * self.vae_scale_factor
     height, width = native if height is None else height, native if width is None else width
+    if guidance_scale is None: guidance_scale = self.config.guidance_scale
     if controlnet_conditioning_scale is None: controlnet_conditioning_scale = self.config.controlnet_conditioning_scale
     check_size(height, width, self.vae_scale_factor)
     _check_settings(num_inference_steps, guidance_scale, controlnet_conditioning_scale, reference_strength, batch_size)
@@ -365,28 +376,25 @@ def from_pretrained(cls: PoseTransferPipeline,
     return super(PoseTransferPipeline, cls).from_pretrained(path, use_safetensors=True, local_files_only=True, **kwargs)
 
 # %% ../nbs/07_pipeline.ipynb #e18536bf
-def set_default_controlnet_scale(path: str | os.PathLike, # a saved pipeline's directory
-                                 scale: float, # the ControlNet scale its calls use when they give none
-                                ) -> Path:
-    "Store `scale` in the model directory's `model_index.json` (atomically); return that file."
-    if not (isinstance(scale, (int, float)) and scale >= 0): raise ModelError(f'a ControlNet scale must be a number >= 0, got {scale!r}')
+def set_drawing_defaults(path: str | os.PathLike, # a saved pipeline's directory
+                         **settings: float, # controlnet_conditioning_scale and/or guidance_scale
+                        ) -> Path:
+    "Store `settings` as the model's drawing defaults in its `model_index.json` (atomically); return that file."
+    settings = _drawing_defaults(settings, ModelError)
     index = Path(path) / 'model_index.json'
     if not index.is_file(): raise ModelError(f"'{path}': no model_index.json, so not a saved pipeline")
-    config = _model_index(index)
-    config['controlnet_conditioning_scale'] = float(scale)
+    config = _model_index(index) | settings
     with atomic_path(index) as tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
     return index
 
-def stored_controlnet_scale(folder: str | os.PathLike, # a saved pipeline, or its controlnet/ folder
-                           ) -> float | None:
-    "The default ControlNet scale stored in the pipeline `folder` belongs to (None: none stored), read without loading the model."
+def stored_drawing_defaults(folder: str | os.PathLike, # a saved pipeline, or its controlnet/ folder
+                           ) -> dict[str, float]:
+    "The drawing defaults stored in the pipeline `folder` belongs to ({} when none), read without loading the model."
     for index in (Path(folder) / 'model_index.json', Path(folder).parent / 'model_index.json'):
         if index.is_file():
-            scale = _model_index(index).get('controlnet_conditioning_scale')
-            if scale is not None and not (isinstance(scale, (int, float)) and scale >= 0):
-                raise ModelError(f"'{index}': controlnet_conditioning_scale must be a number >= 0, got {scale!r}")
-            return None if scale is None else float(scale)
-    return None
+            config = _model_index(index)
+            return _drawing_defaults({k: config[k] for k in DRAWING_DEFAULTS if k in config}, ModelError, f"'{index}': ")
+    return {}
 
 def _model_index(index: Path) -> dict:
     try: config = json.loads(index.read_text())
@@ -426,7 +434,7 @@ def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument('--prompt', default='', help="Danbooru tags describing A, e.g. '1girl, solo, long hair'")
     parser.add_argument('--negative-prompt', default='lowres, bad anatomy, worst quality', help='tags to avoid')
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
-    parser.add_argument('--guidance', type=float, default=5.0, help='classifier-free guidance scale (default 5)')
+    parser.add_argument('--guidance', type=float, help="classifier-free guidance scale (default: the model's calibrated guidance, else 5)")
     parser.add_argument('--controlnet-scale', type=float, help="pose conditioning strength (default: the model's calibrated scale, else 1)")
     parser.add_argument('--reference-strength', type=float, default=1.0, help='identity strength; 0 ignores the reference (default 1)')
     parser.add_argument('--reference-pose', help="A's pose as OpenPose JSON, to retarget poses to A's proportions")

@@ -163,7 +163,7 @@ def test_app_synthetic_pose_sheet_generate_and_save(synthetic_app, tmp_path):
     ui.sheet_mode.value = 'pose sheet'
     assert len(ui.pose_view.children) == 3
     ui.steps.value, ui.retarget.value, ui.seed.value = 1, True, 3
-    assert ui.settings() == TransferSettings(steps=1, retarget=True, seed=3, controlnet_scale=1.0)  # the tiny model's uncalibrated scale
+    assert ui.settings() == TransferSettings(steps=1, retarget=True, seed=3, guidance=5.0, controlnet_scale=1.0)  # the tiny model's uncalibrated defaults
     ui.generate_button.click()
     assert ui.status.value == 'done: 3 images', ui.status.value
     assert len(ui.gallery.children) == 3 and ui.progress.value == ui.progress.max == 1
@@ -209,7 +209,7 @@ def test_the_widget_holds_every_control(synthetic_app):
     assert isinstance(synthetic_app.widget(), w.VBox)
 
 
-def test_the_controlnet_slider_starts_at_the_models_calibrated_scale(pipe):
+def test_the_sliders_start_at_the_models_drawing_defaults(pipe):
     from anime_pose.pipeline import PoseTransferPipeline
-    calibrated = PoseTransferPipeline(**pipe.components, controlnet_conditioning_scale=2.5)
-    assert PoseTransferApp(calibrated, synthetic_size=64).controlnet_scale.value == 2.5
+    calibrated = PoseTransferApp(PoseTransferPipeline(**pipe.components, controlnet_conditioning_scale=2.5, guidance_scale=1.5), synthetic_size=64)
+    assert (calibrated.controlnet_scale.value, calibrated.guidance.value) == (2.5, 1.5)

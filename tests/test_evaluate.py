@@ -128,7 +128,7 @@ def test_retrain_follows_a_recipe_and_the_result_evaluates(tmp_path):
     from anime_pose.train import TrainConfig, override_config
     recipe = load_recipe()
     shrink = dict(synthetic_characters=6, max_steps=2, base_steps=2, base_vae_steps=2, validate_every=1, sample_every=0, checkpoint_every=0)
-    small = {'anime_pose': {'config': {**recipe['anime_pose']['config'], **shrink}, 'calibration': dict(scales=[1, 2], count=1, num_inference_steps=1)},
+    small = {'anime_pose': {'config': {**recipe['anime_pose']['config'], **shrink}, 'calibration': dict(scales=[1, 2], guidances=[1, 3], count=1, num_inference_steps=1)},
              'gan': {'config': {**recipe['gan']['config'], **shrink}},
              'parser': dict(characters=6, poses_per_character=2, steps=2, batch_size=4, seed=1)}
     assert set(retrain_models(tmp_path / 'model-only', small, progress=False)) == {'model'}  # `--retrain`: the GAN and parser stay bundled
@@ -394,7 +394,7 @@ def test_a_single_triple_leaves_fid_and_kid_unmeasured_instead_of_failing(real_r
     assert '- fid, kid: need at least 2 triples' in (tmp_path / 'report' / 'report.md').read_text()
 
 
-# --- calibrating the ControlNet scale ---
+# --- calibrating how a model draws (ControlNet scale, guidance) ---
 
 def _synthetic_run(tmp_path, characters=10):
     "A training run directory holding the bundled model, trained (as far as its config says) on `characters` synthetic characters."
@@ -407,40 +407,53 @@ def _synthetic_run(tmp_path, characters=10):
     return run
 
 
-def test_calibrate_cli_stores_the_chosen_scale_where_the_pipeline_finds_it(tmp_path, capsys):
+def test_calibrate_cli_stores_the_chosen_settings_where_the_pipeline_finds_them(tmp_path, capsys):
     from anime_pose.cli import main
     from anime_pose.pipeline import PoseTransferPipeline
     run = _synthetic_run(tmp_path)
-    assert main(['calibrate', '--model', str(run), '--scales', '3', '1', '--count', '2', '--steps', '2']) == 0
+    assert main(['calibrate', '--model', str(run), '--scales', '3', '1', '--guidances', '2', '1', '--count', '2', '--steps', '2']) == 0
     out = capsys.readouterr().out
-    stored = json.loads((run / 'final' / 'model_index.json').read_text())['controlnet_conditioning_scale']
-    assert stored in (1.0, 3.0) and f'ControlNet scale {stored:g} chosen on 2 validation triples' in out
-    assert '| scale 1 (mean rank' in out and '| scale 3 (mean rank' in out
-    assert PoseTransferPipeline.from_pretrained(run / 'final').config.controlnet_conditioning_scale == stored
+    stored = json.loads((run / 'final' / 'model_index.json').read_text())
+    scale, guidance = stored['controlnet_conditioning_scale'], stored['guidance_scale']
+    assert scale in (1.0, 3.0) and guidance in (1.0, 2.0)
+    assert f'ControlNet scale {scale:g} and guidance {guidance:g} chosen on 2 validation triples' in out
+    assert all(f'| {name} (mean rank' in out for name in ('scale 1', 'scale 3', 'guidance 1', 'guidance 2'))
+    config = PoseTransferPipeline.from_pretrained(run / 'final').config
+    assert (config.controlnet_conditioning_scale, config.guidance_scale) == (scale, guidance)
 
 
-def test_calibrate_picks_the_best_mean_rank_and_prefers_the_gentler_scale_on_a_tie(tmp_path, monkeypatch):
+def test_calibrate_picks_the_best_mean_rank_each_time_and_prefers_the_gentler_setting_on_a_tie(tmp_path, monkeypatch):
     import anime_pose.evaluate as evaluate
     from anime_pose.train import load_config
+    from anime_pose.pipeline import set_drawing_defaults
     run = _synthetic_run(tmp_path)
-    scores = {'1': dict(pck=.5, ssim=.6), '2': dict(pck=.7, ssim=.5), '3': dict(pck=.8, ssim=.7), '4': dict(pck=.8, ssim=.7)}
-    monkeypatch.setattr(evaluate, 'evaluate_methods', lambda methods, *args, **kwargs: ({name: scores[name] for name in methods}, {}))
-    result = evaluate.calibrate_controlnet_scale(run / 'final', load_config(run / 'config.json'), (4, 3, 2, 1), count=1, progress=False)
-    assert result['scale'] == 3.0 and result['mean_rank'] == {'1': 1.5, '2': 1.5, '3': 3.5, '4': 3.5}
-    assert json.loads((run / 'final' / 'model_index.json').read_text())['controlnet_conditioning_scale'] == 3.0
+    set_drawing_defaults(run / 'final', guidance_scale=5)  # the guidance the scales are drawn at
+    scores = {'scale 1': dict(pck=.5, ssim=.6), 'scale 2': dict(pck=.7, ssim=.5), 'scale 3': dict(pck=.8, ssim=.7), 'scale 4': dict(pck=.8, ssim=.7),
+              'guidance 1': dict(pck=.9, ssim=.7)}  # guidance 5 at scale 3 is scale 3's drawing: not drawn again
+    drawn = []
+    def evaluate_methods(methods, *args, **kwargs):
+        drawn.extend(methods)
+        return {name: scores[name] for name in methods}, {}
+    monkeypatch.setattr(evaluate, 'evaluate_methods', evaluate_methods)
+    result = evaluate.calibrate(run / 'final', load_config(run / 'config.json'), (4, 3, 2, 1), (5, 1), count=1, progress=False)
+    assert (result['controlnet_conditioning_scale'], result['guidance_scale']) == (3.0, 1.0)
+    assert result['mean_rank'] == {'scale 1': 1.5, 'scale 2': 1.5, 'scale 3': 3.5, 'scale 4': 3.5, 'guidance 1': 1.75, 'guidance 5': 1.25}
+    assert drawn == ['scale 1', 'scale 2', 'scale 3', 'scale 4', 'guidance 1']
+    stored = json.loads((run / 'final' / 'model_index.json').read_text())
+    assert (stored['controlnet_conditioning_scale'], stored['guidance_scale']) == (3.0, 1.0)
 
 
 def test_calibrating_real_triples_scores_them_with_the_detector(real_run, tmp_path):
     import shutil
     from anime_pose.core import bundled_path
-    from anime_pose.evaluate import calibrate_controlnet_scale
+    from anime_pose.evaluate import calibrate
     from anime_pose.train import load_config
     run = tmp_path / 'real'
     shutil.copytree(real_run, run)
-    result = calibrate_controlnet_scale(run / 'final', load_config(run / 'config.json'), (1, 2), count=2, num_inference_steps=1,
-                                        detector=bundled_path('parser'), progress=False)
+    result = calibrate(run / 'final', load_config(run / 'config.json'), (1, 2), (1,), count=2, num_inference_steps=1,
+                       detector=bundled_path('parser'), progress=False)
     assert all(set(row) == {'pck', 'oks', 'detected', 'ssim', 'psnr'} for row in result['metrics'].values())
-    assert json.loads((run / 'final' / 'model_index.json').read_text())['controlnet_conditioning_scale'] == result['scale']
+    assert json.loads((run / 'final' / 'model_index.json').read_text())['controlnet_conditioning_scale'] == result['controlnet_conditioning_scale']
 
 
 def test_calibrating_real_triples_without_a_detector_is_a_one_line_error_and_changes_nothing(real_run, tmp_path, capsys):
