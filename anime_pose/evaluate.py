@@ -806,8 +806,12 @@ def evaluate_models(out: str | os.PathLike, # the report directory
     images.pop('ground_truth')
     reader = 'synthetic parser' if synthetic else 'pose detector'
     pose_columns = 'pck, oks and silhouette_iou' if synthetic else 'pck and oks'
+    from anime_pose.pipeline import stored_drawing_defaults
+    drawn = stored_drawing_defaults(pipeline)
+    drawing = (f", ControlNet scale {drawn.get('controlnet_conditioning_scale', 1):g} and guidance {drawn.get('guidance_scale', 5):g} "
+               f"({'calibrated' if drawn else 'uncalibrated defaults'})")
     notes = (f'{len(triples)} held-out triples (the test split of the training data: characters no model saw), '
-             f'{num_inference_steps} denoising steps. `ground_truth` scores the real targets: the ceiling the {reader} '
+             f'{num_inference_steps} denoising steps{drawing}. `ground_truth` scores the real targets: the ceiling the {reader} '
              f'allows for {pose_columns}.\n')
     write_report(out, metrics, triples, images, curves, notes, not_measured)
     return metrics

@@ -104,6 +104,10 @@ def test_demo_on_the_bundled_models_reports_every_method_and_metric(tmp_path):
     report = (tmp_path / 'demo' / 'report.md').read_text()
     assert all(f'| {m} |' in report for m in METHODS) and 'losses_anime_pose.png' in report
     assert (tmp_path / 'demo' / 'losses_gan.png').is_file()
+    from anime_pose.core import bundled_path
+    from anime_pose.pipeline import stored_drawing_defaults
+    drawn = stored_drawing_defaults(bundled_path('model'))  # the report says how the models drew
+    assert f"ControlNet scale {drawn['controlnet_conditioning_scale']:g} and guidance {drawn['guidance_scale']:g} (calibrated)" in report
 
 
 def test_bundled_models_were_trained_on_the_same_characters():
