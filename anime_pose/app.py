@@ -157,12 +157,9 @@ def load_model(model: str | os.PathLike | None = None, # a model directory; defa
 def drawing_defaults(pipe=None, # a `PoseTransferPipeline`; None: the model `load_model()` would load
                     ) -> dict[str, float]:
     "The ControlNet scale and guidance the model draws with when a call gives none (calibrated, else 1 and 5)."
-    import inspect
-    from anime_pose.pipeline import DRAWING_DEFAULTS, PoseTransferPipeline, bundled_model_dir, stored_drawing_defaults
+    from anime_pose.pipeline import DRAWING_DEFAULTS, bundled_model_dir, model_drawing_defaults
     if pipe is not None: return {name: pipe.config[name] for name in DRAWING_DEFAULTS}
-    uncalibrated = {name: inspect.signature(PoseTransferPipeline).parameters[name].default for name in DRAWING_DEFAULTS}
-    folder = bundled_model_dir()
-    return uncalibrated | (stored_drawing_defaults(folder) if folder else {})
+    return model_drawing_defaults(bundled_model_dir())
 
 # %% ../nbs/11_app.ipynb #b9d17758
 def save_gallery(images: list[Image.Image], # the generated images

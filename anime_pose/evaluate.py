@@ -806,10 +806,11 @@ def evaluate_models(out: str | os.PathLike, # the report directory
     images.pop('ground_truth')
     reader = 'synthetic parser' if synthetic else 'pose detector'
     pose_columns = 'pck, oks and silhouette_iou' if synthetic else 'pck and oks'
-    from anime_pose.pipeline import stored_drawing_defaults
-    drawn = stored_drawing_defaults(pipeline)
-    drawing = (f", ControlNet scale {drawn.get('controlnet_conditioning_scale', 1):g} and guidance {drawn.get('guidance_scale', 5):g} "
-               f"({'calibrated' if drawn else 'uncalibrated defaults'})")
+    from anime_pose.pipeline import model_drawing_defaults, stored_drawing_defaults
+    stored = stored_drawing_defaults(pipeline)
+    drawn = model_drawing_defaults(None) | stored
+    drawing = (f", ControlNet scale {drawn['controlnet_conditioning_scale']:g} and guidance {drawn['guidance_scale']:g} "
+               f"({'calibrated' if stored else 'uncalibrated defaults'})")
     notes = (f'{len(triples)} held-out triples (the test split of the training data: characters no model saw), '
              f'{num_inference_steps} denoising steps{drawing}. `ground_truth` scores the real targets: the ceiling the {reader} '
              f'allows for {pose_columns}.\n')

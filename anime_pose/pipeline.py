@@ -28,7 +28,8 @@ __all__ = ['DANBOORU_WORDS', 'TINY_SHAPES', 'DRAWING_DEFAULTS', 'LAYOUT', 'tiny_
            'sd_scheduler', 'tiny_components', 'check_components', 'TransferError', 'check_size', 'fit_reference',
            'skeleton_images', 'PoseTransferOutput', 'PoseTransferPipeline', 'encode_prompt', 'encode_images',
            'decode_latents', 'check_model_dir', 'vae_scale_factor', 'set_drawing_defaults', 'stored_drawing_defaults',
-           'bundled_model_dir', 'load_pipeline', 'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
+           'model_drawing_defaults', 'bundled_model_dir', 'load_pipeline', 'run_transfer', 'transfer_cli', 'run_sheet',
+           'sheet_cli']
 
 # %% ../nbs/07_pipeline.ipynb #a6247911
 DANBOORU_WORDS = '''girl boy solo long short hair eyes blue red green brown black white blonde pink purple silver grey
@@ -201,11 +202,11 @@ class PoseTransferOutput(BaseOutput):
 # %% ../nbs/07_pipeline.ipynb #544c1d06
 DRAWING_DEFAULTS = ('controlnet_conditioning_scale', 'guidance_scale')  # call settings a saved pipeline carries in model_index.json
 
-def _drawing_defaults(settings: dict, error=ValueError, where: str = '') -> dict:
+def _drawing_defaults(settings: dict, where: str = '') -> dict:
     "`settings` checked to be drawing defaults with numbers >= 0, as floats."
     for name, value in settings.items():
-        if name not in DRAWING_DEFAULTS: raise error(f"{where}{name!r} is not a drawing default (expected one of {', '.join(DRAWING_DEFAULTS)})")
-        if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0): raise error(f'{where}{name} must be a number >= 0, got {value!r}')
+        if name not in DRAWING_DEFAULTS: raise ModelError(f"{where}{name!r} is not a drawing default (expected one of {', '.join(DRAWING_DEFAULTS)})")
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0): raise ModelError(f'{where}{name} must be a number >= 0, got {value!r}')
     return {name: float(value) for name, value in settings.items()}
 
 # %% ../nbs/07_pipeline.ipynb #bb339300
@@ -221,7 +222,7 @@ class PoseTransferPipeline(DiffusionPipeline):
                 ):
         super().__init__()
         check_components(vae, text_encoder, unet, controlnet, reference_net)
-        defaults = _drawing_defaults(dict(controlnet_conditioning_scale=controlnet_conditioning_scale, guidance_scale=guidance_scale), ModelError)
+        defaults = _drawing_defaults(dict(controlnet_conditioning_scale=controlnet_conditioning_scale, guidance_scale=guidance_scale))
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
                               scheduler=scheduler, reference_net=reference_net)
         self.register_to_config(**defaults)
@@ -380,7 +381,7 @@ def set_drawing_defaults(path: str | os.PathLike, # a saved pipeline's directory
                          **settings: float, # controlnet_conditioning_scale and/or guidance_scale
                         ) -> Path:
     "Store `settings` as the model's drawing defaults in its `model_index.json` (atomically); return that file."
-    settings = _drawing_defaults(settings, ModelError)
+    settings = _drawing_defaults(settings)
     index = Path(path) / 'model_index.json'
     if not index.is_file(): raise ModelError(f"'{path}': no model_index.json, so not a saved pipeline")
     config = _model_index(index) | settings
@@ -393,8 +394,14 @@ def stored_drawing_defaults(folder: str | os.PathLike, # a saved pipeline, or it
     for index in (Path(folder) / 'model_index.json', Path(folder).parent / 'model_index.json'):
         if index.is_file():
             config = _model_index(index)
-            return _drawing_defaults({k: config[k] for k in DRAWING_DEFAULTS if k in config}, ModelError, f"'{index}': ")
+            return _drawing_defaults({k: config[k] for k in DRAWING_DEFAULTS if k in config}, f"'{index}': ")
     return {}
+
+def model_drawing_defaults(folder: str | os.PathLike | None, # a saved pipeline (or its controlnet/); None: a new pipeline
+                          ) -> dict[str, float]:
+    "The settings the pipeline in `folder` draws with when a call gives none: the stored ones over the pipeline's own."
+    own = {name: inspect.signature(PoseTransferPipeline).parameters[name].default for name in DRAWING_DEFAULTS}
+    return own | (stored_drawing_defaults(folder) if folder is not None else {})
 
 def _model_index(index: Path) -> dict:
     try: config = json.loads(index.read_text())
