@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # %% auto #0
 __all__ = ['MAX_IMAGE_PIXELS', 'N_BODY_KEYPOINTS', 'AnimePoseError', 'ImageError', 'to_rgb', 'load_image', 'image_grid',
            'show_images', 'seed_everything', 'default_device', 'default_dtype', 'triple_features', 'tags_prompt',
-           'bundled_path', 'atomic_path']
+           'bundled_path', 'OutputError', 'check_output', 'atomic_path']
 
 # %% ../nbs/00_core.ipynb #503cae92
 class AnimePoseError(ValueError):
@@ -174,17 +174,44 @@ def bundled_path(name: str = '', # a file or folder under the package's assets/
     return Path(str(importlib.resources.files('anime_pose'))) / 'assets' / name
 
 # %% ../nbs/00_core.ipynb #6525d554
+class OutputError(AnimePoseError):
+    "An output path that cannot be used: it holds the user's files, or it cannot be written."
+
+def check_output(path: str | os.PathLike, # a file or folder a command is about to write
+                 overwrite: bool = False, # may an existing file or non-empty folder be replaced?
+                ) -> Path:
+    "`path`, once sure that writing it replaces nothing the user keeps (unless `overwrite`) and is possible."
+    path = Path(path)
+    occupied = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if path.exists() and not (path.is_file() or path.is_dir()): raise OutputError(f'{path}: not a file or folder')
+    if occupied and not overwrite:
+        raise OutputError(f'{path} already exists; choose another path or pass --overwrite (nothing was written)')
+    existing = next(folder for folder in [path.parent, *path.parent.parents] if folder.exists())
+    if not existing.is_dir(): raise OutputError(f'{existing} is a file, so {path} cannot be created')
+    if not os.access(existing, os.W_OK | os.X_OK): raise OutputError(f'{existing} is not writable (nothing was written)')
+    return path
+
+# %% ../nbs/00_core.ipynb #a7c4e2b1
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, # the final file or directory
                 is_dir: bool = False, # create an empty temporary directory rather than a file name
+                overwrite: bool = True, # may an existing file or non-empty folder be replaced? (else `OutputError`)
                ):
     "Yield a temporary path beside `path`; move it onto `path` only if the block succeeds."
-    path = Path(path)
+    path = check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent))
-    target = temporary if is_dir else temporary / path.name
+    target = temporary / path.name
+    if is_dir: target.mkdir()
     try:
         yield target
-        if is_dir and path.is_dir(): shutil.rmtree(path)
+        check_output(path, overwrite)  # nothing appeared there while we worked
+        if is_dir: target.chmod(0o777 & ~_umask())
+        if is_dir and path.exists(): path.rename(temporary / 'replaced')  # kept until the new one is in place
         os.replace(target, path)
     finally: shutil.rmtree(temporary, ignore_errors=True)
