@@ -14,8 +14,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
 __all__ = ['MAX_IMAGE_PIXELS', 'N_BODY_KEYPOINTS', 'AnimePoseError', 'ImageError', 'to_rgb', 'load_image', 'image_grid',
-           'show_images', 'seed_everything', 'default_device', 'default_dtype', 'triple_features', 'tags_prompt',
-           'bundled_path', 'OutputError', 'check_output', 'atomic_path']
+           'show_images', 'seed_everything', 'default_device', 'default_dtype', 'DeviceError', 'check_device',
+           'triple_features', 'tags_prompt', 'bundled_path', 'OutputError', 'check_output', 'atomic_path']
 
 # %% ../nbs/00_core.ipynb #503cae92
 class AnimePoseError(ValueError):
@@ -146,6 +146,22 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     if device.type == 'cuda': return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == 'mps': return torch.float16
     return torch.float32
+
+# %% ../nbs/00_core.ipynb #e5a1c7d2
+class DeviceError(AnimePoseError):
+    "A device the user named that this machine does not have."
+
+def check_device(name: str | torch.device | None, # 'cpu', 'cuda', 'cuda:1', 'mps'; None for the best available
+                ) -> torch.device:
+    "The `torch.device` called `name`, once sure this machine has it."
+    if name is None: return default_device()
+    try: device = torch.device(name)
+    except (RuntimeError, TypeError): raise DeviceError(f"unknown device '{name}': use cpu, cuda, cuda:N or mps") from None
+    count = {'cuda': torch.cuda.device_count(), 'cpu': 1,
+             'mps': int(bool(getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()))}.get(device.type)
+    if count is None: raise DeviceError(f"unknown device '{name}': use cpu, cuda, cuda:N or mps")
+    if (device.index or 0) >= count: raise DeviceError(f"device '{name}' is not available on this machine (try --device cpu)")
+    return device
 
 # %% ../nbs/00_core.ipynb #93b8437f
 N_BODY_KEYPOINTS = 18  # OpenPose COCO-18, the order ControlNet draws
