@@ -4,13 +4,13 @@
 
 # %% ../nbs/12_cli.ipynb #48da3d90
 from __future__ import annotations
-import argparse, contextlib, importlib, importlib.util, sys, traceback
+import argparse, contextlib, errno, os, importlib, importlib.util, sys, traceback
 
 from . import __version__
 from .core import AnimePoseError
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'EXAMPLES', 'available_subcommands', 'build_parser', 'main']
+__all__ = ['SUBCOMMANDS', 'EXAMPLES', 'USER_ERRNOS', 'available_subcommands', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #516be5a7
 SUBCOMMANDS = {  # name: (owning module, one-line help)
@@ -58,6 +58,19 @@ def build_parser(command: str | None = None, # the subcommand to configure fully
     return parser
 
 # %% ../nbs/12_cli.ipynb #0a1c5cb2
+USER_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+               errno.EEXIST, errno.ENAMETOOLONG, errno.EMFILE, errno.EXDEV}
+
+def _os_error(e: OSError) -> str:
+    "An `OSError` as one line: what the file system said, and where."
+    where = f': {e.filename}' if e.filename else ''
+    return f'{os.strerror(e.errno).lower()}{where} (nothing was written)'
+
+def _internal_error(command: str) -> int:
+    traceback.print_exc()
+    print(f'anime-pose {command}: internal error (a bug; please report it with the traceback above)', file=sys.stderr)
+    return 3
+
 def _first_positional(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith('-')), None)
 
@@ -76,10 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     except (AnimePoseError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f'anime-pose {args.command}: error: {e}', file=sys.stderr)
         return 1
+    except OSError as e:
+        if e.errno in USER_ERRNOS:  # the file system refused: read-only, full, quota, too many files
+            print(f'anime-pose {args.command}: error: {_os_error(e)}', file=sys.stderr)
+            return 1
+        return _internal_error(args.command)
     except KeyboardInterrupt:
         print(f'anime-pose {args.command}: interrupted', file=sys.stderr)
         return 130
-    except Exception:
-        traceback.print_exc()
-        print(f'anime-pose {args.command}: internal error (a bug; please report it with the traceback above)', file=sys.stderr)
-        return 3
+    except Exception: return _internal_error(args.command)
