@@ -17,12 +17,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .core import AnimePoseError, N_BODY_KEYPOINTS, bundled_path, images_to_tensor, load_image
-from .pose import OpenPoseDetector, Pose, PoseDetector, keypoint_heatmaps
+from .pose import MIRRORED, OpenPoseDetector, Pose, PoseDetector, keypoint_heatmaps
 from .synthetic import synthetic_dataset
 
 # %% auto #0
-__all__ = ['MIRRORED', 'HEATMAP_SIGMA', 'DETECTOR_HELP', 'SyntheticParser', 'heatmap_keypoints', 'train_parser', 'parse',
-           'load_parser', 'ParserDetector', 'load_detector']
+__all__ = ['HEATMAP_SIGMA', 'DETECTOR_HELP', 'SyntheticParser', 'heatmap_keypoints', 'train_parser', 'parse', 'load_parser',
+           'ParserDetector', 'load_detector']
 
 # %% ../nbs/02a_parser.ipynb #bcad75a3
 def _block(channels_in: int, channels_out: int) -> nn.Sequential:
@@ -69,7 +69,6 @@ def heatmap_keypoints(heatmaps: torch.Tensor, # (N, K, S, S)
     return torch.stack([x, y, torch.where(peak >= threshold, peak.clamp(max=1), torch.zeros_like(peak))], -1)
 
 # %% ../nbs/02a_parser.ipynb #2d2752b2
-MIRRORED = [0, 1, 5, 6, 7, 2, 3, 4, 11, 12, 13, 8, 9, 10, 15, 14, 17, 16]  # COCO-18 index of each joint's mirror image
 HEATMAP_SIGMA = 1.5  # width of the training bumps, in heatmap cells
 
 def _mirror(images, keypoints, labels, flip):

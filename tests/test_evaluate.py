@@ -9,8 +9,8 @@ from PIL import Image
 from anime_pose.core import AnimePoseError
 from anime_pose.evaluate import evaluate_methods, metrics_table, write_report
 from anime_pose.metrics import METRICS, identity_error, psnr, silhouette_iou, ssim
-from anime_pose.parser import MIRRORED, SyntheticParser, _mirror, heatmap_keypoints, load_parser
-from anime_pose.pose import Pose, keypoint_heatmaps
+from anime_pose.parser import SyntheticParser, _mirror, heatmap_keypoints, load_parser
+from anime_pose.pose import MIRRORED, Pose, keypoint_heatmaps
 from anime_pose.synthetic import PART_LABELS, synthetic_dataset
 
 
