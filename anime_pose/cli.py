@@ -21,8 +21,8 @@ SUBCOMMANDS = {  # name: (owning module, one-line help)
     'data':     ('anime_pose.data', 'filter Danbooru metadata into paired, split, budgeted triples'),
     'train':    ('anime_pose.train', 'train ControlNet and the reference path (or the GAN baseline)'),
     'evaluate': ('anime_pose.evaluate', 'measure pose accuracy, identity and quality against baselines'),
-    'calibrate': ('anime_pose.evaluate', 'choose the ControlNet scale a trained model draws with, on its validation split'),
-    'demo':     ('anime_pose.evaluate', 'run the bundled model on held-out characters and write a report'),
+    'calibrate': ('anime_pose.calibrate', 'choose the ControlNet scale and guidance a trained model draws with'),
+    'demo':     ('anime_pose.demo', 'run the bundled model on held-out characters and write a report'),
     'export':   ('anime_pose.app', 'export a trained ControlNet as one safetensors file for A1111/ComfyUI'),
 }
 

@@ -9,20 +9,18 @@ import math, time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import AnimePoseError, image_grid, load_image
+from .core import AnimePoseError, image_grid, images_to_tensor, tensor_to_images
 
 # %% auto #0
 __all__ = ['BETA_SCHEDULES', 'DIFFUSERS_SCHEDULES', 'PREDICTIONS', 'LOSSES', 'LOSS_NAMES', 'DiffusionError', 'linear_betas',
-           'quadratic_betas', 'sigmoid_betas', 'cosine_betas', 'NoiseSchedule', 'q_sample', 'images_to_tensor',
-           'tensor_to_images', 'q_posterior', 'velocity', 'training_target', 'predict_x0', 'p_step',
-           'SinusoidalTimeEmbedding', 'ResidualBlock', 'attention', 'SelfAttention', 'Downsample', 'Upsample',
-           'TinyUNet', 'diffusion_loss', 'held_out_losses', 'train_denoiser', 'sampling_timesteps', 'sample',
-           'random_feature_net', 'frechet_distance', 'frechet_random_feature_distance', 'loss_study', 'study_table',
-           'plot_study']
+           'quadratic_betas', 'sigmoid_betas', 'cosine_betas', 'NoiseSchedule', 'q_sample', 'q_posterior', 'velocity',
+           'training_target', 'predict_x0', 'p_step', 'SinusoidalTimeEmbedding', 'ResidualBlock', 'attention',
+           'SelfAttention', 'Downsample', 'Upsample', 'TinyUNet', 'diffusion_loss', 'held_out_losses', 'train_denoiser',
+           'sampling_timesteps', 'sample', 'random_feature_net', 'frechet_distance', 'gaussian_fit',
+           'frechet_random_feature_distance', 'loss_study', 'study_table', 'plot_study']
 
 # %% ../nbs/04_annotated_diffusion.ipynb #97a2efb2
 class DiffusionError(AnimePoseError):
@@ -98,21 +96,6 @@ def q_sample(schedule: NoiseSchedule, # the noise schedule
     "Ho et al. Eq. 4, reparametrised: x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, a draw from q(x_t | x_0)."
     alpha_bar = _at(schedule.alphas_cumprod, t, x0)
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
-
-# %% ../nbs/04_annotated_diffusion.ipynb #72680556
-def images_to_tensor(images, # paths, encoded bytes or PIL images
-                     size: int | None = 32, # side of the square the images are resized to; None keeps their (equal) sizes
-                    ) -> torch.Tensor:
-    "Load `images` as an N×3×`size`×`size` float tensor in [-1, 1]."
-    images = [load_image(image) for image in images]
-    arrays = [np.asarray(image if size is None else image.resize((size, size), Image.Resampling.LANCZOS), dtype=np.float32) for image in images]
-    if not arrays: raise DiffusionError('no images given')
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
-
-def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
-    "Turn an N×3×H×W tensor in [-1, 1] into PIL images (values outside are clipped)."
-    pixels = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(p) for p in pixels]
 
 # %% ../nbs/04_annotated_diffusion.ipynb #40626d80
 def _alpha_bar_before(schedule: NoiseSchedule, prev_t, like: torch.Tensor) -> torch.Tensor:
@@ -374,25 +357,35 @@ def random_feature_net(seed: int = 0, # fixes the weights
             layer.bias.zero_()
     return net.eval().requires_grad_(False)
 
+# %% ../nbs/04_annotated_diffusion.ipynb #bbe4ad68
+def frechet_distance(mean_a, covariance_a, # the first Gaussian: (D,) and (D, D)
+                     mean_b, covariance_b, # the second
+                    ) -> float:
+    "Squared Fréchet distance between two Gaussians: ‖μa−μb‖² + Tr(Σa + Σb − 2(ΣaΣb)^½)."
+    mean_a, mean_b = np.asarray(mean_a, np.float64), np.asarray(mean_b, np.float64)
+    covariance_a = np.atleast_2d(covariance_a).astype(np.float64)
+    covariance_b = np.atleast_2d(covariance_b).astype(np.float64)
+    values, vectors = np.linalg.eigh(covariance_a)
+    root_a = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+    middle = root_a @ covariance_b @ root_a
+    cross = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(covariance_a) + np.trace(covariance_b) - 2 * cross)
+
 # %% ../nbs/04_annotated_diffusion.ipynb #22d2718c
-def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    "The Fréchet distance between Gaussians fitted to two N×D feature sets."
-    a, b = features_a.double(), features_b.double()
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise DiffusionError(f'need two N×D feature sets with the same D and N ≥ 2, got {tuple(a.shape)} and {tuple(b.shape)}')
-    dim = a.shape[1]
-    cov_a, cov_b = torch.cov(a.T).reshape(dim, dim), torch.cov(b.T).reshape(dim, dim)
-    values, vectors = torch.linalg.eigh(cov_a)
-    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return float((a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+def gaussian_fit(features, # an N×D feature set (array or tensor), N ≥ 2
+                ) -> tuple[np.ndarray, np.ndarray]:
+    "The mean (D,) and unbiased covariance (D, D) of `features`, in float64."
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise DiffusionError(f'need an N×D feature set with N ≥ 2, got shape {features.shape}')
+    return features.mean(0), np.atleast_2d(np.cov(features, rowvar=False))
 
 # %% ../nbs/04_annotated_diffusion.ipynb #5516dd00
 def frechet_random_feature_distance(images_a: torch.Tensor, images_b: torch.Tensor, # N×3×H×W in [-1, 1]
                                     seed: int = 0) -> float: # the embedding's seed; 0 is FRD-64
-    "FRD-64: the Fréchet distance between two image sets embedded by `random_feature_net(seed)`."
+    "FRD-64: the Fréchet distance between Gaussians fitted to two image sets embedded by `random_feature_net(seed)`."
     net = random_feature_net(seed)
-    return frechet_distance(net(images_a.float().cpu()), net(images_b.float().cpu()))
+    return frechet_distance(*gaussian_fit(net(images_a.float().cpu())), *gaussian_fit(net(images_b.float().cpu())))
 
 # %% ../nbs/04_annotated_diffusion.ipynb #03120c31
 def loss_study(train_images: torch.Tensor, # N×3×H×W in [-1, 1]

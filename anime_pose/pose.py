@@ -18,7 +18,7 @@ from .core import AnimePoseError, atomic_path, load_image
 
 # %% auto #0
 __all__ = ['KEYPOINT_NAMES', 'N_HAND_KEYPOINTS', 'N_FACE_KEYPOINTS', 'BODY_25_TO_COCO_18', 'RENDER_THRESHOLDS', 'DEFAULT_CANVAS',
-           'MAX_COORDINATE', 'NORMALISED_LIMIT', 'LIMBS', 'OKS_SIGMAS', 'OPENPOSE_FILES', 'OPENPOSE_HUB_ID',
+           'MAX_COORDINATE', 'NORMALISED_LIMIT', 'LIMBS', 'MIRRORED', 'OKS_SIGMAS', 'OPENPOSE_FILES', 'OPENPOSE_HUB_ID',
            'PoseError', 'Pose', 'pose_from_joints', 'read_poses', 'draw_skeletons', 'poses_to_openpose', 'save_poses',
            'bone_lengths', 'retarget', 'body_size', 'pck', 'oks', 'mean_joint_error', 'keypoint_heatmaps',
            'PoseDetector', 'OpenPoseDetector', 'detect_pose', 'pose_cli']
@@ -399,12 +399,12 @@ def bone_lengths(pose: Pose) -> np.ndarray:
     return np.array([np.linalg.norm(xy[b] - xy[a]) if visible[a] and visible[b] else np.nan for a, b in LIMBS])
 
 # %% ../nbs/01_pose.ipynb #ed418748
-_MIRROR = {0: 0, 1: 1, 2: 5, 3: 6, 4: 7, 5: 2, 6: 3, 7: 4, 8: 11, 9: 12, 10: 13, 11: 8, 12: 9, 13: 10, 14: 15, 15: 14, 16: 17, 17: 16}
+MIRRORED = [0, 1, 5, 6, 7, 2, 3, 4, 11, 12, 13, 8, 9, 10, 15, 14, 17, 16]  # COCO-18 index of each joint's mirror image
 
 def _reference_lengths(pose: Pose, like: Pose) -> tuple[np.ndarray, float]:
     "Bone lengths for `pose` taken from `like`, completed from mirror bones and the overall scale; and that scale."
     own, source = bone_lengths(pose), bone_lengths(like)
-    mirrored = np.array([source[LIMBS.index((_MIRROR[a], _MIRROR[b]))] for a, b in LIMBS])
+    mirrored = np.array([source[LIMBS.index((MIRRORED[a], MIRRORED[b]))] for a, b in LIMBS])
     lengths = np.where(np.isnan(source), mirrored, source)
     ratios = lengths / own
     ratios = ratios[np.isfinite(ratios) & (ratios > 0)]

@@ -15,8 +15,8 @@ import argparse, json, os, platform, sys, time
 
 import torch
 
-from anime_pose.core import atomic_path
-from anime_pose.diffusion import images_to_tensor, loss_study, plot_study, study_table
+from anime_pose.core import atomic_path, images_to_tensor
+from anime_pose.diffusion import loss_study, plot_study, study_table
 from anime_pose.synthetic import synthetic_dataset
 
 

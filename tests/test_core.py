@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anime_pose.core import ImageError, atomic_path, image_grid, load_image
+from anime_pose.core import ImageError, atomic_path, image_grid, images_to_tensor, load_image, tensor_to_images
 
 
 def encode(image: Image.Image, format: str, **params) -> bytes:
@@ -159,6 +159,17 @@ def test_image_error_is_a_value_error():
 
 
 # ---- helpers the rest of the library relies on ----
+
+def test_image_round_trip_and_resizing(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    image.save(tmp_path / 'a.png')
+    x = images_to_tensor([image, tmp_path / 'a.png'], size=12)
+    assert x.shape == (2, 3, 12, 12) and x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(np.asarray(tensor_to_images(x)[1]), np.asarray(image))
+    assert images_to_tensor([image], size=4).shape == (1, 3, 4, 4)
+    with pytest.raises(ImageError, match='no such file'): images_to_tensor([tmp_path / 'missing.png'])
+    with pytest.raises(ImageError, match='no images'): images_to_tensor([])
+
 
 def test_image_grid_resizes_to_first_image():
     grid = image_grid([Image.new('RGB', (4, 4)), Image.new('RGB', (8, 8), (255, 0, 0))], padding=0)

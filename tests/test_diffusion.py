@@ -3,13 +3,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from PIL import Image
 
 from anime_pose.core import AnimePoseError
 from anime_pose.diffusion import (BETA_SCHEDULES, DIFFUSERS_SCHEDULES, LOSSES, PREDICTIONS, DiffusionError, NoiseSchedule, SelfAttention,
                                   SinusoidalTimeEmbedding, TinyUNet, diffusion_loss, frechet_distance, frechet_random_feature_distance,
-                                  held_out_losses, images_to_tensor, loss_study, p_step, predict_x0, q_posterior, q_sample, sample,
-                                  sampling_timesteps, study_table, tensor_to_images, train_denoiser, training_target, velocity)
+                                  gaussian_fit, held_out_losses, loss_study, p_step, predict_x0, q_posterior, q_sample, sample,
+                                  sampling_timesteps, study_table, train_denoiser, training_target, velocity)
 
 
 def randn(*shape, seed=0): return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
@@ -182,24 +181,26 @@ def test_held_out_losses_do_not_depend_on_batching():
     assert a.keys() == set(LOSSES) and all(abs(a[k] - b[k]) < 1e-6 for k in a)
 
 
-def test_image_round_trip_and_resizing(tmp_path):
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8))
-    image.save(tmp_path / 'a.png')
-    x = images_to_tensor([image, tmp_path / 'a.png'], size=12)
-    assert x.shape == (2, 3, 12, 12) and x.min() >= -1 and x.max() <= 1
-    assert np.array_equal(np.asarray(tensor_to_images(x)[1]), np.asarray(image))
-    assert images_to_tensor([image], size=4).shape == (1, 3, 4, 4)
-    with pytest.raises(AnimePoseError, match='no such file'): images_to_tensor([tmp_path / 'missing.png'])
-    with pytest.raises(DiffusionError, match='no images'): images_to_tensor([])
-
-
 def test_frechet_distance_known_values():
     a, b = randn(4000, 2) * torch.tensor([1.0, 3.0]), randn(4000, 2, seed=1) + torch.tensor([2.0, 0.0])
+    fit_a, fit_b = gaussian_fit(a), gaussian_fit(b)
     # independent coordinates: (Δμ)² + Σ (σa − σb)² = 4 + 0 + (3 − 1)²
-    assert abs(frechet_distance(a, b) - 8.0) < 0.3
-    assert abs(frechet_distance(a, a)) < 1e-8
-    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-6)
-    with pytest.raises(DiffusionError, match='N ≥ 2'): frechet_distance(a[:1], b)
+    assert abs(frechet_distance(*fit_a, *fit_b) - 8.0) < 0.3
+    assert abs(frechet_distance(*fit_a, *fit_a)) < 1e-8
+    assert frechet_distance(*fit_a, *fit_b) == pytest.approx(frechet_distance(*fit_b, *fit_a), rel=1e-6)
+    with pytest.raises(DiffusionError, match='N ≥ 2'): gaussian_fit(a[:1])
+
+
+def test_frechet_distance_matches_scipy_and_the_diagonal_closed_form():
+    from scipy.linalg import sqrtm
+    rng = np.random.default_rng(1)
+    left, right = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    a, b, mean_a, mean_b = left @ left.T, right @ right.T, rng.normal(size=6), rng.normal(size=6)
+    expected = ((mean_a - mean_b) ** 2).sum() + np.trace(a + b - 2 * sqrtm(a @ b).real)
+    assert frechet_distance(mean_a, a, mean_b, b) == pytest.approx(expected, rel=1e-9)
+    variances_a, variances_b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
+    closed = 2.0 ** 2 + ((np.sqrt(variances_a) - np.sqrt(variances_b)) ** 2).sum()
+    assert frechet_distance([0, 0, 0], np.diag(variances_a), [2, 0, 0], np.diag(variances_b)) == pytest.approx(closed, rel=1e-12)
 
 
 def test_frd_orders_noise_behind_real_images():

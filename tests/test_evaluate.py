@@ -1,4 +1,4 @@
-"Evaluation: metrics on constructed cases, the parser's decoding, the report, and the CLI's errors."
+"Evaluation: metrics on constructed cases, the parser's decoding, the report, calibration, the demo and the CLI's errors."
 import json
 
 import numpy as np
@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 from anime_pose.core import AnimePoseError
-from anime_pose.evaluate import (METRICS, MIRRORED, SyntheticParser, _mirror, evaluate_methods, heatmap_keypoints,
-                                 identity_error, load_parser, metrics_table, psnr, silhouette_iou, ssim,
-                                 write_report)
-from anime_pose.pose import Pose, keypoint_heatmaps
+from anime_pose.evaluate import evaluate_methods, metrics_table, write_report
+from anime_pose.metrics import METRICS, identity_error, psnr, silhouette_iou, ssim
+from anime_pose.parser import SyntheticParser, _mirror, heatmap_keypoints, load_parser
+from anime_pose.pose import MIRRORED, Pose, keypoint_heatmaps
 from anime_pose.synthetic import PART_LABELS, synthetic_dataset
 
 
@@ -96,7 +96,8 @@ def test_parser_round_trip_and_missing_parser(tmp_path):
 
 
 def test_demo_on_the_bundled_models_reports_every_method_and_metric(tmp_path):
-    from anime_pose.evaluate import METHODS, demo
+    from anime_pose.demo import demo
+    from anime_pose.evaluate import METHODS
     metrics = demo(tmp_path / 'demo', count=2, num_inference_steps=2, progress=False)
     assert set(METHODS) <= set(metrics) and all(set(metrics[m]) == set(METRICS) for m in METHODS)
     written = json.loads((tmp_path / 'demo' / 'metrics.json').read_text())
@@ -111,7 +112,7 @@ def test_demo_on_the_bundled_models_reports_every_method_and_metric(tmp_path):
 
 
 def test_bundled_models_were_trained_on_the_same_characters():
-    from anime_pose.evaluate import load_recipe
+    from anime_pose.demo import load_recipe
     recipe = load_recipe()
     assert recipe['anime_pose']['config']['synthetic_characters'] == recipe['gan']['config']['synthetic_characters']
     assert recipe['anime_pose']['config']['data'] == recipe['gan']['config']['data'] == 'synthetic'
@@ -128,7 +129,8 @@ def test_evaluate_cli_refuses_a_directory_that_is_not_a_run(tmp_path):
 
 def test_retrain_follows_a_recipe_and_the_result_evaluates(tmp_path):
     "`demo --retrain`'s path on a recipe shrunk to a few steps: every model is trained, saved and evaluated."
-    from anime_pose.evaluate import evaluate_models, load_recipe, retrain_models
+    from anime_pose.demo import load_recipe, retrain_models
+    from anime_pose.evaluate import evaluate_models
     from anime_pose.train import TrainConfig, override_config
     recipe = load_recipe()
     shrink = dict(synthetic_characters=6, max_steps=2, base_steps=2, base_vae_steps=2, validate_every=1, sample_every=0, checkpoint_every=0)
@@ -148,9 +150,12 @@ def test_retrain_follows_a_recipe_and_the_result_evaluates(tmp_path):
 
 # --- learned metrics (LPIPS, FID, KID, embeddings), real data without masks, and their CLI paths ---
 
-from anime_pose.evaluate import (FID_HELP, LPIPS_NETS, LearnedMetrics, ParserDetector, evaluate_models, fid, frechet_distance,
-                                 kid, load_detector, load_image_encoder, load_inception, load_learned_metrics, load_lpips,
-                                 load_weights, lpips, embedding_similarity, learned_scores, learned_truth, score_real)
+from anime_pose.diffusion import frechet_distance, gaussian_fit
+from anime_pose.evaluate import evaluate_models
+from anime_pose.metrics import (FID_HELP, LPIPS_NETS, LearnedMetrics, fid, kid, load_image_encoder, load_inception,
+                                load_learned_metrics, load_lpips, load_weights, lpips, embedding_similarity, learned_scores,
+                                learned_truth, score_real)
+from anime_pose.parser import ParserDetector, load_detector
 
 
 def _random_image(seed, size=64):
@@ -183,25 +188,12 @@ def test_load_weights_reads_tensors_only(tmp_path):
     with pytest.raises(AnimePoseError, match="unknown weights format '.ckpt'"): load_weights(tmp_path / 'weights.ckpt', 'test')
 
 
-def test_frechet_distance_matches_scipy_and_the_diagonal_closed_form():
-    from scipy.linalg import sqrtm
-    rng = np.random.default_rng(1)
-    left, right = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
-    a, b, mean_a, mean_b = left @ left.T, right @ right.T, rng.normal(size=6), rng.normal(size=6)
-    expected = ((mean_a - mean_b) ** 2).sum() + np.trace(a + b - 2 * sqrtm(a @ b).real)
-    assert frechet_distance(mean_a, a, mean_b, b) == pytest.approx(expected, rel=1e-9)
-    variances_a, variances_b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
-    closed = 2.0 ** 2 + ((np.sqrt(variances_a) - np.sqrt(variances_b)) ** 2).sum()
-    assert frechet_distance([0, 0, 0], np.diag(variances_a), [2, 0, 0], np.diag(variances_b)) == pytest.approx(closed, rel=1e-12)
-
-
 def test_fid_is_zero_for_identical_sets_and_recovers_known_gaussians():
     rng = np.random.default_rng(2)
     few = rng.normal(size=(10, 64))  # fewer rows than features: the Gram form
     assert abs(fid(few, few)) < 1e-8
     other = rng.normal(0.3, 1.5, size=(12, 64))
-    fits = lambda x: (x.mean(0), np.cov(x, rowvar=False))
-    assert fid(few, other) == pytest.approx(frechet_distance(*fits(few), *fits(other)), rel=1e-6)
+    assert fid(few, other) == pytest.approx(frechet_distance(*gaussian_fit(few), *gaussian_fit(other)), rel=1e-6)
     scales_a, scales_b, shift = np.array([1.0, 3.0]), np.array([2.0, 1.0]), np.array([0.0, 2.0])
     many_a, many_b = rng.normal(0, scales_a, (40000, 2)), rng.normal(shift, scales_b, (40000, 2))
     assert fid(many_a, many_b) == pytest.approx((shift ** 2).sum() + ((scales_a - scales_b) ** 2).sum(), rel=0.03)
@@ -324,7 +316,7 @@ def real_run(tmp_path_factory):
     "A training run (the bundled tiny model) whose data are triples without part masks, as Danbooru triples come."
     import shutil
     from anime_pose.core import bundled_path
-    from anime_pose.evaluate import load_recipe
+    from anime_pose.demo import load_recipe
     root = tmp_path_factory.mktemp('real')
     data = synthetic_dataset(10, 2, 64, seed=5, progress=False).remove_columns('masks')
     data.save_to_disk(str(root / 'data'))
@@ -357,7 +349,7 @@ def test_evaluate_cli_on_synthetic_data_says_the_detector_is_not_used(tmp_path, 
     "Synthetic triples carry part masks, so the synthetic parser scores them: a --detector given anyway is named as unused. A run without losses.csv still evaluates."
     import shutil
     from anime_pose.core import bundled_path
-    from anime_pose.evaluate import load_recipe
+    from anime_pose.demo import load_recipe
     run = tmp_path / 'run'
     shutil.copytree(bundled_path('model'), run / 'final')
     (run / 'config.json').write_text(json.dumps({**load_recipe()['anime_pose']['config'], 'synthetic_characters': 6}))
@@ -404,7 +396,7 @@ def _synthetic_run(tmp_path, characters=10):
     "A training run directory holding the bundled model, trained (as far as its config says) on `characters` synthetic characters."
     import shutil
     from anime_pose.core import bundled_path
-    from anime_pose.evaluate import load_recipe
+    from anime_pose.demo import load_recipe
     run = tmp_path / 'run'
     shutil.copytree(bundled_path('model'), run / 'final')
     (run / 'config.json').write_text(json.dumps({**load_recipe()['anime_pose']['config'], 'synthetic_characters': characters}))
@@ -427,7 +419,7 @@ def test_calibrate_cli_stores_the_chosen_settings_where_the_pipeline_finds_them(
 
 
 def test_calibrate_picks_the_best_mean_rank_each_time_and_prefers_the_gentler_setting_on_a_tie(tmp_path, monkeypatch):
-    import anime_pose.evaluate as evaluate
+    import anime_pose.calibrate as calibration
     from anime_pose.train import load_config
     from anime_pose.pipeline import set_drawing_defaults
     run = _synthetic_run(tmp_path)
@@ -438,8 +430,8 @@ def test_calibrate_picks_the_best_mean_rank_each_time_and_prefers_the_gentler_se
     def evaluate_methods(methods, *args, **kwargs):
         drawn.extend(methods)
         return {name: scores[name] for name in methods}, {}
-    monkeypatch.setattr(evaluate, 'evaluate_methods', evaluate_methods)
-    result = evaluate.calibrate(run / 'final', load_config(run / 'config.json'), (4, 3, 2, 1), (5, 1), count=1, progress=False)
+    monkeypatch.setattr(calibration, 'evaluate_methods', evaluate_methods)
+    result = calibration.calibrate(run / 'final', load_config(run / 'config.json'), (4, 3, 2, 1), (5, 1), count=1, progress=False)
     assert (result['controlnet_conditioning_scale'], result['guidance_scale']) == (3.0, 1.0)
     assert result['mean_rank'] == {'scale 1': 1.5, 'scale 2': 1.5, 'scale 3': 3.5, 'scale 4': 3.5, 'guidance 1': 1.75, 'guidance 5': 1.25}
     assert drawn == ['scale 1', 'scale 2', 'scale 3', 'scale 4', 'guidance 1']
@@ -450,7 +442,7 @@ def test_calibrate_picks_the_best_mean_rank_each_time_and_prefers_the_gentler_se
 def test_calibrating_real_triples_scores_them_with_the_detector(real_run, tmp_path):
     import shutil
     from anime_pose.core import bundled_path
-    from anime_pose.evaluate import calibrate
+    from anime_pose.calibrate import calibrate
     from anime_pose.train import load_config
     run = tmp_path / 'real'
     shutil.copytree(real_run, run)
