@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .core import AnimePoseError, N_BODY_KEYPOINTS, atomic_path, bundled_path, image_grid, load_image, tags_prompt
 from .diffusion import images_to_tensor
 from .pose import Pose, PoseDetector, PoseError, detect_pose, keypoint_heatmaps, oks, pck
+from .gan import load_gan  # also registers `--method gan`, which the recipe retrains
 
 # %% auto #0
 __all__ = ['IDENTITY_PARTS', 'MIRRORED', 'HEATMAP_SIGMA', 'METRICS', 'FID_HELP', 'LPIPS_HELP', 'LPIPS_NETS', 'ENCODER_HELP',
