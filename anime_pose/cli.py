@@ -19,7 +19,7 @@ SUBCOMMANDS = {  # name: (owning module, one-line help)
     'pose':     ('anime_pose.pose', 'read, draw, convert, retarget and detect OpenPose poses'),
     'synth':    ('anime_pose.synthetic', 'write a paired synthetic anime-character dataset'),
     'data':     ('anime_pose.data', 'filter Danbooru metadata into paired, split, budgeted triples'),
-    'train':    ('anime_pose.train', 'train ControlNet and the reference path (or the GAN baseline)'),
+    'train':    ('anime_pose.plan', 'train ControlNet and the reference path (or the GAN baseline)'),
     'evaluate': ('anime_pose.evaluate', 'measure pose accuracy, identity and quality against baselines'),
     'calibrate': ('anime_pose.calibrate', 'choose the ControlNet scale and guidance a trained model draws with'),
     'demo':     ('anime_pose.demo', 'run the bundled model on held-out characters and write a report'),

@@ -18,9 +18,10 @@ from .core import AnimePoseError, image_grid, images_to_tensor, tensor_to_images
 __all__ = ['BETA_SCHEDULES', 'DIFFUSERS_SCHEDULES', 'PREDICTIONS', 'LOSSES', 'LOSS_NAMES', 'DiffusionError', 'linear_betas',
            'quadratic_betas', 'sigmoid_betas', 'cosine_betas', 'NoiseSchedule', 'q_sample', 'q_posterior', 'velocity',
            'training_target', 'predict_x0', 'p_step', 'SinusoidalTimeEmbedding', 'ResidualBlock', 'attention',
-           'SelfAttention', 'Downsample', 'Upsample', 'TinyUNet', 'diffusion_loss', 'held_out_losses', 'train_denoiser',
-           'sampling_timesteps', 'sample', 'random_feature_net', 'frechet_distance', 'gaussian_fit',
-           'frechet_random_feature_distance', 'loss_study', 'study_table', 'plot_study']
+           'SelfAttention', 'Downsample', 'Upsample', 'TinyUNet', 'prediction_loss', 'diffusion_loss',
+           'held_out_losses', 'train_denoiser', 'sampling_timesteps', 'sample', 'random_feature_net',
+           'frechet_distance', 'gaussian_fit', 'frechet_random_feature_distance', 'loss_study', 'study_table',
+           'plot_study']
 
 # %% ../nbs/04_annotated_diffusion.ipynb #97a2efb2
 class DiffusionError(AnimePoseError):
@@ -248,7 +249,21 @@ class TinyUNet(nn.Module):
         return self.head(h)
 
 # %% ../nbs/04_annotated_diffusion.ipynb #a29b68de
-LOSSES = {'l1': F.l1_loss, 'l2': F.mse_loss, 'huber': F.smooth_l1_loss}  # Huber with δ = 1
+LOSSES = ('l1', 'l2', 'huber')  # how a prediction is scored against its target
+
+def prediction_loss(prediction: torch.Tensor, # the denoiser's output: ε or v, N×...
+                    target: torch.Tensor, # what it should have been
+                    kind: str = 'l2', # 'l1', 'l2' or 'huber'
+                    huber_delta: float = 0.1, # where Huber's loss turns from squared to absolute
+                    weights: torch.Tensor | None = None, # one per sample (e.g. min-SNR-γ), or None
+                   ) -> torch.Tensor:
+    "The mean over samples of the per-sample `kind` loss, weighted by `weights` when given: the one loss training uses."
+    prediction, target = prediction.float(), target.float()
+    if _check_choice('loss', kind, LOSSES) == 'l1': per_element = F.l1_loss(prediction, target, reduction='none')
+    elif kind == 'huber': per_element = F.huber_loss(prediction, target, reduction='none', delta=huber_delta)
+    else: per_element = F.mse_loss(prediction, target, reduction='none')
+    per_sample = per_element.mean(dim=tuple(range(1, per_element.ndim)))
+    return (per_sample * weights).mean() if weights is not None else per_sample.mean()
 
 def diffusion_loss(model: nn.Module, # called as model(x_t, t); a diffusers model's `.sample` is used
                    schedule: NoiseSchedule,
@@ -256,14 +271,16 @@ def diffusion_loss(model: nn.Module, # called as model(x_t, t); a diffusers mode
                    loss: str = 'l2', # 'l1', 'l2' or 'huber'
                    prediction: str = 'epsilon', # 'epsilon' or 'v_prediction'
                    generator: torch.Generator | None = None, # source of t and ε
+                   huber_delta: float = 0.1, # see `prediction_loss`
                   ) -> torch.Tensor:
     "Algorithm 1: noise each image to a random t, ask the model for ε (or v), and score it with L1, L2 or Huber."
-    loss_function = LOSSES[_check_choice('loss', loss, LOSSES)]
+    _check_choice('loss', loss, LOSSES)
     device = generator.device if generator is not None else x0.device
     t = torch.randint(0, len(schedule), (x0.shape[0],), generator=generator, device=device).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=device).to(x0.device)
     output = model(q_sample(schedule, x0, t, noise), t)
-    return loss_function(getattr(output, 'sample', output), training_target(schedule, x0, noise, t, prediction))
+    target = training_target(schedule, x0, noise, t, prediction)
+    return prediction_loss(getattr(output, 'sample', output), target, loss, huber_delta)
 
 # %% ../nbs/04_annotated_diffusion.ipynb #326a4b6d
 @torch.no_grad()
@@ -281,7 +298,7 @@ def held_out_losses(model: nn.Module, schedule: NoiseSchedule, images: torch.Ten
         outputs.append(getattr(output, 'sample', output))
         targets.append(training_target(schedule, x0, e, tt, prediction))
     output, target = torch.cat(outputs), torch.cat(targets)
-    return {name: function(output, target).item() for name, function in LOSSES.items()}
+    return {name: prediction_loss(output, target, name).item() for name in LOSSES}
 
 # %% ../nbs/04_annotated_diffusion.ipynb #6e294e92
 def train_denoiser(model: nn.Module, schedule: NoiseSchedule,

@@ -17,7 +17,7 @@ from PIL import Image
 
 from .core import AnimePoseError, N_BODY_KEYPOINTS, bundled_path, image_grid, load_image
 from .pose import Pose, keypoint_heatmaps
-from .train import TrainMethod, held_out_split, training_triples
+from .train import TrainMethod, held_out_split, register_method, training_triples
 
 # %% auto #0
 __all__ = ['POSE_INPUTS', 'ADVERSARIAL_LOSSES', 'skeleton_tensor', 'pose_condition', 'conv_block', 'PoseAttentionBlock',
@@ -349,6 +349,7 @@ def load_gan(path: str | Path | None = None, # a `--method gan` run directory, i
 def _optimizer(parameters, learning_rate: float, gan: GanConfig, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(parameters, lr=learning_rate, betas=(gan.beta1, 0.999), weight_decay=weight_decay)
 
+@register_method('gan')
 class GANMethod(TrainMethod):
     "`anime-pose train --method gan`: the pose-conditioned GAN on the run's triples, two optimizers, exact resume."
     trainable = ('generator', 'discriminator')

@@ -1,4 +1,4 @@
-"""How fast Danbooru metadata goes through `anime_pose.data.filter_metadata`, against a plain `json` loop and
+"""How fast Danbooru metadata goes through `anime_pose.danbooru.filter_metadata`, against a plain `json` loop and
 `datasets.load_dataset("json")` + `filter`, on generated metadata in both real formats (about 2 KB a row).
 
     python benchmarks/danbooru_filter.py                  # 1 M posts (~2.4 GB under benchmarks/data/, deleted afterwards)
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse, json, multiprocessing, os, resource, shutil, subprocess, sys, time, types
 from pathlib import Path
 
-from anime_pose.data import FilterSpec, MalformedPost, fake_metadata, filter_metadata, parse_post, spec_rules
+from anime_pose.danbooru import FilterSpec, MalformedPost, fake_metadata, filter_metadata, parse_post, spec_rules
 
 HERE = Path(__file__).resolve().parent
 DANBOORU2021_POSTS = 4_900_000

@@ -18,7 +18,8 @@ import torch
 from diffusers import StableDiffusionControlNetPipeline
 from PIL import Image
 
-from anime_pose.pipeline import PoseTransferPipeline, tiny_components
+from anime_pose.pipeline import PoseTransferPipeline
+from anime_pose.tiny import tiny_components
 from anime_pose.pose import pose_from_joints
 
 STANDING = {'nose': (32, 10), 'neck': (32, 18), 'right_shoulder': (26, 18), 'right_elbow': (22, 28), 'right_wrist': (20, 38),

@@ -1,6 +1,7 @@
 "Estimated peak training memory (`anime-pose train --dry-run`) of SD 1.x settings at 512 px: which fit a 16 GB GPU."
 import sys, torch
-from anime_pose.train import GiB, estimate_memory, load_config, override_config
+from anime_pose.plan import GiB, estimate_memory
+from anime_pose.train import load_config, override_config
 
 torch.set_num_threads(1)
 ROWS = [  # (what, overrides of the sd15 preset)

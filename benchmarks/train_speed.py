@@ -100,7 +100,8 @@ def our_steps(out: Path, steps: int, batch_size: int, **overrides) -> dict:
 def flop_ratio(base: str = 'sd15', resolution: int = 512, gradient_checkpointing: bool = False) -> dict:
     "Compute per step at full size, counted on the meta device: VAE encode + text encoder + ControlNet/UNet training pass vs the latter alone."
     from torch.utils.flop_counter import FlopCounterMode
-    from anime_pose.train import load_config, meta_components, override_config
+    from anime_pose.plan import meta_components
+    from anime_pose.train import load_config, override_config
     config = override_config(load_config(base), dict(train_reference=False, resolution=resolution))
     c = meta_components(config)
     unet, vae, text_encoder, controlnet = c['unet'], c['vae'], c['text_encoder'], c['controlnet']
@@ -133,7 +134,7 @@ def main():
     parser.add_argument('--no-speed', dest='speed', action='store_false', help='skip the steps/s comparison')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from anime_pose.pipeline import tiny_components
+    from anime_pose.tiny import tiny_components
     from anime_pose.train import load_config, override_config, training_triples
     scratch = Path(tempfile.mkdtemp(prefix='train_speed.'))
     results = {}

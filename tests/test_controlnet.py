@@ -94,7 +94,7 @@ def test_load_controlnet_errors(tmp_path, unet):
 
 def test_saved_controlnet_loads_in_stock_diffusers_pipeline(tmp_path, unet):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-    from anime_pose.pipeline import tiny_components
+    from anime_pose.tiny import tiny_components
     components = tiny_components(seed=0)
     trained = opened(components['controlnet'])
     trained.save_pretrained(tmp_path / 'controlnet')

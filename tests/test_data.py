@@ -10,10 +10,12 @@ from PIL import Image
 
 from anime_pose.core import triple_features
 from anime_pose.cli import main
-from anime_pose.data import (FilterSpec, MalformedPost, MetadataError, Post, SIZE_512PX, SPLITS, character_split, choose_pairs,
-                             detect_keypoints, drop_similar_poses, fake_image_root, fake_metadata, filter_metadata, image_file,
-                             load_spec, load_triples, make_pairs, parse_bytes, parse_line, parse_post, post_path, read_jsonl,
-                             read_posts, rule_flags, save_spec, scan_metadata, spec_rules, split_pairs, write_budget)
+from anime_pose.danbooru import (FilterSpec, MalformedPost, MetadataError, Post, fake_metadata, filter_metadata, load_spec,
+                                 parse_line, parse_post, read_jsonl, read_posts, rule_flags, save_spec, scan_metadata,
+                                 spec_rules)
+from anime_pose.data import (SIZE_512PX, SPLITS, character_split, choose_pairs, detect_keypoints, drop_similar_poses,
+                             fake_image_root, image_file, load_triples, make_pairs, parse_bytes, post_path, split_pairs,
+                             write_budget)
 
 
 # ---- records in the real schemas, written here ----

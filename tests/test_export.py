@@ -131,7 +131,8 @@ def test_full_size_sd15_and_sd21_export_and_round_trip(tmp_path):
 
 def test_the_pipelines_tiny_controlnet_exports_for_diffusers(tmp_path):
     "The project's own tiny ControlNet has a narrower hint encoder: it round-trips, and the loaders it fits are named."
-    from anime_pose.pipeline import PoseTransferPipeline, tiny_components
+    from anime_pose.pipeline import PoseTransferPipeline
+    from anime_pose.tiny import tiny_components
     components = tiny_components()
     controlnet = components['controlnet']
     PoseTransferPipeline(**components).save_pretrained(tmp_path / 'model')  # a saved pipeline: found through controlnet/

@@ -8,8 +8,8 @@ from PIL import Image
 
 from anime_pose.controlnet import ModelError, controlnet_from_unet, zero_convolutions
 from anime_pose.core import ImageError
-from anime_pose.pipeline import (PoseTransferPipeline, TransferError, check_model_dir, fit_reference, skeleton_images, tiny_components,
-                                 tiny_tokenizer, DANBOORU_WORDS)
+from anime_pose.pipeline import PoseTransferPipeline, TransferError, check_model_dir, fit_reference, skeleton_images
+from anime_pose.tiny import DANBOORU_WORDS, tiny_components, tiny_tokenizer
 from anime_pose.pose import Pose, PoseError, pose_from_joints
 
 STANDING = {'nose': (32, 10), 'neck': (32, 18), 'right_shoulder': (26, 18), 'right_elbow': (22, 28), 'right_wrist': (20, 38),

@@ -62,7 +62,9 @@ def test_bad_config_files(tmp_path):
     with pytest.raises(ConfigError, match='no such configuration file'): load_config(tmp_path / 'missing.json')
 
 
-def test_methods_are_imported_by_name_only_when_chosen():
+def test_methods_are_registered_by_name_or_found_by_module_path():
+    from anime_pose.train import METHODS, DiffusionMethod
+    assert METHODS['diffusion'] is DiffusionMethod and 'gan' not in METHODS or METHODS['gan'].__module__ == 'anime_pose.gan'
     assert load_method('toy') is ToyMethod
     assert load_method('anime_pose.train:ToyMethod') is ToyMethod
     with pytest.raises(ConfigError, match="method 'nope' is unknown"): load_method('nope')
@@ -294,7 +296,7 @@ def test_small_base_trains_on_16x16_latents_end_to_end(tmp_path):
 
 
 def test_base_pretraining_schedule_runs_for_any_number_of_steps():
-    from anime_pose.train import _one_cycle
+    from anime_pose.tiny import _one_cycle
     for steps in range(1, 40):
         optimizer, schedule = _one_cycle([torch.nn.Parameter(torch.zeros(1))], 1e-3, steps)
         rates = []
@@ -304,12 +306,13 @@ def test_base_pretraining_schedule_runs_for_any_number_of_steps():
 
 
 def test_losses_and_min_snr():
-    from anime_pose.train import diffusion_loss, min_snr_weights
+    from anime_pose.diffusion import DiffusionError, prediction_loss
+    from anime_pose.train import min_snr_weights
     x, y = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
-    assert diffusion_loss(x, 3 * y, 'l1') == 3 and diffusion_loss(x, 3 * y, 'l2') == 9
-    assert diffusion_loss(x, 3 * y, 'huber', huber_delta=1.0) == 2.5
-    assert diffusion_loss(x, y, 'l2', weights=torch.tensor([0.0, 2.0])) == 1
-    with pytest.raises(ConfigError, match="loss 'l4' is unknown"): diffusion_loss(x, y, 'l4')
+    assert prediction_loss(x, 3 * y, 'l1') == 3 and prediction_loss(x, 3 * y, 'l2') == 9
+    assert prediction_loss(x, 3 * y, 'huber', huber_delta=1.0) == 2.5
+    assert prediction_loss(x, y, 'l2', weights=torch.tensor([0.0, 2.0])) == 1
+    with pytest.raises(DiffusionError, match="unknown loss 'l4'"): prediction_loss(x, y, 'l4')
     alphas = torch.linspace(0.999, 0.001, 1000)
     weights = min_snr_weights(alphas, torch.tensor([0, 999]), 5.0)
     assert weights[0] < 0.01 and weights[1] == 1.0
