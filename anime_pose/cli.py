@@ -23,7 +23,7 @@ SUBCOMMANDS = {  # name: (owning module, one-line help)
     'evaluate': ('anime_pose.evaluate', 'measure pose accuracy, identity and quality against baselines'),
     'calibrate': ('anime_pose.calibrate', 'choose the ControlNet scale and guidance a trained model draws with'),
     'demo':     ('anime_pose.demo', 'run the bundled model on held-out characters and write a report'),
-    'export':   ('anime_pose.app', 'export a trained ControlNet as one safetensors file for A1111/ComfyUI'),
+    'export':   ('anime_pose.export', 'export a trained ControlNet as one safetensors file for A1111/ComfyUI'),
 }
 
 # %% ../nbs/12_cli.ipynb #d79164a4

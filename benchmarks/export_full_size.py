@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel
 
-from anime_pose.app import export_controlnet, export_difference
+from anime_pose.export import export_controlnet, export_difference
 
 SHAPES = {'sd15': dict(cross_attention_dim=768),
           'sd21': dict(cross_attention_dim=1024, use_linear_projection=True, attention_head_dim=(5, 10, 20, 20))}

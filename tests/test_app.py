@@ -1,6 +1,7 @@
 "The notebook UI's logic, without a browser: uploads, pose previews, generation with progress, saving, and the widgets' callbacks."
-import io, json
+import io, json, subprocess, sys
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +214,34 @@ def test_the_sliders_start_at_the_models_drawing_defaults(pipe):
     from anime_pose.pipeline import PoseTransferPipeline
     calibrated = PoseTransferApp(PoseTransferPipeline(**pipe.components, controlnet_conditioning_scale=2.5, guidance_scale=1.5), synthetic_size=64)
     assert (calibrated.controlnet_scale.value, calibrated.guidance.value) == (2.5, 1.5)
+
+
+def colab_cell():
+    notebook = json.loads((Path(__file__).parents[1] / 'nbs' / '11_app.ipynb').read_text())
+    sources = [''.join(c['source']) for c in notebook['cells'] if c['cell_type'] == 'code']
+    cells = [source for source in sources if 'anime_pose on Colab' in source]
+    assert len(cells) == 1
+    return cells[0]
+
+
+def test_colab_cell_does_nothing_when_installed(monkeypatch):
+    calls = []
+    monkeypatch.setattr(subprocess, 'run', lambda *a, **k: calls.append(a))
+    exec(colab_cell(), {})
+    assert calls == []
+
+
+def test_colab_cell_installs_keeping_the_torch_already_there(monkeypatch):
+    import importlib.util
+    from importlib.metadata import version
+    calls, real_find_spec = [], importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a: None if name == 'anime_pose' else real_find_spec(name, *a))
+    monkeypatch.setattr(subprocess, 'run', lambda command, **k: calls.append(command))
+    exec(colab_cell(), {})
+    (command,) = calls
+    assert command[:4] == [sys.executable, '-m', 'pip', 'install']
+    assert 'git+https://github.com/anime-pose/anime_pose' in command[-1]
+    constraints = Path(command[command.index('-c') + 1])
+    assert f'torch=={version("torch")}' in constraints.read_text().splitlines()
+    constraints.unlink()

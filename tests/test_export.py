@@ -8,9 +8,9 @@ from diffusers import ControlNetModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from anime_pose import app
-from anime_pose.app import (ExportError, check_export_name, controlnet_to_ldm, default_export_name, export_controlnet,
-                            export_difference, exported_config, ldm_key, load_controlnet_weights, load_exported, single_file_loaders)
+from anime_pose.export import (ExportError, check_export_name, controlnet_to_ldm, default_export_name, export_controlnet,
+                               export_difference, exported_config, ldm_key, load_controlnet_weights, load_exported,
+                               single_file_loaders)
 from anime_pose.cli import main
 
 TINY = {  # tiny ControlNets that keep the original hint encoder; the last has two-digit input block indices
@@ -267,34 +267,6 @@ def test_console_script_help_has_examples_and_places():
     assert result.returncode == 0
     for text in ('--controlnet DIR', '--fp16', 'examples:', 'models/ControlNet', 'models/controlnet', 'from_single_file'):
         assert text in result.stdout
-
-
-def colab_cell():
-    notebook = json.loads((Path(__file__).parents[1] / 'nbs' / '11_app.ipynb').read_text())
-    cells = [''.join(c['source']) for c in notebook['cells'] if c['cell_type'] == 'code' and 'anime_pose on Colab' in ''.join(c['source'])]
-    assert len(cells) == 1
-    return cells[0]
-
-
-def test_colab_cell_does_nothing_when_installed(monkeypatch):
-    calls = []
-    monkeypatch.setattr(subprocess, 'run', lambda *a, **k: calls.append(a))
-    exec(colab_cell(), {})
-    assert calls == []
-
-
-def test_colab_cell_installs_keeping_the_torch_already_there(monkeypatch):
-    import importlib.util
-    from importlib.metadata import version
-    calls, real_find_spec = [], importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'anime_pose' else real_find_spec(name, *a))
-    monkeypatch.setattr(subprocess, 'run', lambda command, **k: calls.append(command))
-    exec(colab_cell(), {})
-    (command,) = calls
-    assert command[:4] == [sys.executable, '-m', 'pip', 'install'] and 'git+https://github.com/anime-pose/anime_pose' in command[-1]
-    constraints = Path(command[command.index('-c') + 1])
-    assert f'torch=={version("torch")}' in constraints.read_text().splitlines()
-    constraints.unlink()
 
 
 def test_a_calibrated_scale_travels_with_the_export(tmp_path, tiny, capsys):
