@@ -51,6 +51,7 @@ setuptools.setup(
     zip_safe=False,
     entry_points={
         'console_scripts': cfg.get('console_scripts', '').split(),
+        'anime_pose.subcommands': cfg.get('subcommands', '').split(),  # `anime-pose SUBCOMMAND`: name=module:function
         'nbdev': [f'{cfg.get("lib_path")}={cfg.get("lib_path")}._modidx:d'],
     },
     **setup_cfg)

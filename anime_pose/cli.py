@@ -4,33 +4,36 @@
 
 # %% ../nbs/12_cli.ipynb #48da3d90
 from __future__ import annotations
-import argparse, contextlib, errno, os, importlib, importlib.util, sys, traceback
+import argparse, contextlib, errno, os, sys, traceback
+from importlib.metadata import EntryPoint, entry_points
 
 from . import __version__
-from .core import AnimePoseError
+from .core import AnimePoseError, check_output
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'EXAMPLES', 'USER_ERRNOS', 'available_subcommands', 'build_parser', 'main']
+__all__ = ['SUBCOMMAND_GROUP', 'HELP', 'EXAMPLES', 'USER_ERRNOS', 'available_subcommands', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #516be5a7
-SUBCOMMANDS = {  # name: (owning module, one-line help)
-    'transfer': ('anime_pose.pipeline', 'draw the reference character in a new pose'),
-    'sheet':    ('anime_pose.pipeline', 'draw the reference character in many poses at once'),
-    'pose':     ('anime_pose.pose', 'read, draw, convert, retarget and detect OpenPose poses'),
-    'synth':    ('anime_pose.synthetic', 'write a paired synthetic anime-character dataset'),
-    'data':     ('anime_pose.data', 'filter Danbooru metadata into paired, split, budgeted triples'),
-    'train':    ('anime_pose.plan', 'train ControlNet and the reference path (or the GAN baseline)'),
-    'evaluate': ('anime_pose.evaluate', 'measure pose accuracy, identity and quality against baselines'),
-    'calibrate': ('anime_pose.calibrate', 'choose the ControlNet scale and guidance a trained model draws with'),
-    'demo':     ('anime_pose.demo', 'run the bundled model on held-out characters and write a report'),
-    'export':   ('anime_pose.export', 'export a trained ControlNet as one safetensors file for A1111/ComfyUI'),
+SUBCOMMAND_GROUP = 'anime_pose.subcommands'  # entry points: name = module:function that configures its parser
+HELP = {  # name: one-line help, shown without importing the subcommand's module
+    'transfer': 'draw the reference character in a new pose',
+    'sheet':    'draw the reference character in many poses at once',
+    'pose':     'read, draw, convert, retarget and detect OpenPose poses',
+    'synth':    'write a paired synthetic anime-character dataset',
+    'data':     'filter Danbooru metadata into paired, split, budgeted triples',
+    'train':    'train ControlNet and the reference path (or the GAN baseline)',
+    'evaluate': 'measure pose accuracy, identity and quality against baselines',
+    'calibrate': 'choose the ControlNet scale and guidance a trained model draws with',
+    'demo':     'run the bundled model on held-out characters and write a report',
+    'export':   'export a trained ControlNet as one safetensors file for A1111/ComfyUI',
 }
 
 # %% ../nbs/12_cli.ipynb #d79164a4
-def available_subcommands() -> dict[str, tuple[str, str]]:
-    "The subcommands whose owning module is installed."
-    return {name: (module, help) for name, (module, help) in SUBCOMMANDS.items()
-            if importlib.util.find_spec(module) is not None}
+def available_subcommands() -> dict[str, tuple[EntryPoint, str]]:
+    "Each installed subcommand: its entry point and its one-line help."
+    points = {point.name: point for point in entry_points(group=SUBCOMMAND_GROUP)}
+    names = [name for name in HELP if name in points] + sorted(set(points) - set(HELP))
+    return {name: (points[name], HELP.get(name, f'(plug-in: {points[name].value})')) for name in names}
 
 # %% ../nbs/12_cli.ipynb #0e506995
 EXAMPLES = '''examples:
@@ -51,10 +54,10 @@ def build_parser(command: str | None = None, # the subcommand to configure fully
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--version', action='version', version=f'anime-pose {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='SUBCOMMAND')
-    for name, (module, help) in available_subcommands().items():
+    for name, (entry_point, help) in available_subcommands().items():
         subparser = subparsers.add_parser(name, help=help, description=help,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        if name == command: getattr(importlib.import_module(module), f'{name}_cli')(subparser)
+        if name == command: entry_point.load()(subparser)
     return parser
 
 # %% ../nbs/12_cli.ipynb #0a1c5cb2
@@ -85,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, 'run'):  # a subcommand that needs an action, given none
         with contextlib.suppress(SystemExit): parser.parse_args([args.command, '--help'])
         return 2
-    try: return args.run(args) or 0
+    try:
+        if getattr(args, 'overwrite', None) is not None: check_output(args.out, args.overwrite)  # before any work
+        return args.run(args) or 0
     except (AnimePoseError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f'anime-pose {args.command}: error: {e}', file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = ['MAX_IMAGE_PIXELS', 'N_BODY_KEYPOINTS', 'AnimePoseError', 'ImageError', 'to_rgb', 'load_image', 'image_grid',
            'show_images', 'images_to_tensor', 'tensor_to_images', 'seed_everything', 'default_device', 'default_dtype',
            'DeviceError', 'check_device', 'triple_features', 'tags_prompt', 'bundled_path', 'OutputError',
-           'check_output', 'atomic_path']
+           'check_output', 'add_output', 'atomic_path']
 
 # %% ../nbs/00_core.ipynb #503cae92
 class AnimePoseError(ValueError):
@@ -223,6 +223,15 @@ def check_output(path: str | os.PathLike, # a file or folder a command is about 
     if not existing.is_dir(): raise OutputError(f'{existing} is a file, so {path} cannot be created')
     if not os.access(existing, os.W_OK | os.X_OK): raise OutputError(f'{existing} is not writable (nothing was written)')
     return path
+
+# %% ../nbs/00_core.ipynb #b3d7e9f1
+def add_output(parser, # an `argparse` parser of a command that writes `--out`
+               metavar: str = 'PATH', # how the help names the output
+               help: str = 'where to write', # what the output is
+              ):
+    "Give a command `--out` and `--overwrite`; the command line refuses an occupied `--out` before any work."
+    parser.add_argument('--out', required=True, metavar=metavar, help=help)
+    parser.add_argument('--overwrite', action='store_true', help='replace --out if it already exists (default: refuse)')
 
 # %% ../nbs/00_core.ipynb #a7c4e2b1
 def _umask() -> int:

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from .core import AnimePoseError, ImageError, N_BODY_KEYPOINTS, atomic_path, load_image, triple_features
+from .core import AnimePoseError, ImageError, N_BODY_KEYPOINTS, add_output, atomic_path, load_image, triple_features
 from .pose import LIMBS, OpenPoseDetector, Pose, PoseDetector, body_size, detect_pose, mean_joint_error
 from .danbooru import (FILE_EXT, FilterSpec, MetadataError, Post, filter_metadata, load_spec, read_jsonl,
                                  read_posts,
@@ -655,19 +655,19 @@ def data_cli(parser: argparse.ArgumentParser):
         sub = steps.add_parser(name, help=help, description=help, epilog=DATA_EXAMPLES,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         for flag, metavar, text in inputs: sub.add_argument(flag, required=True, metavar=metavar, help=text)
+        add_output(sub, 'PATH', 'where to write (appears only when the step succeeds)')
         for add in adders: add(sub)
         sub.set_defaults(run=run)
-    out = ('--out', 'PATH', 'where to write (appears only when the step succeeds)')
-    step('filter', 'stream Danbooru metadata through the filter spec', _run_filter, _filter_args, inputs=[out])
+    step('filter', 'stream Danbooru metadata through the filter spec', _run_filter, _filter_args)
     step('pairs', 'pair different posts of the same character', _run_pairs, _pairs_args,
-         inputs=[('--posts', 'DIR', "the filter step's output (or its posts.jsonl)"), out])
+         inputs=[('--posts', 'DIR', "the filter step's output (or its posts.jsonl)")])
     step('split', 'assign characters to train/validation/test', _run_split, _split_args,
-         inputs=[('--pairs', 'FILE', 'pairs.jsonl'), out])
+         inputs=[('--pairs', 'FILE', 'pairs.jsonl')])
     step('budget', 'choose pairs within a byte budget; write manifest, rsync file list, summary', _run_budget,
          _budget_args,
-         inputs=[('--pairs', 'FILE', 'split.jsonl'), out])
+         inputs=[('--pairs', 'FILE', 'split.jsonl')])
     step('load', 'read the manifest images into a DatasetDict of triples', _run_load, _load_args,
          inputs=[('--manifest', 'PATH', "the budget step's output (or its manifest.jsonl)"),
-                 ('--image-root', 'DIR', 'Danbooru-layout image folder'), out])
+                 ('--image-root', 'DIR', 'Danbooru-layout image folder')])
     step('build', 'filter, pairs, split and budget in one go (and load, given --image-root)', _run_build,
-         _filter_args, _pairs_args, _split_args, _budget_args, _load_args, inputs=[out])
+         _filter_args, _pairs_args, _split_args, _budget_args, _load_args)

@@ -8,7 +8,7 @@ import argparse, json, os, shutil
 from pathlib import Path
 
 from .calibrate import calibrate
-from .core import AnimePoseError, atomic_path, bundled_path
+from .core import AnimePoseError, add_output, atomic_path, bundled_path
 from .evaluate import _learned, _learned_flags, _print_metrics, evaluate_models
 from .metrics import LearnedMetrics
 from .parser import train_parser
@@ -79,7 +79,7 @@ def demo_cli(parser: argparse.ArgumentParser):
                      '  anime-pose demo --out demo_out --retrain   '
                      '# rebuild the pose-transfer model from scratch first\n'
                      '  anime-pose demo --out demo_out --retrain --retrain-baselines   # and the GAN and the parser')
-    parser.add_argument('--out', required=True, help='report directory (report.md, metrics.json, PNGs)')
+    add_output(parser, 'DIR', 'report directory (report.md, metrics.json, PNGs)')
     parser.add_argument('--retrain', action='store_true',
                         help='retrain the pose-transfer model from scratch (into OUT-models/) as the recipe says')
     parser.add_argument('--retrain-baselines', action='store_true',

@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .controlnet import controlnet_from_unet
-from .core import AnimePoseError, atomic_path, image_grid, load_image, tags_prompt
+from .core import AnimePoseError, add_output, atomic_path, image_grid, load_image, tags_prompt
 from .gan import load_gan
 from .metrics import (METRICS, LearnedMetrics, learned_scores, learned_truth, load_learned_metrics, score,
                                 score_real)
@@ -286,7 +286,7 @@ def evaluate_cli(parser: argparse.ArgumentParser):
     parser.add_argument('--detector', metavar='DIR', help='data without part masks: OpenPose weights or a '
                         'SyntheticParser directory for pck and oks (default: not measured)')
     _learned_flags(parser)
-    parser.add_argument('--out', required=True, help='report directory')
+    add_output(parser, 'DIR', 'report directory')
     parser.add_argument('--count', type=int, default=24, help='held-out triples to evaluate (default 24)')
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
     parser.set_defaults(run=_run_evaluate)

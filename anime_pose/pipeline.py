@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .core import (AnimePoseError, atomic_path, bundled_path, default_device, default_dtype, image_grid,
+from .core import (AnimePoseError, add_output, atomic_path, bundled_path, default_device, default_dtype, image_grid,
                              load_image)
 from .pose import Pose, PoseError, retarget as retarget_pose
 from .controlnet import (ModelError, check_controlnet, condition_tensor, controlled_prediction,
@@ -422,7 +422,7 @@ def transfer_cli(parser: argparse.ArgumentParser):
   anime-pose transfer --reference a.png --pose skeleton.png --out out.png     # the bundled tiny model'''
     _add_common(parser)
     parser.add_argument('--pose', required=True, help='pose B: OpenPose JSON or a skeleton image')
-    parser.add_argument('--out', required=True, help='output image (.png, .jpg, .webp)')
+    add_output(parser, 'IMAGE', 'output image (.png, .jpg, .webp)')
     parser.set_defaults(run=run_transfer)
 
 # %% ../nbs/07a_pipeline.ipynb #d19880b5
@@ -449,7 +449,7 @@ writes OUT/sheet.png (the grid) and OUT/NNN_<pose>.png (one image per pose)'''
     _add_common(parser)
     parser.add_argument('--poses', nargs='+', required=True,
                         help='OpenPose JSON files, skeleton images, or directories of JSON files')
-    parser.add_argument('--out', required=True, help='output directory')
+    add_output(parser, 'DIR', 'output directory')
     parser.add_argument('--columns', type=int, help='grid columns (default: up to 4)')
     parser.add_argument('--batch-size', type=int, help='poses denoised together (default: all)')
     parser.set_defaults(run=run_sheet)

@@ -14,7 +14,7 @@ import torch
 from fastcore.basics import patch
 from PIL import Image
 
-from .core import AnimePoseError, atomic_path, load_image
+from .core import AnimePoseError, add_output, atomic_path, load_image
 
 # %% auto #0
 __all__ = ['KEYPOINT_NAMES', 'N_HAND_KEYPOINTS', 'N_FACE_KEYPOINTS', 'BODY_25_TO_COCO_18', 'RENDER_THRESHOLDS', 'DEFAULT_CANVAS',
@@ -689,7 +689,7 @@ def pose_cli(parser):
         return actions.add_parser(name, help=help, description=help, epilog=_POSE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     draw = add('draw', "draw a pose file as ControlNet's OpenPose skeleton image")
     draw.add_argument('pose', metavar='POSE.json')
-    draw.add_argument('--out', required=True, metavar='SKELETON.png')
+    add_output(draw, 'SKELETON.png', 'the skeleton image')
     draw.add_argument('--size', type=_size, metavar='WxH', help='the output image size (default: the canvas)')
     _add_reading(draw)
     draw.add_argument('--all', action='store_true', help='draw every person (default: one)')
@@ -704,13 +704,13 @@ def pose_cli(parser):
     retarget_parser = add('retarget', "keep a pose's joint angles, take a reference pose's bone lengths and head size")
     retarget_parser.add_argument('pose', metavar='POSE.json')
     retarget_parser.add_argument('--like', required=True, metavar='REFERENCE_POSE.json')
-    retarget_parser.add_argument('--out', required=True, metavar='OUT.json')
+    add_output(retarget_parser, 'OUT.json', 'the retargeted pose')
     retarget_parser.add_argument('--like-canvas', type=_size, metavar='WxH', help="the reference's canvas, for pixel files that do not give one")
     _add_reading(retarget_parser)
     retarget_parser.set_defaults(run=_retarget)
     detect = add('detect', 'find people in an image with OpenPose and write their poses (nothing if nobody is found)')
     detect.add_argument('image', metavar='IMAGE')
-    detect.add_argument('--out', required=True, metavar='POSE.json')
+    add_output(detect, 'POSE.json', 'the detected poses')
     detect.add_argument('--detector', default=OPENPOSE_HUB_ID, metavar='DIR',
                         help=f'annotator directory with {", ".join(OPENPOSE_FILES)}, or a hub id (default {OPENPOSE_HUB_ID})')
     detect.add_argument('--resolution', type=int, default=512, help='detect resolution: the shorter side (default 512)')

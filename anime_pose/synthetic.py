@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .core import AnimePoseError, atomic_path, image_grid, triple_features
+from .core import AnimePoseError, add_output, atomic_path, image_grid, triple_features
 from .pose import KEYPOINT_NAMES, Pose
 
 # %% auto #0
@@ -882,7 +882,7 @@ def synth_cli(parser: argparse.ArgumentParser):
     "Add the `anime-pose synth` arguments to `parser`."
     parser.epilog = _SYNTH_EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument('--out', required=True, metavar='DIR', help='folder to write the DatasetDict and contact_sheet.png into')
+    add_output(parser, 'DIR', 'folder to write the DatasetDict and contact_sheet.png into')
     parser.add_argument('--characters', type=int, default=100, metavar='N', help='distinct characters (default 100)')
     parser.add_argument('--poses-per-character', type=int, default=4, metavar='K', help='drawings and triples per character (default 4)')
     parser.add_argument('--size', type=int, default=64, metavar='PX', help='image side in pixels (default 64)')
