@@ -4,20 +4,22 @@
 
 # %% ../nbs/07a_pipeline.ipynb #6493e597
 from __future__ import annotations
-import argparse, inspect, json, os
+import argparse, inspect, json, os, sys, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
-from .core import (AnimePoseError, add_output, atomic_path, bundled_path, default_device, default_dtype, image_grid,
-                             load_image)
+from .core import (AnimePoseError, add_output, atomic_path, bundled_path, check_device,
+                             default_dtype, image_grid, load_image)
 from .pose import Pose, PoseError, retarget as retarget_pose
 from .controlnet import (ModelError, check_controlnet, condition_tensor, controlled_prediction,
                                    controlnet_from_unet,
@@ -161,6 +163,17 @@ def _check_settings(num_inference_steps, guidance_scale, controlnet_conditioning
         raise TransferError(f'batch_size must be a positive integer, got {batch_size!r}')
 
 # %% ../nbs/07a_pipeline.ipynb #bb339300
+@contextmanager
+def _quiet_loading():
+    "Load without progress bars (unless on a terminal) and without warnings about arguments diffusers renamed."
+    bars = sys.stderr.isatty()
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='.*torch_dtype.*', category=FutureWarning)
+        if not bars: diffusers_logging.disable_progress_bar(); transformers_logging.disable_progress_bar()
+        try: yield
+        finally:
+            if not bars: diffusers_logging.enable_progress_bar(); transformers_logging.enable_progress_bar()
+
 class PoseTransferPipeline(DiffusionPipeline):
     "Character A from a reference image in pose B: Stable Diffusion + ControlNet (pose) + reference attention."
     model_cpu_offload_seq = 'text_encoder->reference_net->controlnet->unet->vae'
@@ -279,9 +292,21 @@ class PoseTransferPipeline(DiffusionPipeline):
             else: controlnet = load_controlnet(controlnet)
         if controlnet is not None: kwargs['controlnet'] = controlnet.to(kwargs.get('torch_dtype') or controlnet.dtype)
         if not (Path(path) / 'reference_net').is_dir(): kwargs.setdefault('reference_net', None)
-        return super().from_pretrained(path, use_safetensors=True, local_files_only=True, **kwargs)
+        try:
+            with _quiet_loading(): return super().from_pretrained(path, use_safetensors=True, local_files_only=True, **kwargs)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # damaged weights or configs, as diffusers reports them
+            if isinstance(e, AnimePoseError): raise
+            raise ModelError(f"'{path}': cannot load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 # %% ../nbs/07a_pipeline.ipynb #6ccd9dd3
+def _model_index(index: Path) -> dict:
+    try: config = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"'{index}': not valid JSON ({e})") from None
+    if not isinstance(config, dict) or '_class_name' not in config:
+        raise ModelError(f"'{index}': not a pipeline's model_index.json (a JSON object naming its _class_name)")
+    return config
+
 LAYOUT = {'unet': 'diffusion_pytorch_model', 'vae': 'diffusion_pytorch_model', 'text_encoder': 'model',
           'tokenizer': None,
           'scheduler': None}
@@ -300,6 +325,7 @@ def check_model_dir(path: Path, controlnet_given: bool = False) -> Path:
         if weights and (path / name).is_dir() and not any((path / name).glob(f'{weights}*.safetensors')):
             missing.append(f'{name}/{weights}.safetensors')
     if missing: raise ModelError(f"'{path}': missing {', '.join(missing)} ({expected})")
+    _model_index(path / 'model_index.json')
     return path
 
 # %% ../nbs/07a_pipeline.ipynb #2f952cee
@@ -335,13 +361,6 @@ def model_drawing_defaults(folder: str | os.PathLike | None, # a saved pipeline 
     own = {name: inspect.signature(PoseTransferPipeline).parameters[name].default for name in DRAWING_DEFAULTS}
     return own | (stored_drawing_defaults(folder) if folder is not None else {})
 
-def _model_index(index: Path) -> dict:
-    try: config = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"'{index}': not valid JSON ({e})") from None
-    if not isinstance(config, dict): raise ModelError(f"'{index}': not a pipeline's model_index.json (a JSON object)")
-    return config
-
 # %% ../nbs/07a_pipeline.ipynb #2bf40fab
 def bundled_model_dir() -> Path | None:
     "The pose-transfer model bundled with anime_pose, or None if this installation has none."
@@ -353,10 +372,11 @@ def load_pipeline(model: str | os.PathLike | None = None, # a model directory, '
                   device: str | None = None, # default: the best available
                  ) -> PoseTransferPipeline:
     "The pipeline the command line uses."
-    device = torch.device(device) if device else default_device()
+    device = check_device(device)
     model = bundled_model_dir() or 'tiny' if model is None else model
     if str(model) == 'tiny': return PoseTransferPipeline(**tiny_components()).to(device)
     pipe = PoseTransferPipeline.from_pretrained(model, controlnet=controlnet, torch_dtype=default_dtype(device))
+    pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
     return pipe.to(device)
 
 # %% ../nbs/07a_pipeline.ipynb #d763b6d6
@@ -396,8 +416,9 @@ def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument('--device', help='cpu, cuda, mps (default: the best available)')
 
 def _transfer(args, poses) -> PoseTransferOutput:
-    pipe = load_pipeline(args.model, args.controlnet, args.device)
-    return pipe(load_image(args.reference), poses, prompt=args.prompt, negative_prompt=args.negative_prompt,
+    reference, device = load_image(args.reference), check_device(args.device)  # cheap checks before the model loads
+    pipe = load_pipeline(args.model, args.controlnet, device)
+    return pipe(reference, poses, prompt=args.prompt, negative_prompt=args.negative_prompt,
                 num_inference_steps=args.steps, guidance_scale=args.guidance,
                 controlnet_conditioning_scale=args.controlnet_scale, reference_strength=args.reference_strength,
                 retarget=args.retarget, reference_pose=args.reference_pose, pose_canvas=args.canvas, height=args.height,

@@ -3,7 +3,7 @@ import subprocess, sys
 from pathlib import Path
 
 from anime_pose import __version__
-from anime_pose.cli import SUBCOMMANDS, available_subcommands, main
+from anime_pose.cli import HELP, available_subcommands, main
 
 
 def run(*args):
@@ -26,9 +26,11 @@ def test_unknown_subcommand_is_a_usage_error():
     assert result.returncode == 2 and 'invalid choice' in result.stderr
 
 
-def test_available_subcommands_are_a_subset_of_the_contract():
-    assert set(available_subcommands()) <= set(SUBCOMMANDS)
-    assert {'transfer', 'sheet', 'pose', 'synth', 'data', 'train', 'evaluate', 'calibrate', 'demo', 'export'} == set(SUBCOMMANDS)
+def test_every_subcommand_of_the_contract_is_installed_with_its_help():
+    contract = {'transfer', 'sheet', 'pose', 'synth', 'data', 'train', 'evaluate', 'calibrate', 'demo', 'export'}
+    assert contract == set(HELP) and contract <= set(available_subcommands())
+    for name, (entry_point, help) in available_subcommands().items():
+        assert callable(entry_point.load()) and help == HELP[name]
 
 
 def test_no_subcommand_prints_help(capsys):
