@@ -265,7 +265,6 @@ def _articulate(spec: PoseSpec, identity: Identity) -> _Body:
         k[index] = [*point, float(depth > threshold)]
     return _place(_Body(k, tuple(head), r, face_yaw, tilt, yaw, s, spec.seat, spec.expression), spec)
 
-# %% ../nbs/02_synthetic.ipynb #d2a1c347
 def _place(body: _Body, spec: PoseSpec) -> _Body:
     "Stand `body` on the ground of a unit canvas, centred, shrunk if it would leave the canvas."
     k, r = body.keypoints, body.radius
