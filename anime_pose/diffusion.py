@@ -29,7 +29,8 @@ class DiffusionError(AnimePoseError):
 
 def _check_choice(what: str, value: str, choices) -> str:
     "Return `value` if it is one of `choices`, else raise a `DiffusionError` listing them."
-    if value not in choices: raise DiffusionError(f'unknown {what} {value!r}; expected one of {", ".join(map(repr, choices))}')
+    if value not in choices:
+        raise DiffusionError(f'unknown {what} {value!r}; expected one of {", ".join(map(repr, choices))}')
     return value
 
 # %% ../nbs/04_annotated_diffusion.ipynb #8d87a067
@@ -55,12 +56,15 @@ def cosine_betas(timesteps: int, # T, the number of diffusion steps
                  max_beta: float = 0.999, # cap on β near t = T
                 ) -> torch.Tensor:
     "Nichol & Dhariwal (2021), Eq. 17: ᾱ_t = cos²((t/T + s)/(1 + s) · π/2), β_t = 1 − ᾱ_t/ᾱ_{t−1}."
-    alpha_bar = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + s) / (1 + s) * math.pi / 2) ** 2
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta).float()
 
 # %% ../nbs/04_annotated_diffusion.ipynb #4cd8d6aa
-BETA_SCHEDULES = {'linear': linear_betas, 'quadratic': quadratic_betas, 'sigmoid': sigmoid_betas, 'cosine': cosine_betas}
-DIFFUSERS_SCHEDULES = {'linear': 'linear', 'quadratic': 'scaled_linear', 'sigmoid': 'sigmoid', 'cosine': 'squaredcos_cap_v2'}
+BETA_SCHEDULES = {'linear': linear_betas, 'quadratic': quadratic_betas, 'sigmoid': sigmoid_betas,
+                  'cosine': cosine_betas}
+DIFFUSERS_SCHEDULES = {'linear': 'linear', 'quadratic': 'scaled_linear', 'sigmoid': 'sigmoid',
+                       'cosine': 'squaredcos_cap_v2'}
 
 # %% ../nbs/04_annotated_diffusion.ipynb #de86f0d0
 class NoiseSchedule(nn.Module):
@@ -68,7 +72,8 @@ class NoiseSchedule(nn.Module):
     def __init__(self, betas: torch.Tensor): # β for t = 0 … T − 1, each strictly between 0 and 1
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float32)
-        if betas.ndim != 1 or len(betas) < 2: raise DiffusionError(f'betas must be a 1-d tensor of at least 2 values, got shape {tuple(betas.shape)}')
+        if betas.ndim != 1 or len(betas) < 2:
+            raise DiffusionError(f'betas must be a 1-d tensor of at least 2 values, got shape {tuple(betas.shape)}')
         if not ((betas > 0) & (betas < 1)).all(): raise DiffusionError('every beta must lie strictly between 0 and 1')
         self.register_buffer('betas', betas, persistent=False)
         self.register_buffer('alphas_cumprod', torch.cumprod(1 - betas, dim=0), persistent=False)  # ᾱ_t
@@ -128,15 +133,17 @@ def training_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tens
                     prediction: str = 'epsilon', # 'epsilon' or 'v_prediction'
                    ) -> torch.Tensor:
     "What the network learns to output at x_t: the noise ε, or the velocity v."
-    return noise if _check_choice('prediction', prediction, PREDICTIONS) == 'epsilon' else velocity(schedule, x0, noise, t)
+    if _check_choice('prediction', prediction, PREDICTIONS) == 'epsilon': return noise
+    return velocity(schedule, x0, noise, t)
 
 def predict_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t,
                model_output: torch.Tensor, # the network's ε or v
                prediction: str = 'epsilon', # which of the two it is
               ) -> torch.Tensor:
-    "The clean image the network's output implies: (x_t − √(1−ᾱ_t) ε)/√ᾱ_t, or √ᾱ_t x_t − √(1−ᾱ_t) v."
+    "The clean image the output implies: (x_t − √(1−ᾱ_t) ε)/√ᾱ_t, or √ᾱ_t x_t − √(1−ᾱ_t) v."
     alpha_bar = _at(schedule.alphas_cumprod, t, x_t)
-    if _check_choice('prediction', prediction, PREDICTIONS) == 'epsilon': return (x_t - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
+    if _check_choice('prediction', prediction, PREDICTIONS) == 'epsilon':
+        return (x_t - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
     return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * model_output
 
 # %% ../nbs/04_annotated_diffusion.ipynb #978f0796
@@ -155,7 +162,8 @@ def p_step(schedule: NoiseSchedule,
     mean, variance = q_posterior(schedule, x0, x_t, t, prev_t)
     if t == 0: return mean, x0
     device = generator.device if generator is not None else x_t.device
-    return mean + variance.sqrt() * torch.randn(x_t.shape, generator=generator, device=device, dtype=x_t.dtype).to(x_t.device), x0
+    z = torch.randn(x_t.shape, generator=generator, device=device, dtype=x_t.dtype).to(x_t.device)
+    return mean + variance.sqrt() * z, x0
 
 # %% ../nbs/04_annotated_diffusion.ipynb #4a2f9b0b
 class SinusoidalTimeEmbedding(nn.Module):
@@ -213,28 +221,34 @@ class Downsample(nn.Sequential):
 
 class Upsample(nn.Sequential):
     "Double the resolution: nearest-neighbour upsampling, then a 3×3 convolution."
-    def __init__(self, channels: int): super().__init__(nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(channels, channels, 3, padding=1))
+    def __init__(self, channels: int):
+        super().__init__(nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(channels, channels, 3, padding=1))
 
 # %% ../nbs/04_annotated_diffusion.ipynb #2226e800
 class TinyUNet(nn.Module):
     "A small DDPM U-Net: a residual block per resolution down and up, attention at the coarse ones, skips across."
     def __init__(self, channels: int = 3, # image channels in and out
                  width: int = 32, # channels at full resolution
-                 multipliers: tuple = (1, 2, 2), # channels per resolution, as multiples of `width`; each after the first halves the size
+                 multipliers: tuple = (1, 2, 2), # channels per resolution as multiples of `width`; each next one halves
                  attention_levels: tuple = (2,), # resolutions (indices into `multipliers`) with self-attention
                  groups: int = 8): # GroupNorm groups; must divide `width`
         super().__init__()
         widths, time_dim = [width * m for m in multipliers], 4 * width
-        self.time = nn.Sequential(SinusoidalTimeEmbedding(width), nn.Linear(width, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.time = nn.Sequential(SinusoidalTimeEmbedding(width), nn.Linear(width, time_dim), nn.SiLU(),
+                                  nn.Linear(time_dim, time_dim))
         self.stem = nn.Conv2d(channels, width, 3, padding=1)
-        attend = lambda level: SelfAttention(widths[level], groups=groups) if level in attention_levels else nn.Identity()
-        self.down = nn.ModuleList(nn.ModuleList([ResidualBlock(c_in, widths[level], time_dim, groups), attend(level),
-                                                 Downsample(widths[level]) if level < len(widths) - 1 else nn.Identity()])
+        attend = lambda level: (SelfAttention(widths[level], groups=groups) if level in attention_levels
+                                else nn.Identity())
+        self.down = nn.ModuleList(nn.ModuleList([
+            ResidualBlock(c_in, widths[level], time_dim, groups), attend(level),
+            Downsample(widths[level]) if level < len(widths) - 1 else nn.Identity()])
                                   for level, c_in in enumerate([width] + widths[:-1]))
-        self.middle = nn.ModuleList([ResidualBlock(widths[-1], widths[-1], time_dim, groups), SelfAttention(widths[-1], groups=groups),
+        self.middle = nn.ModuleList([ResidualBlock(widths[-1], widths[-1], time_dim, groups),
+                                     SelfAttention(widths[-1], groups=groups),
                                      ResidualBlock(widths[-1], widths[-1], time_dim, groups)])
-        self.up = nn.ModuleList(nn.ModuleList([ResidualBlock(widths[min(level + 1, len(widths) - 1)] + widths[level], widths[level], time_dim, groups),
-                                               attend(level), Upsample(widths[level]) if level > 0 else nn.Identity()])
+        self.up = nn.ModuleList(nn.ModuleList([
+            ResidualBlock(widths[min(level + 1, len(widths) - 1)] + widths[level], widths[level], time_dim, groups),
+            attend(level), Upsample(widths[level]) if level > 0 else nn.Identity()])
                                 for level in reversed(range(len(widths))))
         self.head = nn.Sequential(nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
 
@@ -285,7 +299,8 @@ def diffusion_loss(model: nn.Module, # called as model(x_t, t); a diffusers mode
 # %% ../nbs/04_annotated_diffusion.ipynb #326a4b6d
 @torch.no_grad()
 def held_out_losses(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor,
-                    prediction: str = 'epsilon', seed: int = 0, # t and ε are drawn from this seed, the same on every call
+                    prediction: str = 'epsilon',
+                    seed: int = 0, # t and ε are drawn from this seed, the same on every call
                     batch_size: int = 128) -> dict[str, float]:
     "Every loss of `LOSSES` on `images`, with t and ε fixed by `seed` so that successive calls compare like with like."
     generator = torch.Generator().manual_seed(seed)
@@ -314,18 +329,21 @@ def train_denoiser(model: nn.Module, schedule: NoiseSchedule,
                    progress: bool = True) -> dict:
     "Train `model` in place by Algorithm 1; return the training loss per step and the held-out losses."
     _check_choice('loss', loss, LOSSES); _check_choice('prediction', prediction, PREDICTIONS)
-    if steps < 1 or batch_size < 1: raise DiffusionError(f'steps and batch_size must be at least 1, got {steps} and {batch_size}')
+    if steps < 1 or batch_size < 1:
+        raise DiffusionError(f'steps and batch_size must be at least 1, got {steps} and {batch_size}')
     generator, optimizer = torch.Generator().manual_seed(seed), torch.optim.Adam(model.parameters(), lr=lr)
     history = {'train': [], 'held_out_steps': [], 'held_out': {name: [] for name in LOSSES}}
     def evaluate(step):
         model.eval()
-        for name, value in held_out_losses(model, schedule, held_out, prediction, seed).items(): history['held_out'][name].append(value)
+        for name, value in held_out_losses(model, schedule, held_out, prediction, seed).items():
+            history['held_out'][name].append(value)
         history['held_out_steps'].append(step)
         model.train()
     if held_out is not None: evaluate(0)
     model.train()
     for step in tqdm(range(1, steps + 1), desc=f'training ({loss})', leave=False, disable=not progress):
-        value = diffusion_loss(model, schedule, images[torch.randint(0, len(images), (batch_size,), generator=generator)], loss, prediction, generator)
+        batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
+        value = diffusion_loss(model, schedule, batch, loss, prediction, generator)
         optimizer.zero_grad(); value.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0); optimizer.step()
         history['train'].append(value.item())
@@ -338,7 +356,8 @@ def sampling_timesteps(timesteps: int, # T
                       ) -> list[int]:
     "The timesteps the sampler visits, last first: every one, or `steps` of them a stride T // `steps` apart."
     steps = timesteps if steps is None else steps
-    if not 1 <= steps <= timesteps: raise DiffusionError(f'sampling steps must be between 1 and {timesteps}, got {steps}')
+    if not 1 <= steps <= timesteps:
+        raise DiffusionError(f'sampling steps must be between 1 and {timesteps}, got {steps}')
     return [i * (timesteps // steps) for i in reversed(range(steps))]
 
 # %% ../nbs/04_annotated_diffusion.ipynb #a3769893
@@ -357,7 +376,8 @@ def sample(model: nn.Module, # called as model(x_t, t); a diffusers model's `.sa
     timesteps = sampling_timesteps(len(schedule), steps)
     for i, t in enumerate(tqdm(timesteps, desc='sampling', leave=False, disable=not progress)):
         output = model(x, torch.full((shape[0],), t, device=device))
-        x, _ = p_step(schedule, getattr(output, 'sample', output), x, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1, prediction, generator, clip)
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        x, _ = p_step(schedule, getattr(output, 'sample', output), x, t, t_next, prediction, generator, clip)
     return x
 
 # %% ../nbs/04_annotated_diffusion.ipynb #5448e0a6
@@ -366,11 +386,13 @@ def random_feature_net(seed: int = 0, # fixes the weights
                       ) -> nn.Module:
     "The fixed embedding of FRD-64: two He-normal 3×3 stride-2 conv + ReLU layers and a 2×2 average pool."
     net = nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1), nn.ReLU(),
-                        nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+                        nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(2), nn.Flatten())
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in (net[0], net[2]):
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * math.sqrt(2 / layer.weight[0].numel()))
+            he = math.sqrt(2 / layer.weight[0].numel())
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * he)
             layer.bias.zero_()
     return net.eval().requires_grad_(False)
 
@@ -416,20 +438,25 @@ def loss_study(train_images: torch.Tensor, # N×3×H×W in [-1, 1]
     "Train the same `TinyUNet` with each loss (same weights, batches, t, ε and steps), sample it and score FRD-64."
     for loss in losses: _check_choice('loss', loss, LOSSES)
     noise_schedule, model_config = NoiseSchedule.from_name(schedule, timesteps), {'width': 16, **(model_config or {})}
-    config = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, schedule=schedule, timesteps=timesteps, prediction=prediction,
-                  samples=samples, sampling_steps=sampling_steps, model=model_config, train_images=len(train_images), held_out_images=len(held_out_images))
+    config = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, schedule=schedule, timesteps=timesteps,
+                  prediction=prediction, samples=samples, sampling_steps=sampling_steps, model=model_config,
+                  train_images=len(train_images), held_out_images=len(held_out_images))
     results = {'config': config, 'losses': {}}
     for loss in losses:
         torch.manual_seed(seed); model = TinyUNet(**model_config)
         start = time.perf_counter()
-        history = train_denoiser(model, noise_schedule, train_images, steps, batch_size, lr, loss, prediction, seed, held_out_images, eval_every, progress)
+        history = train_denoiser(model, noise_schedule, train_images, steps, batch_size, lr, loss, prediction, seed,
+                                 held_out_images, eval_every, progress)
         seconds = time.perf_counter() - start
-        generated = sample(model.eval(), noise_schedule, (samples, *train_images.shape[1:]), sampling_steps, prediction, torch.Generator().manual_seed(seed), progress=progress)
-        results['losses'][loss] = dict(history=history, samples=generated, frd=frechet_random_feature_distance(generated, held_out_images), train_seconds=seconds)
+        generated = sample(model.eval(), noise_schedule, (samples, *train_images.shape[1:]), sampling_steps, prediction,
+                           torch.Generator().manual_seed(seed), progress=progress)
+        frd = frechet_random_feature_distance(generated, held_out_images)
+        results['losses'][loss] = dict(history=history, samples=generated, frd=frd, train_seconds=seconds)
     generator = torch.Generator().manual_seed(seed)
     real = train_images[torch.randperm(len(train_images), generator=generator)[:samples]]
     results['frd_real'] = frechet_random_feature_distance(real, held_out_images)
-    results['frd_noise'] = frechet_random_feature_distance(torch.randn(real.shape, generator=generator).clamp(-1, 1), held_out_images)
+    noise = torch.randn(real.shape, generator=generator).clamp(-1, 1)
+    results['frd_noise'] = frechet_random_feature_distance(noise, held_out_images)
     return results
 
 # %% ../nbs/04_annotated_diffusion.ipynb #78cf0b35
@@ -437,13 +464,15 @@ LOSS_NAMES = {'l1': 'L1', 'l2': 'L2', 'huber': 'Huber'}
 
 def study_table(results: dict) -> str:
     "The study's results as a Markdown table: losses, FRD-64 per loss, and the two reference rows."
-    lines = ['| trained with | train loss (own, last 10%) | held-out L1 | held-out L2 | held-out Huber | FRD-64 ↓ | training s |',
+    lines = ['| trained with | train loss (own, last 10%) | held-out L1 | held-out L2 | held-out Huber | FRD-64 ↓ '
+             '| training s |',
              '|---|---|---|---|---|---|---|']
     for loss, result in results['losses'].items():
         train, held_out = result['history']['train'], result['history']['held_out']
         tail = train[-max(1, len(train) // 10):]
-        lines.append(f"| {LOSS_NAMES[loss]} | {sum(tail) / len(tail):.4f} | " + ' | '.join(f'{held_out[name][-1]:.4f}' for name in LOSSES)
-                     + f" | {result['frd']:.3f} | {result['train_seconds']:.0f} |")
+        held_out_columns = ' | '.join(f'{held_out[name][-1]:.4f}' for name in LOSSES)
+        lines.append(f"| {LOSS_NAMES[loss]} | {sum(tail) / len(tail):.4f} | {held_out_columns}"
+                     f" | {result['frd']:.3f} | {result['train_seconds']:.0f} |")
     lines.append(f"| *real training images (floor)* | | | | | {results['frd_real']:.3f} | |")
     lines.append(f"| *clipped Gaussian noise (ceiling)* | | | | | {results['frd_noise']:.3f} | |")
     return '\n'.join(lines)
@@ -460,16 +489,23 @@ def plot_study(results: dict, # from `loss_study`
     curves, common = fig.add_subplot(grid[0, :len(losses)]), fig.add_subplot(grid[0, len(losses):])
     for i, loss in enumerate(losses):
         history, colour = results['losses'][loss]['history'], f'C{i}'
-        train = np.convolve(history['train'], np.ones(smoothing) / smoothing, mode='valid') if len(history['train']) >= smoothing else np.array(history['train'])
-        curves.plot(np.arange(len(train)) + len(history['train']) - len(train) + 1, train, colour, alpha=0.6, lw=1, label=f'{LOSS_NAMES[loss]} train')
-        curves.plot(history['held_out_steps'], history['held_out'][loss], colour, ls='--', marker='o', ms=3, label=f'{LOSS_NAMES[loss]} held-out')
-        common.plot(history['held_out_steps'], history['held_out']['l2'], colour, marker='o', ms=3, label=f'trained with {LOSS_NAMES[loss]}')
+        train = np.array(history['train'])
+        if len(train) >= smoothing: train = np.convolve(train, np.ones(smoothing) / smoothing, mode='valid')
+        name = LOSS_NAMES[loss]
+        curves.plot(np.arange(len(train)) + len(history['train']) - len(train) + 1, train, colour, alpha=0.6, lw=1,
+                    label=f'{name} train')
+        curves.plot(history['held_out_steps'], history['held_out'][loss], colour, ls='--', marker='o', ms=3,
+                    label=f'{name} held-out')
+        common.plot(history['held_out_steps'], history['held_out']['l2'], colour, marker='o', ms=3,
+                    label=f'trained with {name}')
     curves.set(yscale='log', xlabel='step', ylabel='loss (each in its own measure)', title='training and held-out loss')
-    common.set(yscale='log', xlabel='step', ylabel='held-out L2 (ε mean squared error)', title='a common yardstick: held-out L2')
+    common.set(yscale='log', xlabel='step', ylabel='held-out L2 (ε mean squared error)',
+               title='a common yardstick: held-out L2')
     curves.legend(fontsize=7); common.legend(fontsize=7)
     for i, loss in enumerate(losses):
         ax = fig.add_subplot(grid[1, 2 * i:2 * i + 2]); ax.axis('off')
         images = tensor_to_images(results['losses'][loss]['samples'][:shown])
-        ax.imshow(image_grid(images, ncols=math.ceil(math.sqrt(len(images))))); ax.set_title(f"{LOSS_NAMES[loss]}: FRD-64 {results['losses'][loss]['frd']:.3f}")
+        ax.imshow(image_grid(images, ncols=math.ceil(math.sqrt(len(images)))))
+        ax.set_title(f"{LOSS_NAMES[loss]}: FRD-64 {results['losses'][loss]['frd']:.3f}")
     fig.tight_layout()
     return fig

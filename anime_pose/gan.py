@@ -39,16 +39,19 @@ def skeleton_tensor(keypoints, # (18, 3) normalised keypoints
 def pose_condition(keypoints, # (18, 3) or (B, 18, 3) normalised keypoints
                    size: int, # side of the square maps in pixels
                    pose_input: str = 'both', # 'skeleton', 'heatmaps' or 'both' (skeleton channels first)
-                   skeleton: torch.Tensor | None = None, # the skeleton image(s) if already drawn, (…, 3, size, size) in [0, 1]
+                   skeleton: torch.Tensor | None = None, # skeleton image(s) if drawn, (…, 3, size, size) in [0, 1]
                   ) -> torch.Tensor:
     "The generator's pose channels for `keypoints`: skeleton image, keypoint heatmaps, or both stacked."
-    if pose_input not in POSE_INPUTS: raise AnimePoseError(f"pose_input must be one of {list(POSE_INPUTS)}, not {pose_input!r}")
+    if pose_input not in POSE_INPUTS:
+        raise AnimePoseError(f"pose_input must be one of {list(POSE_INPUTS)}, not {pose_input!r}")
     keypoints = np.asarray(keypoints, dtype=np.float32)
     if keypoints.shape[-2:] != (N_BODY_KEYPOINTS, 3) or keypoints.ndim not in (2, 3):
         raise AnimePoseError(f'pose must be (18, 3) or (batch, 18, 3) keypoints, got shape {keypoints.shape}')
     parts = []
     if pose_input in ('skeleton', 'both'):
-        if skeleton is None: skeleton = torch.stack([skeleton_tensor(k, size) for k in keypoints.reshape(-1, N_BODY_KEYPOINTS, 3)]).reshape(*keypoints.shape[:-2], 3, size, size)
+        if skeleton is None:
+            skeleton = torch.stack([skeleton_tensor(k, size) for k in keypoints.reshape(-1, N_BODY_KEYPOINTS, 3)])
+            skeleton = skeleton.reshape(*keypoints.shape[:-2], 3, size, size)
         parts.append(skeleton.float())
     if pose_input in ('heatmaps', 'both'): parts.append(keypoint_heatmaps(keypoints, size))
     return torch.cat(parts, -3)
@@ -70,10 +73,11 @@ def conv_block(in_channels: int, # channels in
 class PoseAttentionBlock(nn.Module):
     "PATN's pose-attention transfer block: the pose code gates a residual update of the appearance code."
     def __init__(self, channels: int, # channels of the appearance code
-                 pose_channels: int, # channels of the incoming pose code (`channels` in the first block, 2×`channels` after)
+                 pose_channels: int, # channels of the incoming pose code (`channels` in block 1, 2×`channels` after)
                 ):
         super().__init__()
-        def two_convs(cin): return nn.Sequential(conv_block(cin, channels), nn.Conv2d(channels, channels, 3, 1, 1), _norm(channels))
+        def two_convs(cin):
+            return nn.Sequential(conv_block(cin, channels), nn.Conv2d(channels, channels, 3, 1, 1), _norm(channels))
         self.pose_conv, self.appearance_conv = two_convs(pose_channels), two_convs(channels)
 
     def forward(self, appearance: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,12 +96,16 @@ class PoseTransferGenerator(ModelMixin, ConfigMixin):
                  n_blocks: int = 3, # pose-attention transfer blocks
                 ):
         super().__init__()
-        if pose_input not in POSE_INPUTS: raise AnimePoseError(f"pose_input must be one of {list(POSE_INPUTS)}, not {pose_input!r}")
+        if pose_input not in POSE_INPUTS:
+            raise AnimePoseError(f"pose_input must be one of {list(POSE_INPUTS)}, not {pose_input!r}")
         widths = [base_channels * 2 ** i for i in range(n_down + 1)]
-        self.reference_encoder = nn.Sequential(conv_block(3, widths[0], 7), *[conv_block(a, b, 4, 2) for a, b in zip(widths, widths[1:])])
-        self.pose_encoder = nn.ModuleList([conv_block(POSE_INPUTS[pose_input], widths[0], 7)] + [conv_block(a, b, 4, 2) for a, b in zip(widths, widths[1:])])
-        self.blocks = nn.ModuleList([PoseAttentionBlock(widths[-1], widths[-1] * (1 if i == 0 else 2)) for i in range(n_blocks)])
-        self.up = nn.ModuleList([nn.Sequential(nn.Upsample(scale_factor=2), conv_block(b, a)) for a, b in zip(widths, widths[1:])][::-1])
+        downs = lambda: [conv_block(a, b, 4, 2) for a, b in zip(widths, widths[1:])]
+        self.reference_encoder = nn.Sequential(conv_block(3, widths[0], 7), *downs())
+        self.pose_encoder = nn.ModuleList([conv_block(POSE_INPUTS[pose_input], widths[0], 7)] + downs())
+        self.blocks = nn.ModuleList([PoseAttentionBlock(widths[-1], widths[-1] * (1 if i == 0 else 2))
+                                     for i in range(n_blocks)])
+        self.up = nn.ModuleList([nn.Sequential(nn.Upsample(scale_factor=2), conv_block(b, a))
+                                 for a, b in zip(widths, widths[1:])][::-1])
         self.fuse = nn.ModuleList([conv_block(2 * a, a) for a in widths[:-1]][::-1])
         self.to_image = nn.Conv2d(widths[0], 3, 7, 1, 3)
 
@@ -121,7 +129,8 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
                  n_layers: int = 3, # strided layers; more see larger patches
                 ):
         super().__init__()
-        if pose_input not in POSE_INPUTS: raise AnimePoseError(f"pose_input must be one of {list(POSE_INPUTS)}, not {pose_input!r}")
+        if pose_input not in POSE_INPUTS:
+            raise AnimePoseError(f"pose_input must be one of {list(POSE_INPUTS)}, not {pose_input!r}")
         sn = nn.utils.parametrizations.spectral_norm
         widths = [3 + 3 + POSE_INPUTS[pose_input]] + [base_channels * 2 ** i for i in range(n_layers)]
         layers = []
@@ -139,7 +148,8 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
 ADVERSARIAL_LOSSES = ('hinge', 'lsgan')
 
 def _check_adversarial(kind: str):
-    if kind not in ADVERSARIAL_LOSSES: raise AnimePoseError(f"adversarial loss must be one of {list(ADVERSARIAL_LOSSES)}, not {kind!r}")
+    if kind not in ADVERSARIAL_LOSSES:
+        raise AnimePoseError(f"adversarial loss must be one of {list(ADVERSARIAL_LOSSES)}, not {kind!r}")
 
 def discriminator_loss(real_scores: torch.Tensor, # the discriminator's patch scores on ground-truth targets
                        fake_scores: torch.Tensor, # its scores on generated images
@@ -180,17 +190,23 @@ def gan_config(options: dict | None = None, # `TrainConfig.options`: field -> va
     "A checked `GanConfig` from `options`; unknown names and bad values raise an `AnimePoseError`."
     fields = GanConfig.__dataclass_fields__
     unknown = sorted(set(options or {}) - set(fields))
-    if unknown: raise AnimePoseError(f"{source}: unknown GAN option {', '.join(map(repr, unknown))}; expected some of {', '.join(fields)}")
+    if unknown:
+        raise AnimePoseError(f"{source}: unknown GAN option {', '.join(map(repr, unknown))}; "
+                             f"expected some of {', '.join(fields)}")
     def cast(name, value):
         kind = type(getattr(GanConfig(), name))
         if kind is float and isinstance(value, int) and not isinstance(value, bool): return float(value)
-        if not isinstance(value, kind) or isinstance(value, bool): raise AnimePoseError(f'{source}: GAN option {name}={value!r} should be of type {kind.__name__}')
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise AnimePoseError(f'{source}: GAN option {name}={value!r} should be of type {kind.__name__}')
         return value
     config = GanConfig(**{k: cast(k, v) for k, v in (options or {}).items()})
-    if config.pose_input not in POSE_INPUTS: raise AnimePoseError(f"{source}: pose_input must be one of {list(POSE_INPUTS)}, not {config.pose_input!r}")
+    if config.pose_input not in POSE_INPUTS:
+        raise AnimePoseError(f"{source}: pose_input must be one of {list(POSE_INPUTS)}, not {config.pose_input!r}")
     _check_adversarial(config.adversarial)
-    if min(config.generator_channels, config.n_down, config.discriminator_channels, config.discriminator_layers) < 1 or config.n_blocks < 0:
-        raise AnimePoseError(f'{source}: widths, n_down and discriminator_layers must be positive, n_blocks zero or more')
+    sizes = config.generator_channels, config.n_down, config.discriminator_channels, config.discriminator_layers
+    if min(sizes) < 1 or config.n_blocks < 0:
+        raise AnimePoseError(f'{source}: widths, n_down and discriminator_layers must be positive, '
+                             'n_blocks zero or more')
     if min(config.adversarial_weight, config.l1_weight, config.cycle_weight, config.discriminator_lr) < 0:
         raise AnimePoseError(f'{source}: loss weights and discriminator_lr must be zero or more')
     return config
@@ -200,7 +216,8 @@ def build_gan(gan: GanConfig, # the architecture
               sample_size: int = 64, # the training resolution
              ) -> tuple[PoseTransferGenerator, PatchDiscriminator]:
     "A freshly initialised (generator, discriminator) pair for `gan` at `sample_size`."
-    if sample_size % 2 ** gan.n_down: raise AnimePoseError(f'resolution {sample_size} must be a multiple of 2**n_down = {2 ** gan.n_down}')
+    if sample_size % 2 ** gan.n_down:
+        raise AnimePoseError(f'resolution {sample_size} must be a multiple of 2**n_down = {2 ** gan.n_down}')
     generator = PoseTransferGenerator(gan.pose_input, sample_size, gan.generator_channels, gan.n_down, gan.n_blocks)
     discriminator = PatchDiscriminator(gan.pose_input, gan.discriminator_channels, gan.discriminator_layers)
     return generator, discriminator
@@ -214,7 +231,7 @@ def gan_step(generator: nn.Module, # a `PoseTransferGenerator` (possibly DDP-wra
              update=None, # called with 'discriminator', then 'generator', once that network's gradients are complete
              scale: float = 1.0, # multiplies both losses before backward (1 / gradient accumulation)
             ) -> dict[str, torch.Tensor]:
-    "One alternating GAN update: the discriminator on real vs generated, then the generator; returns the detached losses."
+    "One alternating GAN update: the discriminator on real vs generated, then the generator; returns detached losses."
     backward = backward or torch.Tensor.backward
     reference, pose, target = batch['reference'], batch['pose'], batch['target']
     fake = generator(reference, pose)
@@ -254,20 +271,23 @@ def tensor_image(tensor: torch.Tensor, # (3, H, W) in [-1, 1]
 # %% ../nbs/08b_gan.ipynb #ce2c33f0
 class GanData:
     "One split of triples at `size` px, decoded and drawn once: references, targets, keypoints and skeletons."
-    def __init__(self, triples, # a `datasets.Dataset` with the `triple_features` columns (and optionally reference_pose)
+    def __init__(self, triples, # a `datasets.Dataset` with the `triple_features` columns (and maybe reference_pose)
                  size: int, # side of the square training images
                  pose_input: str = 'both', # what `batch` stacks into `pose` (see `pose_condition`)
                  progress: bool = False, # show a progress bar while decoding
                 ):
         from tqdm.auto import tqdm
         missing = {'reference', 'target', 'pose'} - set(triples.column_names)
-        if missing: raise AnimePoseError(f"triples lack the column(s) {', '.join(sorted(missing))}; expected the `triple_features` schema")
+        if missing:
+            raise AnimePoseError(f"triples lack the column(s) {', '.join(sorted(missing))}; "
+                                 "expected the `triple_features` schema")
         self.size, self.pose_input, n = size, pose_input, len(triples)
         self.has_reference_pose = 'reference_pose' in triples.column_names
         columns = ['reference', 'target', 'pose'] + ['reference_pose'] * self.has_reference_pose
         images = {'reference': [], 'target': []}
         keypoints = {'pose': [], 'reference_pose': []}
-        for row in tqdm(triples.select_columns(columns), total=n, desc='decoding triples', disable=not progress, leave=False):
+        for row in tqdm(triples.select_columns(columns), total=n, desc='decoding triples', disable=not progress,
+                        leave=False):
             for name in images: images[name].append(image_tensor(row[name], size))
             for name in keypoints:
                 if name in row: keypoints[name].append(np.asarray(row[name], dtype=np.float32))
@@ -275,8 +295,8 @@ class GanData:
         self.references, self.targets = (torch.stack(images[k]) if n else empty for k in ('reference', 'target'))
         self.keypoints = {k: np.stack(v) for k, v in keypoints.items() if v}
         draw = pose_input in ('skeleton', 'both')
-        self.skeletons = {k: (torch.stack([(skeleton_tensor(p, size) * 255).round().to(torch.uint8) for p in v]) if draw else None)
-                          for k, v in self.keypoints.items()}
+        drawn = lambda poses: torch.stack([(skeleton_tensor(p, size) * 255).round().to(torch.uint8) for p in poses])
+        self.skeletons = {k: drawn(v) if draw else None for k, v in self.keypoints.items()}
 
     def __len__(self): return len(self.references)
 
@@ -290,8 +310,8 @@ class GanData:
              ) -> dict[str, torch.Tensor]:
         "Triples `indices` as model inputs: reference and target in [-1, 1], pose maps (and reference_pose maps)."
         indices = list(indices)
-        batch = dict(reference=self.references[indices].float() / 127.5 - 1, target=self.targets[indices].float() / 127.5 - 1,
-                     pose=self._pose('pose', indices))
+        batch = dict(reference=self.references[indices].float() / 127.5 - 1,
+                     target=self.targets[indices].float() / 127.5 - 1, pose=self._pose('pose', indices))
         if self.has_reference_pose: batch['reference_pose'] = self._pose('reference_pose', indices)
         return {k: v.to(device) for k, v in batch.items()}
 
@@ -299,7 +319,8 @@ class GanData:
 def _keypoints(pose) -> np.ndarray:
     "The (18, 3) normalised keypoints of a `Pose` or of an array-like."
     keypoints = np.asarray(pose.keypoints if isinstance(pose, Pose) else pose, dtype=np.float32)
-    if keypoints.shape != (N_BODY_KEYPOINTS, 3): raise AnimePoseError(f'pose must be a Pose or (18, 3) keypoints, got shape {keypoints.shape}')
+    if keypoints.shape != (N_BODY_KEYPOINTS, 3):
+        raise AnimePoseError(f'pose must be a Pose or (18, 3) keypoints, got shape {keypoints.shape}')
     return keypoints
 
 class GanTransfer:
@@ -336,9 +357,10 @@ def _generator_directory(path: Path) -> Path:
         config = candidate / 'config.json'
         if config.is_file() and '"PoseTransferGenerator"' in config.read_text(): return candidate
     raise AnimePoseError(f"'{path}': no GAN generator found (expected generator/config.json as written by "
-                         "`anime-pose train --method gan` under DIR/final/)" if path.exists() else f"'{path}': no such directory")
+                         "`anime-pose train --method gan` under DIR/final/)"
+                         if path.exists() else f"'{path}': no such directory")
 
-def load_gan(path: str | Path | None = None, # a `--method gan` run directory, its final/, or a generator directory; default the bundled one
+def load_gan(path: str | Path | None = None, # a `--method gan` run, its final/ or generator/; default bundled
              device: torch.device | str | None = None, # where to run it; default the CPU
             ) -> GanTransfer:
     "Load a trained GAN generator as a `GanTransfer`."
@@ -364,7 +386,8 @@ class GANMethod(TrainMethod):
                                     self.gan.pose_input, progress=True)
                      for split, source in (('train', 'train'), ('test', held_out))}
         if self.gan.cycle_weight and not self.data['train'].has_reference_pose:
-            raise AnimePoseError("options: cycle_weight > 0 needs triples with a 'reference_pose' column (the pose the reference is drawn in)")
+            raise AnimePoseError("options: cycle_weight > 0 needs triples with a 'reference_pose' column "
+                                 "(the pose the reference is drawn in)")
         self.history, self._micro_steps = [], 0
 
     def num_examples(self, split): return len(self.data[split])
@@ -373,11 +396,13 @@ class GANMethod(TrainMethod):
     def configure_optimizers(self):
         lr = self.config.learning_rate
         return {'generator': _optimizer(self.generator.parameters(), lr, self.gan, self.config.weight_decay),
-                'discriminator': _optimizer(self.discriminator.parameters(), self.gan.discriminator_lr or lr, self.gan, self.config.weight_decay)}
+                'discriminator': _optimizer(self.discriminator.parameters(), self.gan.discriminator_lr or lr, self.gan,
+                                            self.config.weight_decay)}
 
     def _update(self, name: str):
         "Clip and apply the gradients of network `name`, then clear them."
-        if self.config.max_grad_norm: self.accelerator.clip_grad_norm_(getattr(self, name).parameters(), self.config.max_grad_norm)
+        if self.config.max_grad_norm:
+            self.accelerator.clip_grad_norm_(getattr(self, name).parameters(), self.config.max_grad_norm)
         self.optimizers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)
 
@@ -394,11 +419,13 @@ class GANMethod(TrainMethod):
 
     def sample_grid(self, step):
         data = self.data['test'] if len(self.data['test']) else self.data['train']
-        indices = sorted(set(np.linspace(0, len(data) - 1, min(4, len(data))).round().astype(int).tolist()))  # spread over characters
+        # spread over characters
+        indices = sorted(set(np.linspace(0, len(data) - 1, min(4, len(data))).round().astype(int).tolist()))
         batch = data.batch(indices, self.accelerator.device)
         fakes = self.accelerator.unwrap_model(self.generator)(batch['reference'], batch['pose'])
         skeletons = [Pose(data.keypoints['pose'][i], data.size, data.size).skeleton_image() for i in indices]
-        rows = [[tensor_image(batch['reference'][i]), skeletons[i], tensor_image(fakes[i]), tensor_image(batch['target'][i])] for i in range(len(indices))]
+        rows = [[tensor_image(batch['reference'][i]), skeletons[i], tensor_image(fakes[i]),
+                 tensor_image(batch['target'][i])] for i in range(len(indices))]
         return image_grid([image for row in rows for image in row], ncols=4)
 
     @classmethod
@@ -406,5 +433,6 @@ class GANMethod(TrainMethod):
         gan = gan_config(config.options, 'options')
         generator, discriminator = build_gan(gan, config.resolution)
         count = lambda m: sum(p.numel() for p in m.parameters())
-        return (f'GAN at {config.resolution} px: generator {count(generator):,} parameters, discriminator {count(discriminator):,}; '
-                f'{gan.adversarial} + {gan.l1_weight:g}×L1' + (f' + {gan.cycle_weight:g}×cycle' if gan.cycle_weight else ''))
+        return (f'GAN at {config.resolution} px: generator {count(generator):,} parameters, '
+                f'discriminator {count(discriminator):,}; {gan.adversarial} + {gan.l1_weight:g}×L1'
+                + (f' + {gan.cycle_weight:g}×cycle' if gan.cycle_weight else ''))

@@ -43,14 +43,16 @@ LEGWEAR = ('none', 'socks', 'thighhighs')
 _CHOICES = {'hair_colour': HAIR_COLOURS, 'hair_style': HAIR_STYLES, 'eye_colour': EYE_COLOURS, 'skin': SKIN_TONES,
             'top_colour': CLOTH_COLOURS, 'sleeves': SLEEVES, 'pattern': PATTERNS, 'pattern_colour': CLOTH_COLOURS,
             'bottom': BOTTOMS, 'bottom_colour': CLOTH_COLOURS, 'shoes_colour': CLOTH_COLOURS,
-            'accessory': ACCESSORIES, 'accessory_colour': CLOTH_COLOURS, 'legwear': LEGWEAR, 'legwear_colour': CLOTH_COLOURS}
+            'accessory': ACCESSORIES, 'accessory_colour': CLOTH_COLOURS, 'legwear': LEGWEAR,
+            'legwear_colour': CLOTH_COLOURS}
 
 def _check_identity(self):
     "Refuse unknown colours, styles and impossible proportions."
     for name, choices in _CHOICES.items():
         if getattr(self, name) not in choices:
             raise AnimePoseError(f'identity {name}={getattr(self, name)!r} is not one of {", ".join(choices)}')
-    if not 2.0 <= self.heads_tall <= 8.0: raise AnimePoseError(f'identity heads_tall={self.heads_tall} is outside 2.0..8.0')
+    if not 2.0 <= self.heads_tall <= 8.0:
+        raise AnimePoseError(f'identity heads_tall={self.heads_tall} is outside 2.0..8.0')
     if not 0.5 <= self.build <= 1.5: raise AnimePoseError(f'identity build={self.build} is outside 0.5..1.5')
 
 # %% ../nbs/02_synthetic.ipynb #16317c6c
@@ -95,7 +97,8 @@ def random_identity(rng: np.random.Generator, # the only source of randomness
                     pattern_colour=pick(CLOTH_COLOURS, (top,)), bottom=pick(BOTTOMS), bottom_colour=bottom,
                     shoes_colour=pick(CLOTH_COLOURS, (bottom,)), accessory=pick(ACCESSORIES),
                     accessory_colour=pick(CLOTH_COLOURS, (top,)), legwear=pick(LEGWEAR),
-                    legwear_colour=pick(('white', 'black', 'grey', 'pink', 'blue')), heads_tall=round(float(heads_tall), 3),
+                    legwear_colour=pick(('white', 'black', 'grey', 'pink', 'blue')),
+                    heads_tall=round(float(heads_tall), 3),
                     build=round(float(rng.uniform(0.85, 1.15)), 3), blush=bool(rng.random() < 0.5))
 
 # %% ../nbs/02_synthetic.ipynb #d1192f84
@@ -142,14 +145,16 @@ class PoseSpec:
 # %% ../nbs/02_synthetic.ipynb #036c721c
 POSE_LIBRARY = {p.name: p for p in [
     PoseSpec('standing'),
-    PoseSpec('walking', yaw=28, head_yaw=-10, arms=(-22, -10, 24, 40), legs=(-14, -4, 16, 10), leg_scale=(1, 1, 0.95, 1)),
+    PoseSpec('walking', yaw=28, head_yaw=-10, arms=(-22, -10, 24, 40), legs=(-14, -4, 16, 10),
+             leg_scale=(1, 1, 0.95, 1)),
     PoseSpec('running', yaw=80, lean=12, expression='open', arms=(55, 140, -45, 20),
              legs=(55, 0, -30, -75), leg_scale=(0.95, 1, 1, 1)),
     PoseSpec('arms_up', expression='open', arms=(-165, -175, 165, 175), legs=(-8, -4, 8, 4)),
     PoseSpec('waving', head_tilt=8, arms=(-115, 170, 14, 8), legs=(-5, -2, 6, 3)),
     PoseSpec('sitting', expression='neutral', arms=(-8, 58, 8, -58), arm_scale=(1, 0.8, 1, 0.8),
              legs=(-12, -4, 12, 4), leg_scale=(0.35, 1, 0.35, 1), seat=True),
-    PoseSpec('kneeling', head_tilt=-6, arms=(-10, 40, 10, -40), legs=(-10, -40, 10, 40), leg_scale=(0.9, 0.3, 0.9, 0.3)),
+    PoseSpec('kneeling', head_tilt=-6, arms=(-10, 40, 10, -40), legs=(-10, -40, 10, 40),
+             leg_scale=(0.9, 0.3, 0.9, 0.3)),
     PoseSpec('jumping', expression='open', lift=0.06, arms=(-135, -155, 135, 155), legs=(-28, 12, 28, -12)),
     PoseSpec('hands_on_hips', arms=(-40, 45, 40, -45), legs=(-9, -3, 9, 3)),
     PoseSpec('pointing', yaw=20, head_yaw=-25, arms=(-92, -95, 15, 8), legs=(-6, -2, 7, 3)),
@@ -181,7 +186,8 @@ def sample_pose(rng: np.random.Generator, # the only source of randomness
     spec = replace(spec, yaw=noise([spec.yaw], 10)[0], head_yaw=float(np.clip(noise([spec.head_yaw], 12)[0], -50, 50)),
                    head_tilt=noise([spec.head_tilt], 5)[0], lean=noise([spec.lean], 3)[0],
                    arms=noise(spec.arms, 9), legs=noise(spec.legs, 3),
-                   scale=round(float(1 - rng.uniform(0, 0.14) * j), 3), shift=round(float(rng.uniform(-0.06, 0.06) * j), 3))
+                   scale=round(float(1 - rng.uniform(0, 0.14) * j), 3),
+                   shift=round(float(rng.uniform(-0.06, 0.06) * j), 3))
     return mirror_pose(spec) if rng.random() < 0.5 * min(j, 1) else spec
 
 # %% ../nbs/02_synthetic.ipynb #5056db2b
@@ -259,7 +265,6 @@ def _articulate(spec: PoseSpec, identity: Identity) -> _Body:
         k[index] = [*point, float(depth > threshold)]
     return _place(_Body(k, tuple(head), r, face_yaw, tilt, yaw, s, spec.seat, spec.expression), spec)
 
-# %% ../nbs/02_synthetic.ipynb #d2a1c347
 def _place(body: _Body, spec: PoseSpec) -> _Body:
     "Stand `body` on the ground of a unit canvas, centred, shrunk if it would leave the canvas."
     k, r = body.keypoints, body.radius
@@ -290,7 +295,8 @@ def _body_from_pose(pose: Pose, identity: Identity) -> _Body:
     k[k[:, 2] <= 0] = 0
     seen = k[:, 2] > 0
     if not seen[1]:
-        if not seen[[2, 5]].all(): raise AnimePoseError(f'{pose!r}: cannot draw a body without a neck or both shoulders')
+        if not seen[[2, 5]].all():
+            raise AnimePoseError(f'{pose!r}: cannot draw a body without a neck or both shoulders')
         k[1] = [*(k[2, :2] + k[5, :2]) / 2, 1]
     neck = k[1, :2]
     hips = [k[i, :2] for i in (8, 11) if seen[i]]
@@ -366,7 +372,8 @@ class _Canvas:
         if box[2] - box[0] < 1 or box[3] - box[1] < 1: return
         self.draw.ellipse(box, fill=colour, outline=_shade(colour, 0.55) if outline else None,
                           width=self.line_width if outline else 0)
-        if part is not None: self.label.ellipse(box, fill=PART_LABELS[part], outline=PART_LABELS[part], width=self.line_width)
+        if part is not None:
+            self.label.ellipse(box, fill=PART_LABELS[part], outline=PART_LABELS[part], width=self.line_width)
 
     def line(self, points, colour, width: float, part: str | None = None):
         "A line `width` canvas units wide, labelled `part` (None: decoration only)."
@@ -415,8 +422,10 @@ def _hair_back(cv: _Canvas, body: _Body, identity: Identity):
         width = max(1.3 * r, 0.9 * body.sizes['shoulder'])
         back = -facing * 0.4 * r
         arc = [at(1.12 * math.cos(math.radians(a)), 1.12 * math.sin(math.radians(a))) for a in range(0, -181, -30)]
-        hem = [(end[0] + back + x * width, end[1] + (0.12 * r if i % 2 else 0)) for i, x in enumerate(np.linspace(-1, 1, 7))]
-        cv.polygon(arc + [(cx - 1.2 * r + back, cy + 0.6 * r)] + hem + [(cx + 1.2 * r + back, cy + 0.6 * r)], colour, 'hair')
+        hem = [(end[0] + back + x * width, end[1] + (0.12 * r if i % 2 else 0))
+               for i, x in enumerate(np.linspace(-1, 1, 7))]
+        shoulders = [(cx - 1.2 * r + back, cy + 0.6 * r)], [(cx + 1.2 * r + back, cy + 0.6 * r)]
+        cv.polygon(arc + shoulders[0] + hem + shoulders[1], colour, 'hair')
     elif style == 'bob':
         arc = [at(1.22 * math.cos(math.radians(a)), 1.18 * math.sin(math.radians(a))) for a in range(0, -181, -30)]
         cv.polygon(arc + [at(-1.28, 0.85), at(-0.9, 1.08), at(0.9, 1.08), at(1.28, 0.85)], colour, 'hair')
@@ -427,7 +436,8 @@ def _hair_back(cv: _Canvas, body: _Body, identity: Identity):
             tail = [at(ax, ay - 0.25), at(ax + side * 0.75, ay + 0.35), at(ax + side * 0.95, ay + 1.6),
                     at(ax + side * 0.55, ay + 3.0), at(ax + side * 0.3, ay + 1.9), at(ax, ay + 0.4)]
             cv.polygon(tail, colour, 'hair')
-            cv.ellipse(at(ax, ay), 0.16 * r, 0.16 * r, CLOTH_COLOURS[identity.accessory_colour], 'accessory')  # hair tie
+            # hair tie
+            cv.ellipse(at(ax, ay), 0.16 * r, 0.16 * r, CLOTH_COLOURS[identity.accessory_colour], 'accessory')
     elif style == 'ponytail':
         swing = -1 if facing > 0.2 else 1
         ax, ay = -facing * 0.85, -0.55
@@ -435,7 +445,8 @@ def _hair_back(cv: _Canvas, body: _Body, identity: Identity):
                 at(ax + swing * 0.8, ay + 2.6), at(ax + swing * 0.5, ay + 1.4), at(ax, ay + 0.3)]
         cv.polygon(tail, colour, 'hair')
     elif style == 'spiky':
-        spikes = [at((1.1 if i % 2 else 1.5) * math.cos(math.radians(a)), (1.1 if i % 2 else 1.45) * math.sin(math.radians(a)))
+        spikes = [at((1.1 if i % 2 else 1.5) * math.cos(math.radians(a)),
+                     (1.1 if i % 2 else 1.45) * math.sin(math.radians(a)))
                   for i, a in enumerate(range(20, -201, -20))]
         cv.polygon(spikes, colour, 'hair')
 
@@ -509,14 +520,14 @@ def _face(cv: _Canvas, body: _Body, identity: Identity):
             cv.label.ellipse(cv.points([(x - 1.25 * w, y - 0.7 * h), (x + 1.25 * w, y + 0.7 * h)]),
                              outline=PART_LABELS['accessory'], width=cv.line_width * 2)
         if identity.blush:
-            cv.ellipse((x + outer * 0.1 * r, y + 0.42 * r), 0.16 * r * depth, 0.07 * r, _mix(skin, (255, 120, 140), 0.4),
-                       'skin', outline=False)
+            cv.ellipse((x + outer * 0.1 * r, y + 0.42 * r), 0.16 * r * depth, 0.07 * r,
+                       _mix(skin, (255, 120, 140), 0.4), 'skin', outline=False)
     if turn > 0.05:
         mouth, _ = _head_point(centre, r, 0, yaw, 0.62, tilt, 0.9)
         (x, y), w = mouth, 0.12 * r * (0.4 + 0.6 * turn)
         if body.expression == 'open':
-            cv.polygon([(x - w, y - 0.04 * r), (x + w, y - 0.04 * r), (x + 0.5 * w, y + 0.1 * r), (x - 0.5 * w, y + 0.1 * r)],
-                       (170, 50, 60), 'skin', outline=False)
+            cv.polygon([(x - w, y - 0.04 * r), (x + w, y - 0.04 * r),
+                        (x + 0.5 * w, y + 0.1 * r), (x - 0.5 * w, y + 0.1 * r)], (170, 50, 60), 'skin', outline=False)
         else:
             bend = 0.05 * r if body.expression == 'smile' else 0.0
             cv.line([(x - w, y - bend), (x, y), (x + w, y - bend)], _shade(skin, 0.45), 0.045 * r, 'skin')
@@ -533,7 +544,8 @@ def _accessory(cv: _Canvas, body: _Body, identity: Identity):
         if depth < -0.6: return
         x, y = knot
         for side in (-1, 1):
-            cv.polygon([(x, y), (x + side * 0.55 * r, y - 0.32 * r), (x + side * 0.6 * r, y + 0.3 * r)], colour, 'accessory')
+            loop = [(x, y), (x + side * 0.55 * r, y - 0.32 * r), (x + side * 0.6 * r, y + 0.3 * r)]
+            cv.polygon(loop, colour, 'accessory')
         cv.ellipse((x, y), 0.13 * r, 0.13 * r, colour, 'accessory')
     elif identity.accessory == 'hairband':
         outer = [at(1.13 * math.cos(math.radians(a)), 1.13 * math.sin(math.radians(a))) for a in range(-160, -19, 14)]
@@ -552,8 +564,8 @@ def _accessory(cv: _Canvas, body: _Body, identity: Identity):
         point, depth = _head_point(centre, r, -55, yaw, -0.35, tilt, 1.0)
         if depth < 0.1: return
         x, y = point
-        cv.polygon([(x - 0.25 * r, y - 0.05 * r), (x + 0.25 * r, y - 0.15 * r), (x + 0.27 * r, y - 0.03 * r), (x - 0.23 * r, y + 0.07 * r)],
-                   colour, 'accessory')
+        cv.polygon([(x - 0.25 * r, y - 0.05 * r), (x + 0.25 * r, y - 0.15 * r),
+                    (x + 0.27 * r, y - 0.03 * r), (x - 0.23 * r, y + 0.07 * r)], colour, 'accessory')
 
 # %% ../nbs/02_synthetic.ipynb #6540d4cf
 def _torso_frame(body: _Body) -> tuple:
@@ -574,7 +586,8 @@ def _neck(cv: _Canvas, body: _Body, identity: Identity):
     neck, hips, down, *_ = _torso_frame(body)
     head = np.array(body.head)
     cv.polygon(_capsule(neck + down * 0.1 * float(np.linalg.norm(hips - neck)), head, 0.3 * r, 0.28 * r), skin, 'skin')
-    cv.ellipse(tuple(head + _rotate((0, 0.95 * r), body.tilt)), 0.3 * r, 0.22 * r, _shade(skin, 0.82), 'skin', outline=False)
+    chin = tuple(head + _rotate((0, 0.95 * r), body.tilt))
+    cv.ellipse(chin, 0.3 * r, 0.22 * r, _shade(skin, 0.82), 'skin', outline=False)
 
 def _spine(body: _Body):
     "Functions placing a point `t` of the way down the spine and `w` to the image's left, right, or across."
@@ -588,7 +601,8 @@ _TOP_OUTLINE = [(-0.04, 0.8), (0.1, 1.0), (0.55, 0.82), (1.05, 1.0)]  # (fractio
 
 def _top(cv: _Canvas, body: _Body, identity: Identity):
     "The top: its shape, a cel-shaded side, and its pattern (stripes, dots or a sailor collar)."
-    top, pattern, skin = CLOTH_COLOURS[identity.top_colour], CLOTH_COLOURS[identity.pattern_colour], SKIN_TONES[identity.skin]
+    top, pattern = CLOTH_COLOURS[identity.top_colour], CLOTH_COLOURS[identity.pattern_colour]
+    skin = SKIN_TONES[identity.skin]
     *_, shoulders, waist = _torso_frame(body)
     left, right, _ = _spine(body)
     width = lambda t: shoulders if t < 0.3 else 0.8 * shoulders + 0.2 * waist if t < 0.9 else waist
@@ -599,7 +613,8 @@ def _top(cv: _Canvas, body: _Body, identity: Identity):
     if identity.pattern == 'striped':
         for t0 in np.arange(0.18, 0.95, 0.16):
             w0, w1 = 0.9 * width(t0), 0.9 * width(t0 + 0.07)
-            cv.polygon([left(t0, w0), right(t0, w0), right(t0 + 0.07, w1), left(t0 + 0.07, w1)], pattern, 'top', outline=False)
+            stripe = [left(t0, w0), right(t0, w0), right(t0 + 0.07, w1), left(t0 + 0.07, w1)]
+            cv.polygon(stripe, pattern, 'top', outline=False)
     elif identity.pattern == 'polka_dot':
         w = 0.8 * shoulders + 0.2 * waist
         for t, u in [(0.25, -0.5), (0.25, 0.5), (0.5, 0), (0.72, -0.45), (0.72, 0.45), (0.45, -0.85), (0.45, 0.85)]:
@@ -609,15 +624,17 @@ def _top(cv: _Canvas, body: _Body, identity: Identity):
         cv.polygon([left(-0.02, 0.75 * shoulders), right(-0.02, 0.75 * shoulders), right(0.28, 0.5 * shoulders),
                     left(0.45, 0.0), left(0.28, 0.5 * shoulders)], pattern, 'top')
         cv.polygon([left(0.0, 0.3 * body.radius), right(0.0, 0.3 * body.radius), left(0.3, 0.0)], skin, 'skin')
-        cv.polygon([left(0.3, 0.28 * shoulders), right(0.3, 0.28 * shoulders), left(0.48, 0.0)], (220, 40, 50), 'top')  # the scarf
-    elif facing: cv.polygon([left(-0.02, 0.32 * body.radius), right(-0.02, 0.32 * body.radius), left(0.16, 0.0)], skin, 'skin')
+        # the scarf
+        cv.polygon([left(0.3, 0.28 * shoulders), right(0.3, 0.28 * shoulders), left(0.48, 0.0)], (220, 40, 50), 'top')
+    elif facing:
+        cv.polygon([left(-0.02, 0.32 * body.radius), right(-0.02, 0.32 * body.radius), left(0.16, 0.0)], skin, 'skin')
     elif identity.pattern == 'sailor':  # the collar's square back
         cv.polygon([left(-0.04, 0.8 * shoulders), right(-0.04, 0.8 * shoulders), right(0.3, 0.7 * shoulders),
                     left(0.3, 0.7 * shoulders)], pattern, 'top')
 
 # %% ../nbs/02_synthetic.ipynb #468903f8
 def _waist(cv: _Canvas, body: _Body, identity: Identity):
-    "The bottom from the waist down to the thighs: a pleated skirt flaring over the legs, or the seat of trousers or shorts."
+    "The bottom from the waist to the thighs: a pleated skirt flaring over the legs, or the seat of trousers or shorts."
     bottom, s, k = CLOTH_COLOURS[identity.bottom_colour], body.sizes, body.keypoints
     neck, hips, down, across, shoulders, waist = _torso_frame(body)
     left, right, at = _spine(body)
@@ -627,14 +644,17 @@ def _waist(cv: _Canvas, body: _Body, identity: Identity):
         xs = [float(np.dot(m - neck, across)) for m in knees] or [-waist, waist]
         hem = max(max([float(np.dot(m - neck, down)) / length for m in knees], default=1.3) + 0.05, 1.12)
         lo, hi = min(min(xs) - 1.4 * s['leg'], -1.25 * waist), max(max(xs) + 1.4 * s['leg'], 1.25 * waist)
-        cv.polygon([left(0.8, waist * 0.95), right(0.8, waist * 0.95), at(hem, hi), at(hem + 0.03, (hi + lo) / 2), at(hem, lo)],
-                   bottom, 'bottom')
+        cv.polygon([left(0.8, waist * 0.95), right(0.8, waist * 0.95), at(hem, hi), at(hem + 0.03, (hi + lo) / 2),
+                    at(hem, lo)], bottom, 'bottom')
         for u in (0.3, 0.5, 0.7):
-            cv.line([at(0.85, waist * (1.9 * u - 0.95)), at(hem, lo + (hi - lo) * u)], _shade(bottom, 0.75), 0.2 * s['arm'], 'bottom')
+            pleat = [at(0.85, waist * (1.9 * u - 0.95)), at(hem, lo + (hi - lo) * u)]
+            cv.line(pleat, _shade(bottom, 0.75), 0.2 * s['arm'], 'bottom')
     else:
         crotch = tuple(hips + down * 1.2 * s['leg'])
-        cv.polygon([left(0.8, waist * 0.98), right(0.8, waist * 0.98), right(1.08, waist), crotch, left(1.08, waist)], bottom, 'bottom')
-    cv.line([left(0.8, waist * 0.95), right(0.8, waist * 0.95)], _shade(bottom, 0.6), 0.25 * s['arm'], 'bottom')  # the waistband
+        seat = [left(0.8, waist * 0.98), right(0.8, waist * 0.98), right(1.08, waist), crotch, left(1.08, waist)]
+        cv.polygon(seat, bottom, 'bottom')
+    # the waistband
+    cv.line([left(0.8, waist * 0.95), right(0.8, waist * 0.95)], _shade(bottom, 0.6), 0.25 * s['arm'], 'bottom')
 
 # %% ../nbs/02_synthetic.ipynb #ce353c9e
 def _arm(cv: _Canvas, body: _Body, identity: Identity, joints: tuple):
@@ -674,7 +694,8 @@ def _leg(cv: _Canvas, body: _Body, identity: Identity, joints: tuple):
     if legwear != 'none':
         cv.polygon(_capsule(q if legwear == 'thighhighs' else w + (q - w) * 0.4, w, l * 0.9, l * 0.7), socks, 'shoes')
     toe = math.sin(math.radians(body.yaw)) * 1.6 * l
-    cv.polygon(_capsule(w + [0, 0.35 * l], w + [toe, 0.55 * l], 0.75 * l, 0.7 * l), CLOTH_COLOURS[identity.shoes_colour], 'shoes')
+    shoe = _capsule(w + [0, 0.35 * l], w + [toe, 0.55 * l], 0.75 * l, 0.7 * l)
+    cv.polygon(shoe, CLOTH_COLOURS[identity.shoes_colour], 'shoes')
 
 # %% ../nbs/02_synthetic.ipynb #540fbc77
 @dataclass
@@ -831,7 +852,8 @@ def synthetic_dataset(characters: int = 100, # how many distinct characters
     import datasets
     from tqdm.auto import tqdm
     if poses_per_character < 2:
-        raise AnimePoseError(f'poses_per_character must be at least 2 (a reference and a target), got {poses_per_character}')
+        raise AnimePoseError(f'poses_per_character must be at least 2 (a reference and a target), '
+                             f'got {poses_per_character}')
     if not 16 <= size <= 1024: raise AnimePoseError(f'size must be between 16 and 1024 pixels, got {size}')
     splits = split_characters(characters, seed)
     num_proc = (os.cpu_count() or 1) if num_proc is None else num_proc
@@ -841,10 +863,12 @@ def synthetic_dataset(characters: int = 100, # how many distinct characters
     if num_proc == 1: rows = [_character_rows(job) for job in tqdm(jobs, **bar)]
     else:
         with multiprocessing.get_context().Pool(num_proc) as pool:
-            rows = list(tqdm(pool.imap(_character_rows, jobs, chunksize=max(1, min(32, characters // (8 * num_proc)))), **bar))
+            chunksize = max(1, min(32, characters // (8 * num_proc)))
+            rows = list(tqdm(pool.imap(_character_rows, jobs, chunksize=chunksize), **bar))
     features = synthetic_features()
-    return datasets.DatasetDict({split: datasets.Dataset.from_list([row for i in indices for row in rows[i]], features=features)
-                                 for split, indices in splits.items()})
+    return datasets.DatasetDict({
+        split: datasets.Dataset.from_list([row for i in indices for row in rows[i]], features=features)
+        for split, indices in splits.items()})
 
 # %% ../nbs/02_synthetic.ipynb #71fa9b3d
 def contact_sheet(triples, # a `datasets.Dataset` of triples (or a list of its rows)
@@ -856,7 +880,8 @@ def contact_sheet(triples, # a `datasets.Dataset` of triples (or a list of its r
     for row in [triples[i] for i in range(min(count, len(triples)))]:
         cell = max(row['target'].size[0], 128)  # small drawings are enlarged, so the skeleton's sticks stay thin
         skeleton = Pose(np.asarray(row['pose'], np.float32), *row['target'].size).skeleton_image(cell, cell)
-        images += [row['reference'].resize((cell, cell), Image.NEAREST), skeleton, row['target'].resize((cell, cell), Image.NEAREST)]
+        images += [row['reference'].resize((cell, cell), Image.NEAREST), skeleton,
+                   row['target'].resize((cell, cell), Image.NEAREST)]
     if not images: raise AnimePoseError('contact_sheet needs at least one triple')
     return image_grid(images, ncols=3 * columns)
 
@@ -884,8 +909,11 @@ def synth_cli(parser: argparse.ArgumentParser):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_output(parser, 'DIR', 'folder to write the DatasetDict and contact_sheet.png into')
     parser.add_argument('--characters', type=int, default=100, metavar='N', help='distinct characters (default 100)')
-    parser.add_argument('--poses-per-character', type=int, default=4, metavar='K', help='drawings and triples per character (default 4)')
+    parser.add_argument('--poses-per-character', type=int, default=4, metavar='K',
+                        help='drawings and triples per character (default 4)')
     parser.add_argument('--size', type=int, default=64, metavar='PX', help='image side in pixels (default 64)')
-    parser.add_argument('--seed', type=int, default=0, metavar='S', help='fixes every character, pose and split (default 0)')
-    parser.add_argument('--num-proc', type=int, default=None, metavar='P', help='processes to draw on (default: every core)')
+    parser.add_argument('--seed', type=int, default=0, metavar='S',
+                        help='fixes every character, pose and split (default 0)')
+    parser.add_argument('--num-proc', type=int, default=None, metavar='P',
+                        help='processes to draw on (default: every core)')
     parser.set_defaults(run=_run_synth)
