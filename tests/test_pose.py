@@ -651,7 +651,8 @@ def test_cli_draw(tmp_path, openpose_native, capsys):
     assert main(['pose', 'draw', str(source), '--canvas', f'{W}x{H}', '--out', str(out)]) == 0
     expected = Pose.from_openpose(source, canvas=(W, H)).skeleton_image()
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(expected))
-    assert main(['pose', 'draw', str(source), '--canvas', f'{W}x{H}', '--size', '320x320', '--all', '--out', str(out)]) == 0
+    assert main(['pose', 'draw', str(source), '--canvas', f'{W}x{H}', '--size', '320x320', '--all', '--out', str(out),
+                 '--overwrite']) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(draw_skeletons(read_poses(source, (W, H)), 320, 320)))
     assert 'skeleton of 3 people' in capsys.readouterr().out
 
@@ -662,7 +663,7 @@ def test_cli_draw_options(tmp_path, comfyui_frames):
     assert main(['pose', 'draw', str(source), '--person', '0', '--hands', '--face', '--frame', '0', '--out', str(out)]) == 0
     expected = Pose.from_openpose(source, person=0).skeleton_image(hands=True, face=True)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(expected))
-    assert main(['pose', 'draw', str(source), '--min-confidence', '1.0', '--out', str(out)]) == 0
+    assert main(['pose', 'draw', str(source), '--min-confidence', '1.0', '--out', str(out), '--overwrite']) == 0
 
 
 @pytest.mark.parametrize('args, message', [

@@ -308,7 +308,9 @@ def test_cli_writes_dataset_and_contact_sheet(tmp_path, capsys):
     assert dataset['train'][0]['target'].size == (32, 32)
     assert Image.open(out / 'contact_sheet.png').size[0] > 32
     assert 'wrote' in capsys.readouterr().out
-    assert main(['synth', '--out', str(out), '--characters', '4', '--poses-per-character', '2', '--size', '32', '--num-proc', '1']) == 0
+    again = ['synth', '--out', str(out), '--characters', '4', '--poses-per-character', '2', '--size', '32', '--num-proc', '1']
+    assert main(again) == 1 and '--overwrite' in capsys.readouterr().err  # never replaced unasked
+    assert main([*again, '--overwrite']) == 0
     assert sum(d.num_rows for d in datasets.load_from_disk(str(out)).values()) == 8  # a dataset is replaced
 
 
@@ -323,7 +325,9 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
 def test_cli_refuses_to_replace_a_folder_that_is_not_a_dataset(tmp_path, capsys):
     (tmp_path / 'notes.txt').write_text('keep me')
     assert main(['synth', '--out', str(tmp_path), '--characters', '3', '--poses-per-character', '2']) == 1
-    assert 'is not a dataset written by synth' in capsys.readouterr().err
+    assert 'pass --overwrite' in capsys.readouterr().err
+    assert main(['synth', '--out', str(tmp_path), '--characters', '3', '--poses-per-character', '2', '--overwrite']) == 1
+    assert 'is not a dataset written by synth' in capsys.readouterr().err  # even when asked
     assert (tmp_path / 'notes.txt').read_text() == 'keep me'
 
 
