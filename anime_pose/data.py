@@ -614,7 +614,7 @@ def _run_load(args) -> int:
     print(', '.join(f'{k} {len(v)}' for k, v in triples.items())
           + f' triples, {len(skipped)} pairs skipped (see load_report.json) -> {args.out}')
 
-# %% ../nbs/03a_data.ipynb #cc3f0f38
+# %% ../nbs/03a_data.ipynb #e475b0b5
 def _run_build(args) -> int:
     spec = load_spec(args.spec) if args.spec else FilterSpec()
     budget = parse_bytes(args.budget)
@@ -637,7 +637,6 @@ def _run_build(args) -> int:
     print(f"read {report['read']}, kept {report['kept']}, {len(pairs)} pairs, chosen {sum(summary['pairs'].values())} "
           f"({summary['bytes'] / 1e9:.2f} GB, {summary['characters_total']} characters) -> {args.out}")
 
-# %% ../nbs/03a_data.ipynb #e475b0b5
 def _load_args(parser):
     parser.add_argument('--num-proc', type=int, help='processes decoding images')
     parser.add_argument('--image-size', type=int, default=512,
