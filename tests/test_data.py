@@ -856,7 +856,7 @@ def test_keypoints_file_openpose_json_without_a_canvas_is_read_on_the_posts_imag
     assert json.loads((tmp_path / 'pairs.pose_report.json').read_text())['dropped_similar'] == 2  # the same pose, read right
     (tmp_path / 'keypoints.json').write_text(json.dumps({'1': {'people': [{'pose_keypoints_2d': [1, 2]}]}}))
     assert main(['data', 'pairs', '--posts', str(tmp_path / 'posts.jsonl'), '--out', str(tmp_path / 'pairs.jsonl'),
-                 '--keypoints', str(tmp_path / 'keypoints.json')]) == 1
+                 '--keypoints', str(tmp_path / 'keypoints.json'), '--overwrite']) == 1
     assert 'keypoints must map post ids to 18x3 lists or OpenPose JSON' in capsys.readouterr().err
 
 
