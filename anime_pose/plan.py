@@ -75,7 +75,7 @@ def _saved_activation_bytes(components: dict, config: TrainConfig) -> int:
     "Bytes of the tensors one training forward pass saves for backward, counted on the meta device."
     dtype = WEIGHT_DTYPES[config.mixed_precision]
     unet, controlnet, reference_net = components['unet'], components['controlnet'], components.get('reference_net')
-    for module, trains in ((unet, False), (controlnet, config.train_controlnet), (reference_net, True)):
+    for module, trains in ((unet, config.train_unet), (controlnet, config.train_controlnet), (reference_net, True)):
         if module is None: continue
         nn.Module.to(module, dtype).requires_grad_(trains).train()  # nn.Module.to: diffusers' `to` warns about casts
         if config.gradient_checkpointing: module.enable_gradient_checkpointing()
@@ -116,9 +116,10 @@ def estimate_memory(config: TrainConfig) -> dict:
         count['reference_lora'] = _lora_parameters(components['reference_net'], config.reference_lora_rank)
         trained_reference, frozen_reference = count['reference_lora'], reference
     else: trained_reference, frozen_reference = reference, 0
-    trainable = (count['controlnet'] if config.train_controlnet else 0) + trained_reference
+    unet = count['unet'] if config.train_unet else 0
+    trainable = (count['controlnet'] if config.train_controlnet else 0) + trained_reference + unet
     weight_bytes = WEIGHT_DTYPES[config.mixed_precision].itemsize
-    frozen = (count['unet'] + count['vae'] + count['text_encoder'] + frozen_reference
+    frozen = (count['unet'] - unet + count['vae'] + count['text_encoder'] + frozen_reference
               + (0 if config.train_controlnet else count['controlnet']))
     optimizer_bytes = 2 if config.optimizer == 'adamw8bit' else 8
     memory = dict(frozen_weights=frozen * weight_bytes, trainable_weights=trainable * 4, gradients=trainable * 4,

@@ -59,6 +59,8 @@ class TrainConfig:
     min_snr_gamma: float = 0.0  # min-SNR weighting (Hang et al. 2023, γ=5 is usual); 0 turns it off
     train_controlnet: bool = True
     train_reference: bool = True
+    train_unet: bool = False  # fine-tune the denoising UNet too, so it learns to read the reference (issue 22's (a))
+    unet_learning_rate: float = 1e-4  # the denoiser's own, lower rate when train_unet
     use_reference: bool = True  # attend to the reference while training (False: a plain ControlNet, like diffusers')
     reference_lora_rank: int = 0  # >0: train rank-r LoRA adapters on the reference net's attention, not all (peft)
     conditioning_dropout: float = 0.1  # chance of dropping the text and reference, for classifier-free guidance
@@ -171,7 +173,10 @@ def make_optimizer(config: TrainConfig, # learning rate, weight decay and optimi
                    learning_rate: float | None = None, # default: config.learning_rate
                   ) -> torch.optim.Optimizer:
     "AdamW over `parameters`, or bitsandbytes' 8-bit AdamW when `config.optimizer='adamw8bit'`."
-    parameters, lr = [p for p in parameters if p.requires_grad], learning_rate or config.learning_rate
+    lr, parameters = learning_rate or config.learning_rate, list(parameters)
+    if parameters and isinstance(parameters[0], dict):  # parameter groups, each may carry its own 'lr'
+        parameters = [group | {'params': [p for p in group['params'] if p.requires_grad]} for group in parameters]
+    else: parameters = [p for p in parameters if p.requires_grad]
     if config.optimizer == 'adamw8bit':
         try: import bitsandbytes as bnb
         except ImportError:
@@ -755,8 +760,8 @@ class DiffusionMethod(TrainMethod):
 
     def build(self):
         config, accelerator = self.config, self.accelerator
-        if not (config.train_controlnet or config.train_reference):
-            raise ConfigError('train_controlnet and train_reference are both false: nothing would train')
+        if not (config.train_controlnet or config.train_reference or config.train_unet):
+            raise ConfigError('train_controlnet, train_reference and train_unet are all false: nothing would train')
         if config.train_reference and not config.use_reference:
             raise ConfigError('train_reference=true needs use_reference=true '
                               '(the reference net only learns through reference attention)')
@@ -771,10 +776,13 @@ class DiffusionMethod(TrainMethod):
         self.inference_scheduler, self.noise_scheduler = parts['scheduler'], noise_scheduler(parts['scheduler'])
         self.reference_net = make_reference_net(self.unet).to(device) if config.train_reference else None
         self.controlnet.requires_grad_(config.train_controlnet).train(config.train_controlnet)
-        for frozen in (self.vae, self.text_encoder, self.unet): frozen.requires_grad_(False).eval()
-        for module in (self.vae, self.text_encoder, self.unet, *([] if config.train_controlnet else [self.controlnet])):
+        frozen = [self.vae, self.text_encoder, *([] if config.train_unet else [self.unet])]
+        for module in frozen: module.requires_grad_(False).eval()
+        self.unet.requires_grad_(config.train_unet).train(config.train_unet)
+        for module in (*frozen, *([] if config.train_controlnet else [self.controlnet])):
             nn.Module.to(module, device, self.weight_dtype)  # nn.Module.to: diffusers' own `to` warns about every cast
-        if config.train_controlnet: self.controlnet.to(device)
+        for trained, module in ((config.train_controlnet, self.controlnet), (config.train_unet, self.unet)):
+            if trained: module.to(device)
         if self.reference_net is not None and config.reference_lora_rank:  # frozen copy + fp32 LoRA adapters
             from diffusers.training_utils import cast_training_params
             add_reference_lora(nn.Module.to(self.reference_net, self.weight_dtype), config.reference_lora_rank)
@@ -783,9 +791,17 @@ class DiffusionMethod(TrainMethod):
             for module in (self.unet, self.controlnet, self.reference_net):
                 if module is not None: module.enable_gradient_checkpointing()
         self.trainable = tuple(name for name, on in (('controlnet', config.train_controlnet),
-                                                     ('reference_net', config.train_reference)) if on)
+                                                     ('reference_net', config.train_reference),
+                                                     ('unet', config.train_unet)) if on)
         self.empty_text = encode_prompt(self.tokenizer, self.text_encoder, '', device).float()
         self.data = self._cached(out) if config.cache else self.triples
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        "One AdamW: the ControlNet and reference net at `learning_rate`, the denoiser (if trained) at its own rate."
+        groups = [{'params': [p for name in self.trainable if name != 'unet' for p in getattr(self, name).parameters()]}]
+        if self.config.train_unet: groups.append({'params': list(self.unet.parameters()),
+                                                  'lr': self.config.unet_learning_rate})
+        return {'main': make_optimizer(self.config, [group for group in groups if group['params']])}
 
     def _cached(self, out: Path) -> dict:
         "Build (main process) or load (every process) the caches of both splits."
