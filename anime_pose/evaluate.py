@@ -250,6 +250,7 @@ def _other_characters(rows: list[dict]) -> list[int]:
         others.append(j)
     return others
 
+# %% ../nbs/09a_evaluate.ipynb #883217e5
 @torch.no_grad()
 def reference_probe(pipe, # a `PoseTransferPipeline`
                     triples, # a `datasets.Dataset` or list of triples, of at least two characters

@@ -142,6 +142,7 @@ def bootstrap_interval(values, # one value per triple (NaN: not measured on that
         return (float(np.nanpercentile(means, tail, method='lower')),
                 float(np.nanpercentile(means, 100 - tail, method='higher')))
 
+# %% ../nbs/09_metrics.ipynb #5784913a
 def interval_keys(metric: str, values, **bootstrap) -> dict[str, float]:
     "`{metric}_low` and `{metric}_high`: the bootstrap interval of the mean of `values`."
     low, high = bootstrap_interval(values, **bootstrap)
