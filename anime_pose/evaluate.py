@@ -7,25 +7,29 @@ from __future__ import annotations
 import argparse, json, os, sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .controlnet import controlnet_from_unet
+from .controlnet import condition_tensor, controlled_prediction, controlnet_from_unet
 from .core import AnimePoseError, add_output, atomic_path, image_grid, load_image, tags_prompt
 from .gan import load_gan
-from .metrics import (METRICS, LearnedMetrics, learned_scores, learned_truth, load_learned_metrics, score,
-                                score_real)
+from .metrics import (BOOTSTRAP, METRICS, LearnedMetrics, learned_scores, learned_truth, load_learned_metrics,
+                                score, score_real, summarize)
 from .parser import DETECTOR_HELP, SyntheticParser, load_detector, load_parser
-from .pipeline import PoseTransferPipeline, model_drawing_defaults, stored_drawing_defaults
+from .pipeline import PoseTransferPipeline, encode_images, model_drawing_defaults, stored_drawing_defaults
 from .pose import Pose, PoseDetector
+from .reference import ReferenceAttention
 from .synthetic import PART_LABELS
+from .tiny import encode_prompt, noise_scheduler
 from .train import held_out_split, load_config, plot_losses, training_triples
 
 # %% auto #0
-__all__ = ['METHODS', 'COLUMNS', 'LOWER_IS_BETTER', 'DECIMALS', 'pipeline_method', 'copy_reference', 'gan_method',
-           'evaluate_methods', 'metrics_table', 'sample_grid', 'write_report', 'held_out_triples', 'build_methods',
+__all__ = ['METHODS', 'COLUMNS', 'LOWER_IS_BETTER', 'DECIMALS', 'PROBE_KEY', 'PROBE_REFERENCES', 'PROBE_HELP', 'TRIPLE_COLUMNS',
+           'pipeline_method', 'copy_reference', 'gan_method', 'evaluate_methods', 'metrics_table', 'probe_table',
+           'sample_grid', 'write_report', 'held_out_triples', 'saved_triples', 'build_methods', 'reference_probe',
            'evaluate_models', 'evaluate_cli']
 
 # %% ../nbs/09a_evaluate.ipynb #6089d487
@@ -66,6 +70,7 @@ def evaluate_methods(methods: dict, # name -> function from a triple to an image
                      progress: bool = True,
                      detector: PoseDetector | None = None, # without `parser`: pose accuracy on real triples
                      learned: LearnedMetrics | None = None, # the learned metrics' networks (`load_learned_metrics`)
+                     intervals: bool = False, # also each metric's bootstrap interval, `<metric>_low` and `<metric>_high`
                     ) -> tuple[dict[str, dict[str, float]], dict[str, list[Image.Image]]]:
     "Mean metrics `{method: {metric: value}}` over `triples`, and every method's images."
     rows = list(triples)
@@ -79,32 +84,56 @@ def evaluate_methods(methods: dict, # name -> function from a triple to an image
         images[name] = [method(row) for row in tqdm(rows, desc=f'generating: {name}', disable=not progress)]
         if parser is not None: per_image = score(images[name], rows, parser, part_labels)
         else: per_image = score_real(images[name], rows, detector)
-        metrics[name] = {m: float(np.nanmean([r[m] for r in per_image])) for m in per_image[0]}
-        if learned: metrics[name].update(learned_scores(images[name], truth, learned))
+        metrics[name] = summarize(per_image, intervals)
+        if learned: metrics[name].update(learned_scores(images[name], truth, learned, intervals))
     return metrics, images
 
 # %% ../nbs/09a_evaluate.ipynb #8241611d
 COLUMNS = METRICS + ('detected', 'identity_cosine', 'reference_cosine', 'lpips', 'fid', 'kid')  # the table's order
-LOWER_IS_BETTER = {'identity_error', 'lpips', 'fid', 'kid'}
-DECIMALS = {'identity_error': 2, 'psnr': 2, 'fid': 2, 'kid': 4}  # others: 3
+LOWER_IS_BETTER = {'identity_error', 'identity_parts_error', 'lpips', 'fid', 'kid'}
+DECIMALS = {'identity_error': 2, 'identity_parts_error': 2, 'psnr': 2, 'fid': 2, 'kid': 4}  # others: 3
+PROBE_KEY = 'reference_probe'  # metrics.json's entry for `reference_probe`, beside the methods
 
 def _best(values: list[float], metric: str) -> float | None:
     values = [v for v in values if v == v]  # NaN (nothing to average) never wins
     return (min if metric in LOWER_IS_BETTER else max)(values) if values else None
 
+def _is_bound(key: str, row: dict) -> bool:
+    "Whether `key` is the `_low` or `_high` end of another metric's interval in `row`."
+    return key.endswith(('_low', '_high')) and key.rsplit('_', 1)[0] in row
+
 def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
     "A Markdown table of `metrics`, one row per method, a column per metric any method has, the best value in bold."
-    found = {m for row in metrics.values() for m in row}
+    metrics = {name: row for name, row in metrics.items() if name != PROBE_KEY}
+    points = {name: {m: v for m, v in row.items() if not _is_bound(m, row)} for name, row in metrics.items()}
+    found = {m for row in points.values() for m in row}
     columns = [m for m in COLUMNS if m in found] + sorted(found - set(COLUMNS))
-    best = {m: _best([metrics[k][m] for k in metrics if k != 'ground_truth' and m in metrics[k]], m) for m in columns}
+    best = {m: _best([points[k][m] for k in points if k != 'ground_truth' and m in points[k]], m) for m in columns}
     header = ' | '.join(f"{m} {'↓' if m in LOWER_IS_BETTER else '↑'}" for m in columns)
     lines = [f'| method | {header} |', '|---' * (len(columns) + 1) + '|']
     for name, row in metrics.items():
-        cells = [f'{row[m]:.{DECIMALS.get(m, 3)}f}' if m in row else '–' for m in columns]
-        cells = [f'**{c}**' if name != 'ground_truth' and m in row and row[m] == best[m] else c
-                 for c, m in zip(cells, columns)]
+        cells = []
+        for m in columns:
+            if m not in row: cells.append('–'); continue
+            value = lambda v: f'{v:.{DECIMALS.get(m, 3)}f}'
+            cell = f'**{value(row[m])}**' if name != 'ground_truth' and row[m] == best[m] else value(row[m])
+            if f'{m}_low' in row: cell += f" [{value(row[f'{m}_low'])}, {value(row[f'{m}_high'])}]"
+            cells.append(cell)
         lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
+# %% ../nbs/09a_evaluate.ipynb #044e383d
+PROBE_REFERENCES = {'none': 'no reference', 'own': "the character's own reference",
+                    'other': "another character's reference", 'target': 'the target itself (the answer)'}
+PROBE_HELP = ("Test ε-MSE of the denoiser (the training loss, no guidance, ControlNet scale 1) at the same noise and "
+              "timesteps for every reference given to the reference path. A path that carries identity lowers it "
+              "with the character's own reference, much less with another character's, and most with the target.")
+
+def probe_table(probe: dict[str, float]) -> str:
+    "`reference_probe`'s numbers as a Markdown table and a sentence."
+    rows = ''.join(f'| {what} | {probe[name]:.4f} |\n' for name, what in PROBE_REFERENCES.items())
+    return (f'| reference | test ε-MSE ↓ |\n|---|---|\n{rows}\nThe own reference lowers test ε-MSE by '
+            f"{100 * probe['own_gain']:.1f} % against none.")
 
 # %% ../nbs/09a_evaluate.ipynb #4e9db52d
 def sample_grid(triples: list[dict], # the evaluated triples
@@ -127,16 +156,19 @@ def write_report(out: str | os.PathLike, # the report directory (replaced atomic
                  curves: dict[str, str | os.PathLike] | None = None, # title -> a run directory or losses.csv to plot
                  notes: str = '', # Markdown added under the table (what was evaluated, how)
                  not_measured: dict[str, str] | None = None, # metrics -> what they need (`LearnedMetrics.unavailable`)
+                 probe: dict[str, float] | None = None, # `reference_probe`'s result: a section, and metrics.json's entry
                 ) -> Path:
     "Write metrics.json, samples.png, the loss curves and report.md to `out`."
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     columns = ' | '.join(['reference', 'pose', *images, 'ground truth'])
     with atomic_path(out, is_dir=True) as tmp:
-        (tmp / 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
+        saved = {**metrics, PROBE_KEY: probe} if probe else metrics
+        (tmp / 'metrics.json').write_text(json.dumps(saved, indent=2) + '\n')
         sample_grid(triples, images).save(tmp / 'samples.png')
         missing = ''.join(f'- {names}: {why}\n' for names, why in (not_measured or {}).items())
         sections = [f'# anime_pose evaluation\n\n{metrics_table(metrics)}\n', notes,
+                    probe and f'## Reference-information probe\n\n{PROBE_HELP}\n\n{probe_table(probe)}\n',
                     missing and f'## Not measured\n\n{missing}',
                     f'## Samples\n\n{columns}\n\n![samples](samples.png)\n']
         for title, run in (curves or {}).items():
@@ -161,6 +193,31 @@ def held_out_triples(config, # the `TrainConfig` the model was trained with
     held_out = triples[split]
     return held_out.select(range(min(count, len(held_out)))) if count else held_out
 
+# %% ../nbs/09a_evaluate.ipynb #8893eba4
+TRIPLE_COLUMNS = ('reference', 'target', 'pose', 'tags')  # what every evaluated triple needs
+
+def saved_triples(path: str | os.PathLike, # a DatasetDict saved with `save_to_disk`
+                  split: str | None = None, # None: 'test'
+                  count: int | None = None, # at most this many triples; None: all
+                 ):
+    "A split of a triples dataset saved with `datasets` (`anime-pose synth`, `anime-pose data load`), checked."
+    path, split = Path(path), split or 'test'
+    expected = 'expected a triples DatasetDict saved with save_to_disk (anime-pose synth, anime-pose data load)'
+    if not path.is_dir(): raise AnimePoseError(f"data '{path}': no such directory; {expected}")
+    if not (path / 'dataset_dict.json').is_file():
+        raise AnimePoseError(f"data '{path}': not a saved DatasetDict (no dataset_dict.json); {expected}")
+    try: triples = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise AnimePoseError(f"data '{path}': cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                             f'{expected}') from None
+    if split not in triples:
+        raise AnimePoseError(f"data '{path}': no {split} split (it has {', '.join(triples) or 'none'}); pass --split")
+    missing = sorted(set(TRIPLE_COLUMNS) - set(triples[split].column_names))
+    if missing: raise AnimePoseError(f"data '{path}': the triples lack the column(s) {', '.join(missing)}")
+    if len(triples[split]) == 0: raise AnimePoseError(f"data '{path}': the {split} split is empty")
+    held = triples[split]
+    return held.select(range(min(count, len(held)))) if count else held
+
 # %% ../nbs/09a_evaluate.ipynb #9f5b6f3e
 def build_methods(pipeline: str | os.PathLike, # a saved `PoseTransferPipeline` (a training run's final/)
                   gan: str | os.PathLike | None = None, # a GAN run or generator directory; None leaves the GAN out
@@ -180,6 +237,63 @@ def build_methods(pipeline: str | os.PathLike, # a saved `PoseTransferPipeline` 
                    anime_pose=pipeline_method(trained, reference_strength=1.0, **settings))
     return {name: method for name, method in methods.items() if method is not None}
 
+# %% ../nbs/09a_evaluate.ipynb #5e0774ec
+def _other_characters(rows: list[dict]) -> list[int]:
+    "For each triple, the index of the next triple (cyclically) showing another character."
+    characters = [row.get('character', i) for i, row in enumerate(rows)]
+    others = []
+    for i, character in enumerate(characters):
+        j = next((j % len(rows) for j in range(i + 1, i + len(rows)) if characters[j % len(rows)] != character), None)
+        if j is None:
+            raise AnimePoseError(f'the reference probe needs triples of at least two characters; '
+                                 f'these {len(rows)} are all {character!r}')
+        others.append(j)
+    return others
+
+# %% ../nbs/09a_evaluate.ipynb #883217e5
+@torch.no_grad()
+def reference_probe(pipe, # a `PoseTransferPipeline`
+                    triples, # a `datasets.Dataset` or list of triples, of at least two characters
+                    draws: int = 4, # (noise, timestep) draws per triple, the same for every reference
+                    seed: int = 0,
+                    batch_size: int = 16,
+                   ) -> dict[str, float]:
+    "Test ε-MSE with no reference (none), the own, another character's (other) and the target as reference; own_gain."
+    rows = list(triples)
+    others = _other_characters(rows)
+    device, dtype = pipe._execution_device, pipe.unet.dtype
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    scheduler = noise_scheduler(pipe.scheduler)
+    velocity = scheduler.config.prediction_type == 'v_prediction'
+    latents = lambda images: encode_images(pipe.vae, [load_image(i).resize((side, side), Image.BICUBIC)
+                                                      for i in images]).to(dtype)
+    generator, errors = torch.Generator().manual_seed(seed), {name: [] for name in PROBE_REFERENCES}
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        target = latents([row['target'] for row in batch])
+        references = dict(own=latents([row['reference'] for row in batch]), target=target,
+                          other=latents([rows[j]['reference'] for j in others[start:start + len(batch)]]))
+        text = encode_prompt(pipe.tokenizer, pipe.text_encoder, [tags_prompt(row['tags']) for row in batch],
+                             device).to(dtype)
+        skeletons = [Pose(np.asarray(row['pose'], np.float32), side, side).skeleton_image(side, side) for row in batch]
+        condition = condition_tensor(skeletons, side, side).to(device, dtype)
+        for _ in range(draws):
+            noise = torch.randn(target.shape, generator=generator).to(device, dtype)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
+            timesteps = timesteps.to(device)
+            noisy = scheduler.add_noise(target, noise, timesteps)
+            goal = scheduler.get_velocity(target, noise, timesteps) if velocity else noise
+            predict = lambda: controlled_prediction(pipe.unet, pipe.controlnet, noisy, timesteps, text, condition)
+            for name in PROBE_REFERENCES:
+                if name == 'none': prediction = predict()
+                else:
+                    with ReferenceAttention(pipe.unet, pipe.reference_net, 1.0) as reference:
+                        reference.write(references[name], text)
+                        with reference.read(): prediction = predict()
+                errors[name].append(((prediction.float() - goal.float()) ** 2).mean((1, 2, 3)).cpu())
+    means = {name: float(torch.cat(e).mean()) for name, e in errors.items()}
+    return {**means, 'own_gain': (means['none'] - means['own']) / means['none']}
+
 # %% ../nbs/09a_evaluate.ipynb #a2b23350
 def evaluate_models(out: str | os.PathLike, # the report directory
                     pipeline: str | os.PathLike, # a saved `PoseTransferPipeline`
@@ -187,14 +301,19 @@ def evaluate_models(out: str | os.PathLike, # the report directory
                     gan: str | os.PathLike | None = None, # a GAN run or generator directory
                     parser: str | os.PathLike | None = None, # synthetic data: default the bundled parser
                     curves: dict | None = None, # title -> run directory, for the loss plots
-                    count: int = 24, # held-out triples to evaluate
+                    count: int | None = 24, # triples to evaluate; None: the whole split
                     num_inference_steps: int = 20,
                     progress: bool = True, # also print what is not measured or not used, on stderr
                     detector: PoseDetector | str | os.PathLike | None = None, # real data: a detector or its directory
                     learned: LearnedMetrics | None = None, # the learned metrics' networks; default none
+                    data: str | os.PathLike | None = None, # a saved triples dataset to score instead of `config`'s
+                    split: str | None = None, # the split scored; default test (for `config`'s data: else validation)
+                    probe: bool = False, # also the reference-information probe on the same triples
+                    probe_draws: int = 4, # (noise, timestep) draws per triple for the probe
                    ) -> dict[str, dict[str, float]]:
     "Evaluate the pipeline and its baselines on held-out triples; write the report to `out`; return the metrics."
-    triples = list(held_out_triples(config, count))
+    triples = list(saved_triples(data, split, count) if data is not None else held_out_triples(config, count, split))
+    if probe: _other_characters(triples)  # at least two characters, checked before anything is drawn
     synthetic = 'masks' in triples[0]
     learned = learned if learned is not None else load_learned_metrics()
     if learned.inception is not None and len(triples) < 2:  # one image has no covariance
@@ -217,7 +336,7 @@ def evaluate_models(out: str | os.PathLike, # the report directory
         for names, why in not_measured.items(): print(f'not measured: {names}: {why}', file=sys.stderr)
     methods = {'ground_truth': lambda triple: load_image(triple['target']),
                **build_methods(pipeline, gan, num_inference_steps)}
-    metrics, images = evaluate_methods(methods, triples, parser, PART_LABELS, progress, detector, learned)
+    metrics, images = evaluate_methods(methods, triples, parser, PART_LABELS, progress, detector, learned, intervals=True)
     images.pop('ground_truth')
     reader = 'synthetic parser' if synthetic else 'pose detector'
     pose_columns = 'pck, oks and silhouette_iou' if synthetic else 'pck and oks'
@@ -225,15 +344,26 @@ def evaluate_models(out: str | os.PathLike, # the report directory
     drawn = model_drawing_defaults(None) | stored
     drawing = (f", ControlNet scale {drawn['controlnet_conditioning_scale']:g} "
                f"and guidance {drawn['guidance_scale']:g} ({'calibrated' if stored else 'uncalibrated defaults'})")
-    notes = (f'{len(triples)} held-out triples (the test split of the training data: characters no model saw), '
+    if data is not None: what = f"{len(triples)} triples of the {split or 'test'} split of `{data}`"
+    elif split is not None: what = f'{len(triples)} triples of the {split} split of the training data'
+    else: what = f'{len(triples)} held-out triples (the test split of the training data: characters no model saw)'
+    notes = (f'{what}, '
              f'{num_inference_steps} denoising steps{drawing}. `ground_truth` scores the real targets: '
-             f'the ceiling the {reader} allows for {pose_columns}.\n')
-    write_report(out, metrics, triples, images, curves, notes, not_measured)
-    return metrics
+             f'the ceiling the {reader} allows for {pose_columns}.\n\n'
+             f"Beside each value, its {BOOTSTRAP['level']:.0%} bootstrap interval over the triples "
+             f"({BOOTSTRAP['resamples']} resamples, seed {BOOTSTRAP['seed']}, the same for every method)"
+             f"{'; fid and kid compare whole sets and have none' if learned.inception is not None else ''}.\n")
+    found = None
+    if probe:
+        found = reference_probe(PoseTransferPipeline.from_pretrained(pipeline), triples, probe_draws)
+        found = {**found, 'triples': len(triples), 'draws': probe_draws}
+    write_report(out, metrics, triples, images, curves, notes, not_measured, found)
+    return {**metrics, PROBE_KEY: found} if found else metrics
 
 # %% ../nbs/09a_evaluate.ipynb #900f52e1
 def _print_metrics(metrics: dict, out: Path):
     print(metrics_table(metrics))
+    if metrics.get(PROBE_KEY): print(f'\nreference-information probe:\n{probe_table(metrics[PROBE_KEY])}')
     print(f'report: {out / "report.md"}, metrics: {out / "metrics.json"}')
 
 def _learned(args) -> LearnedMetrics:
@@ -262,24 +392,37 @@ def _training_run(path) -> Path:
 # %% ../nbs/09a_evaluate.ipynb #11489fc1
 def _run_evaluate(args) -> int:
     run = _training_run(args.model)
+    if args.data is not None: saved_triples(args.data, args.split)  # cheap checks before any model is loaded
     curves = {title: path for title, path in (('anime_pose', run), ('gan', args.gan))
               if path and (Path(path) / 'losses.csv').is_file()}  # runs keep losses.csv
     metrics = evaluate_models(args.out, run / 'final', load_config(run / 'config.json'), args.gan, args.parser, curves,
-                              args.count, args.steps, detector=args.detector, learned=_learned(args))
+                              args.count, args.steps, detector=args.detector, learned=_learned(args), data=args.data,
+                              split=args.split, probe=args.probe)
     _print_metrics(metrics, Path(args.out))
     return 0
+
+def _count(text: str) -> int | None:
+    "A number of triples, or 'all' (None)."
+    if text == 'all': return None
+    try: count = int(text)
+    except ValueError: count = 0
+    if count < 1: raise argparse.ArgumentTypeError(f"expected a positive number of triples or 'all', got {text!r}")
+    return count
 
 def evaluate_cli(parser: argparse.ArgumentParser):
     "`anime-pose evaluate`: a trained run against the baselines on its held-out split (synthetic or real triples)."
     parser.epilog = ('examples:\n  anime-pose evaluate --model runs/tiny --gan runs/gan --out report\n'
                      '  anime-pose evaluate --model runs/danbooru --out report --detector annotators '
                      '--identity-encoder clip-vit \\\n'
-                     '      --lpips-weights alexnet.pth lpips_alex.pth --fid-weights inception_v3.pth\n\n'
+                     '      --lpips-weights alexnet.pth lpips_alex.pth --fid-weights inception_v3.pth\n'
+                     '  anime-pose synth --out seed7 --seed 7 && '
+                     'anime-pose evaluate --model runs/tiny --data seed7 --count all --probe --out report\n\n'
                      'Synthetic data is scored with the parser '
                      '(pck, oks, silhouette_iou, identity_error, ssim, psnr);\n'
                      'data without part masks (Danbooru triples) with --detector for pck and oks, and ssim and psnr.\n'
                      'The learned metrics are added when their weights are given; '
-                     'the others are listed as not measured.')
+                     'the others are listed as not measured. Every metric measured per triple has a 95 % bootstrap '
+                     'interval.')
     parser.add_argument('--model', required=True, help='an `anime-pose train` run directory (config.json, final/)')
     parser.add_argument('--gan', help='an `anime-pose train --method gan` run directory (default: leave the GAN out)')
     parser.add_argument('--parser', help='a synthetic parser directory (default: the bundled one)')
@@ -287,6 +430,11 @@ def evaluate_cli(parser: argparse.ArgumentParser):
                         'SyntheticParser directory for pck and oks (default: not measured)')
     _learned_flags(parser)
     add_output(parser, 'DIR', 'report directory')
-    parser.add_argument('--count', type=int, default=24, help='held-out triples to evaluate (default 24)')
+    parser.add_argument('--data', metavar='DIR', help='a triples dataset saved with datasets (anime-pose synth, '
+                        "anime-pose data load) to score instead of the run's own held-out split")
+    parser.add_argument('--split', help="the split to score (default test; the run's own data: test, else validation)")
+    parser.add_argument('--count', type=_count, default=24, help="triples to evaluate, or 'all' (default 24)")
+    parser.add_argument('--probe', action='store_true', help="also the reference-information probe: test ε-MSE with no "
+                        "reference, the own, another character's, and the target as reference")
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
     parser.set_defaults(run=_run_evaluate)

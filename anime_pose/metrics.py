@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_metrics.ipynb #958b7253
 from __future__ import annotations
-import os, re
+import os, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +20,11 @@ from .parser import SyntheticParser, parse
 from .pose import Pose, PoseDetector, PoseError, detect_pose, oks, pck
 
 # %% auto #0
-__all__ = ['IDENTITY_PARTS', 'METRICS', 'FID_HELP', 'LPIPS_HELP', 'LPIPS_NETS', 'ENCODER_HELP', 'ENCODER_MISSING', 'psnr', 'ssim',
-           'identity_error', 'silhouette_iou', 'score', 'load_weights', 'fid', 'kid', 'InceptionFeatures',
-           'load_inception', 'LPIPS', 'load_lpips', 'lpips', 'ImageEncoder', 'load_image_encoder',
-           'embedding_similarity', 'pose_scores', 'score_real', 'LearnedMetrics', 'load_learned_metrics',
-           'learned_truth', 'learned_scores']
+__all__ = ['IDENTITY_PARTS', 'METRICS', 'BOOTSTRAP', 'FID_HELP', 'LPIPS_HELP', 'LPIPS_NETS', 'ENCODER_HELP', 'ENCODER_MISSING',
+           'psnr', 'ssim', 'identity_error', 'identity_parts_error', 'silhouette_iou', 'score', 'bootstrap_interval',
+           'interval_keys', 'summarize', 'load_weights', 'fid', 'kid', 'InceptionFeatures', 'load_inception', 'LPIPS',
+           'load_lpips', 'lpips', 'ImageEncoder', 'load_image_encoder', 'embedding_similarity', 'pose_scores',
+           'score_real', 'LearnedMetrics', 'load_learned_metrics', 'learned_truth', 'learned_scores']
 
 # %% ../nbs/09_metrics.ipynb #c4cc59fb
 def _pixels(image) -> np.ndarray:
@@ -64,6 +64,30 @@ def identity_error(generated, # the generated image
               for part in (masks == part_labels[name] for name in IDENTITY_PARTS) if part.sum() >= min_pixels]
     return float(np.mean(errors)) if errors else float('nan')
 
+# %% ../nbs/09_metrics.ipynb #958d5bc8
+def identity_parts_error(generated, # the generated image (any size)
+                         predicted_labels: np.ndarray, # (h, w) part labels the parser reads from `generated`
+                         target, # the ground truth
+                         masks: np.ndarray, # (H, W) part labels of the ground truth, the target's size
+                         part_labels: dict[str, int], # label of each part name
+                         min_pixels: int = 4, # parts smaller than this (in the truth, or found) do not count
+                        ) -> float:
+    "Mean over the truth's parts of |true part colour − colour of the pixels the parser calls that part|, 0–255."
+    generated, target, masks = _pixels(generated), _pixels(target), np.asarray(masks)
+    if masks.shape != target.shape[:2]:
+        raise AnimePoseError(f'identity_parts_error: target {target.shape[:2]} and masks {masks.shape} must match')
+    size = generated.shape[1::-1]
+    labels = np.asarray(Image.fromarray(np.asarray(predicted_labels, np.uint8)).resize(size, Image.NEAREST))
+    figure = labels > 0
+    fallback = (generated[figure] if figure.sum() >= min_pixels else generated.reshape(-1, 3)).mean(0)
+    errors = []
+    for name in IDENTITY_PARTS:
+        truth, found = masks == part_labels[name], labels == part_labels[name]
+        if truth.sum() < min_pixels: continue
+        colour = generated[found].mean(0) if found.sum() >= min_pixels else fallback
+        errors.append(np.abs(colour - target[truth].mean(0)).mean())
+    return float(np.mean(errors)) if errors else float('nan')
+
 # %% ../nbs/09_metrics.ipynb #9cd304ef
 def silhouette_iou(predicted_labels: np.ndarray, # (H, W) part labels read from the generated image
                    masks: np.ndarray, # (H, W) ground-truth part labels; 0 is background
@@ -76,7 +100,7 @@ def silhouette_iou(predicted_labels: np.ndarray, # (H, W) part labels read from 
     return float((predicted & truth).sum() / union) if union else 1.0
 
 # %% ../nbs/09_metrics.ipynb #eb9f9bd8
-METRICS = ('pck', 'oks', 'silhouette_iou', 'identity_error', 'ssim', 'psnr')  # the names scripts read
+METRICS = ('pck', 'oks', 'silhouette_iou', 'identity_error', 'identity_parts_error', 'ssim', 'psnr')  # the names scripts read
 
 def score(generated: list[Image.Image], # one generated image per triple
           triples: list[dict], # rows with target, pose and masks (synthetic triples)
@@ -93,9 +117,49 @@ def score(generated: list[Image.Image], # one generated image per triple
         small = np.asarray(Image.fromarray(masks).resize(predicted.shape[::-1], Image.NEAREST))
         results.append(dict(pck=pck(pose, truth, 0.1), oks=oks(pose, truth),
                             silhouette_iou=silhouette_iou(predicted, small),
-                            identity_error=identity_error(image, target, masks, part_labels), ssim=ssim(image, target),
+                            identity_error=identity_error(image, target, masks, part_labels),
+                            identity_parts_error=identity_parts_error(image, predicted, target, masks, part_labels),
+                            ssim=ssim(image, target),
                             psnr=psnr(image, target)))
     return results
+
+# %% ../nbs/09_metrics.ipynb #b66b4cfb
+BOOTSTRAP = dict(resamples=1000, level=0.95, seed=0)  # how every reported interval is drawn
+
+def bootstrap_interval(values, # one value per triple (NaN: not measured on that triple)
+                       resamples: int = BOOTSTRAP['resamples'], level: float = BOOTSTRAP['level'],
+                       seed: int = BOOTSTRAP['seed'],
+                      ) -> tuple[float, float]:
+    "The percentile bootstrap interval (low, high) of the mean of `values` over resampled triples."
+    values = np.asarray(values, np.float64).ravel()
+    if values.size == 0: return float('nan'), float('nan')
+    picks = np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # resamples of NaN only
+        means = np.nanmean(values[picks], axis=1)
+        if np.isnan(means).all(): return float('nan'), float('nan')
+        tail = (1 - level) / 2 * 100
+        return (float(np.nanpercentile(means, tail, method='lower')),
+                float(np.nanpercentile(means, 100 - tail, method='higher')))
+
+# %% ../nbs/09_metrics.ipynb #5784913a
+def interval_keys(metric: str, values, **bootstrap) -> dict[str, float]:
+    "`{metric}_low` and `{metric}_high`: the bootstrap interval of the mean of `values`."
+    low, high = bootstrap_interval(values, **bootstrap)
+    return {f'{metric}_low': low, f'{metric}_high': high}
+
+def summarize(per_triple: list[dict[str, float]], # one row of metrics per triple (as `score` gives)
+              intervals: bool = True, # also each metric's bootstrap interval
+             ) -> dict[str, float]:
+    "Each metric's mean over the triples (NaN left out), followed by `<metric>_low`, `<metric>_high`."
+    summary = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # a metric no triple has: NaN
+        for metric in per_triple[0]:
+            values = [row[metric] for row in per_triple]
+            summary[metric] = float(np.nanmean(values))
+            if intervals: summary.update(interval_keys(metric, values))
+    return summary
 
 # %% ../nbs/09_metrics.ipynb #b30b1158
 def load_weights(path: str | os.PathLike, # a .safetensors file, or a torchvision .pth/.pt state dict
@@ -397,15 +461,21 @@ def learned_truth(triples: list[dict], learned: LearnedMetrics) -> dict:
 def learned_scores(generated: list, # one generated image per triple
                    truth: dict, # `learned_truth` of the triples
                    learned: LearnedMetrics,
+                   intervals: bool = False, # also the bootstrap interval of each per-image metric (not fid, kid)
                   ) -> dict[str, float]:
     "identity_cosine, reference_cosine, lpips, fid and kid of `generated`, each when its network is loaded."
     generated = [load_image(g).resize(t.size, Image.BICUBIC) for g, t in zip(generated, truth['targets'])]
     scores = {}
     if learned.encoder is not None:
         embeddings = learned.encoder(generated)
-        scores['identity_cosine'] = float((embeddings * truth['target_embeddings']).sum(-1).mean())
-        scores['reference_cosine'] = float((embeddings * truth['reference_embeddings']).sum(-1).mean())
-    if learned.lpips is not None: scores['lpips'] = float(lpips(generated, truth['targets'], learned.lpips).mean())
+        for metric, other in (('identity_cosine', 'target_embeddings'), ('reference_cosine', 'reference_embeddings')):
+            cosines = (embeddings * truth[other]).sum(-1)
+            scores[metric] = float(cosines.mean())
+            if intervals: scores.update(interval_keys(metric, cosines.numpy()))
+    if learned.lpips is not None:
+        distances = lpips(generated, truth['targets'], learned.lpips)
+        scores['lpips'] = float(distances.mean())
+        if intervals: scores.update(interval_keys('lpips', distances))
     if learned.inception is not None:
         features = learned.inception(generated)
         scores.update(fid=fid(features, truth['target_features']), kid=kid(features, truth['target_features']))

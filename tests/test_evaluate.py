@@ -8,10 +8,15 @@ from PIL import Image
 
 from anime_pose.core import AnimePoseError
 from anime_pose.evaluate import evaluate_methods, metrics_table, write_report
-from anime_pose.metrics import METRICS, identity_error, psnr, silhouette_iou, ssim
-from anime_pose.parser import SyntheticParser, _mirror, heatmap_keypoints, load_parser
+from anime_pose.metrics import METRICS, bootstrap_interval, identity_error, identity_parts_error, psnr, silhouette_iou, ssim
+from anime_pose.parser import SyntheticParser, _mirror, heatmap_keypoints, load_parser, parse
 from anime_pose.pose import MIRRORED, Pose, keypoint_heatmaps
 from anime_pose.synthetic import PART_LABELS, synthetic_dataset
+
+
+def _points(row: dict) -> dict:
+    "A metrics row without its bootstrap intervals' ends."
+    return {k: v for k, v in row.items() if not k.endswith(('_low', '_high'))}
 
 
 @pytest.fixture(scope='module')
@@ -99,7 +104,7 @@ def test_demo_on_the_bundled_models_reports_every_method_and_metric(tmp_path):
     from anime_pose.demo import demo
     from anime_pose.evaluate import METHODS
     metrics = demo(tmp_path / 'demo', count=2, num_inference_steps=2, progress=False)
-    assert set(METHODS) <= set(metrics) and all(set(metrics[m]) == set(METRICS) for m in METHODS)
+    assert set(METHODS) <= set(metrics) and all(set(_points(metrics[m])) == set(METRICS) for m in METHODS)
     written = json.loads((tmp_path / 'demo' / 'metrics.json').read_text())
     assert written == metrics
     report = (tmp_path / 'demo' / 'report.md').read_text()
@@ -340,7 +345,7 @@ def test_evaluate_cli_on_real_data_without_weights_says_what_is_not_measured(rea
     assert 'not used: --parser: triples without part masks are scored by the pose detector' in err
     metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
     assert set(metrics) == {'ground_truth', 'copy_reference', 'pose_only', 'reference_only', 'anime_pose'}
-    assert all(set(row) == {'ssim', 'psnr'} for row in metrics.values())
+    assert all(set(_points(row)) == {'ssim', 'psnr'} for row in metrics.values())
     report = (tmp_path / 'report' / 'report.md').read_text()
     assert '## Not measured' in report and '- lpips: needs LPIPS weights' in report and 'the ceiling the pose detector allows' in report
 
@@ -366,7 +371,8 @@ def test_evaluate_cli_on_real_data_with_every_learned_metric(real_run, weights, 
                      '--fid-weights', weights / 'inception.pth') == 0
     metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
     expected = ['pck', 'oks', 'detected', 'ssim', 'psnr', 'identity_cosine', 'reference_cosine', 'lpips', 'fid', 'kid']
-    assert all(list(row) == expected for row in metrics.values())
+    assert all(list(_points(row)) == expected for row in metrics.values())
+    assert 'fid_low' not in metrics['anime_pose'] and 'lpips_low' in metrics['anime_pose']  # set-level: no interval
     truth = metrics['ground_truth']
     assert truth['lpips'] == 0.0 and truth['identity_cosine'] == pytest.approx(1.0, abs=1e-5) and abs(truth['fid']) < 1e-6
     assert metrics['copy_reference']['reference_cosine'] == pytest.approx(1.0, abs=1e-5)
@@ -386,7 +392,7 @@ def test_a_single_triple_leaves_fid_and_kid_unmeasured_instead_of_failing(real_r
     learned = LearnedMetrics(inception=load_inception(weights / 'inception.pth', image_size=75))
     metrics = evaluate_models(tmp_path / 'report', real_run / 'final', load_config(real_run / 'config.json'), count=1,
                               num_inference_steps=1, progress=False, learned=learned)
-    assert all(set(row) == {'ssim', 'psnr'} for row in metrics.values())
+    assert all(set(_points(row)) == {'ssim', 'psnr'} for row in metrics.values())
     assert '- fid, kid: need at least 2 triples' in (tmp_path / 'report' / 'report.md').read_text()
 
 
@@ -462,3 +468,87 @@ def test_calibrating_real_triples_without_a_detector_is_a_one_line_error_and_cha
     err = capsys.readouterr().err.strip()
     assert 'calibrating needs pose accuracy' in err and '--detector DIR' in err and len(err.splitlines()) == 1
     assert (run / 'final' / 'model_index.json').read_text() == before
+
+
+# --- any saved triples dataset, bootstrap intervals, the pose-invariant identity, the reference probe ---
+
+def test_identity_parts_error_tells_the_right_character_from_a_wrong_one_on_the_ground_truth(triples):
+    labels = parse(load_parser(), [t['target'] for t in triples])[1]
+    other = [next(u for u in triples[i:] + triples[:i] if u['character'] != t['character']) for i, t in enumerate(triples)]
+    for triple, found, wrong in zip(triples, labels, other):
+        right_error = identity_parts_error(triple['target'], found, triple['target'], np.asarray(triple['masks']), PART_LABELS)
+        wrong_error = identity_parts_error(triple['target'], found, wrong['target'], np.asarray(wrong['masks']), PART_LABELS)
+        assert right_error < wrong_error, (triple['character'], right_error, wrong_error)
+
+
+def test_identity_parts_error_forgives_a_shift_that_identity_error_punishes(triples):
+    row = triples[0]
+    target, masks = np.asarray(row['target']), np.asarray(row['masks'])
+    shifted, shifted_masks = np.roll(target, 3, axis=1), np.roll(masks, 3, axis=1)
+    assert identity_error(Image.fromarray(shifted), row['target'], masks, PART_LABELS) > 5
+    assert identity_parts_error(Image.fromarray(shifted), shifted_masks, row['target'], masks, PART_LABELS) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_bootstrap_intervals_hold_the_mean_and_are_reproducible():
+    values = np.random.default_rng(3).exponential(5, 30)
+    low, high = bootstrap_interval(values)
+    assert low < values.mean() < high and bootstrap_interval(values) == (low, high)
+    assert bootstrap_interval([1.0, np.nan, 3.0])[0] >= 1.0 and np.isnan(bootstrap_interval([np.nan, np.nan])[0])
+
+
+@pytest.fixture(scope='module')
+def seed7(tmp_path_factory):
+    "`anime-pose synth` output drawn with another seed than any run's data: a test split of 2 characters."
+    from anime_pose.cli import main
+    out = tmp_path_factory.mktemp('seed7') / 'data'
+    assert main(['synth', '--out', str(out), '--seed', '7', '--characters', '15', '--poses-per-character', '2']) == 0
+    return out
+
+
+def test_evaluate_cli_scores_another_datasets_whole_split_with_intervals_and_the_probe(seed7, tmp_path, capsys):
+    import datasets
+    from anime_pose.cli import main
+    run = _synthetic_run(tmp_path)
+    test_split = datasets.load_from_disk(str(seed7))['test']
+    assert main(['evaluate', '--model', str(run), '--data', str(seed7), '--count', 'all', '--steps', '1', '--probe',
+                 '--out', str(tmp_path / 'report')]) == 0
+    assert 'reference-information probe' in capsys.readouterr().out
+    metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
+    probe = metrics.pop('reference_probe')
+    assert set(metrics) == {'ground_truth', 'copy_reference', 'pose_only', 'reference_only', 'anime_pose'}
+    for name, row in metrics.items():
+        assert list(_points(row)) == list(METRICS)
+        for metric in METRICS:
+            low, value, high = row[f'{metric}_low'], row[metric], row[f'{metric}_high']
+            assert low <= value <= high, (name, metric, low, value, high)
+    assert metrics['ground_truth']['identity_error_high'] == 0.0
+    assert metrics['ground_truth']['identity_parts_error'] < metrics['reference_only']['identity_parts_error']
+    assert probe['triples'] == len(test_split) and all(np.isfinite(probe[k]) for k in ('none', 'own', 'other', 'target', 'own_gain'))
+    report = (tmp_path / 'report' / 'report.md').read_text()
+    assert f'{len(test_split)} triples of the test split of `{seed7}`' in report and '95% bootstrap interval' in report
+    assert '## Reference-information probe' in report and '| ground_truth | 0.' in report and ' [' in report
+
+
+def test_evaluate_cli_checks_the_data_first_in_one_line(seed7, tmp_path, capsys):
+    from anime_pose.cli import main
+    run = _synthetic_run(tmp_path)
+    (tmp_path / 'plain').mkdir()
+    cases = [(['--data', str(tmp_path / 'absent')], 'no such directory'), (['--data', str(tmp_path / 'plain')], 'not a saved DatasetDict'),
+             (['--data', str(seed7), '--split', 'holdout'], 'no holdout split (it has train, validation, test); pass --split')]
+    for flags, message in cases:
+        assert main(['evaluate', '--model', str(run), *flags, '--out', str(tmp_path / 'report')]) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and not (tmp_path / 'report').exists()
+    with pytest.raises(SystemExit): main(['evaluate', '--model', str(run), '--count', 'none', '--out', str(tmp_path / 'report')])
+
+
+def test_reference_probe_gives_four_finite_numbers_and_the_gain(seed7):
+    import datasets
+    from anime_pose.core import bundled_path
+    from anime_pose.evaluate import reference_probe
+    from anime_pose.pipeline import PoseTransferPipeline
+    rows = list(datasets.load_from_disk(str(seed7))['test'])
+    probe = reference_probe(PoseTransferPipeline.from_pretrained(bundled_path('model')), rows, draws=1)
+    assert list(probe) == ['none', 'own', 'other', 'target', 'own_gain']
+    assert all(np.isfinite(v) and v > 0 for k, v in probe.items() if k != 'own_gain')
+    assert probe['own_gain'] == pytest.approx((probe['none'] - probe['own']) / probe['none'])
