@@ -465,11 +465,19 @@ def _make_accelerator(config: TrainConfig, out: Path):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, is_tensorboard_available, is_wandb_available
     _check_launch()
-    available = {'tensorboard': is_tensorboard_available, 'wandb': is_wandb_available}
-    if config.report_to != 'none' and not available[config.report_to]():
-        extra = '"anime_pose[tensorboard]"' if config.report_to == 'tensorboard' else 'wandb'
-        raise ConfigError(f'--report-to {config.report_to}: {config.report_to} is not installed; '
-                          f'pip install {extra}, or pass --report-to none')
+    if config.report_to != 'none':
+        name = config.report_to
+        extra = '"anime_pose[tensorboard]"' if name == 'tensorboard' else 'wandb'
+        installed = {'tensorboard': is_tensorboard_available, 'wandb': is_wandb_available}[name]()
+        try:
+            if installed and name == 'tensorboard': import torch.utils.tensorboard  # what accelerate's tracker imports
+            elif installed: import wandb
+        except ImportError as e:  # e.g. a protobuf too old for this tensorboard
+            raise ConfigError(f'--report-to {name}: {name} is installed but does not import ({e}); '
+                              f'pip install --upgrade {extra}, or pass --report-to none') from None
+        if not installed:
+            raise ConfigError(f'--report-to {name}: {name} is not installed; pip install {extra}, '
+                              'or pass --report-to none')
     # launched as several processes (accelerate launch --multi_gpu / torchrun) without CUDA: DDP over CPU processes
     cpu_processes = 'LOCAL_RANK' in os.environ and not torch.cuda.is_available()
     return Accelerator(mixed_precision=config.mixed_precision, project_dir=str(out), cpu=cpu_processes,
