@@ -470,8 +470,8 @@ def _make_accelerator(config: TrainConfig, out: Path):
         extra = '"anime_pose[tensorboard]"' if name == 'tensorboard' else 'wandb'
         installed = {'tensorboard': is_tensorboard_available, 'wandb': is_wandb_available}[name]()
         try:
-            if installed and name == 'tensorboard': import torch.utils.tensorboard  # what accelerate's tracker imports
-            elif installed: import wandb
+            # what accelerate's tracker imports (import_module: an `import torch.x` here would make `torch` local)
+            if installed: importlib.import_module('torch.utils.tensorboard' if name == 'tensorboard' else 'wandb')
         except ImportError as e:  # e.g. a protobuf too old for this tensorboard
             raise ConfigError(f'--report-to {name}: {name} is installed but does not import ({e}); '
                               f'pip install --upgrade {extra}, or pass --report-to none') from None
