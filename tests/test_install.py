@@ -63,7 +63,7 @@ def test_no_invented_address_and_one_colab_cell_everywhere():
 
 
 def test_wheel_holds_modules_assets_and_license(tmp_path):
-    # --no-isolation: the setuptools already installed, offline (`make wheel` builds the ordinary, isolated way)
+    # --no-isolation: the setuptools of the dev extra, offline (`make wheel` builds the ordinary, isolated way)
     result = subprocess.run([sys.executable, '-m', 'build', '--wheel', '--no-isolation', '--outdir', str(tmp_path), str(ROOT)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
