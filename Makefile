@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install demo test export clean-nbs readme
+.PHONY: install demo test export clean-nbs readme wheel
 
 install: $(VENV)/.installed
 
@@ -31,3 +31,12 @@ export:
 
 readme:
 	$(BIN)/python .ci/make_readme.py
+
+# dist/anime_pose-VERSION-py3-none-any.whl (and the sdist): `pip install dist/anime_pose-*.whl` anywhere,
+# e.g. upload it to Colab and point the first cell of a notebook at it
+wheel: install
+	rm -rf dist build
+	$(BIN)/python -m build --outdir dist .
+	@$(BIN)/python -c "import sys, zipfile, glob; names = zipfile.ZipFile(glob.glob('dist/anime_pose-*.whl')[0]).namelist(); \
+	  missing = [n for n in ('anime_pose/core.py', 'anime_pose/assets/') if not any(m.startswith(n) for m in names)]; \
+	  sys.exit(f'the wheel lacks {missing}') if missing else print(f'dist/: wheel of {len(names)} files, modules and assets included')"

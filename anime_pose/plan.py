@@ -15,7 +15,7 @@ from .controlnet import ModelError, controlnet_from_unet, downsampling
 from .reference import REFERENCE_LORA_TARGETS
 from .tiny import TINY_SHAPES, tiny_components
 from .diffusion import LOSSES
-from .train import (PRESETS, WEIGHT_DTYPES, ConfigError, DiffusionMethod, METHODS, TrainConfig, load_config,
+from .train import (PRESETS, REPORT_TO, WEIGHT_DTYPES, ConfigError, DiffusionMethod, METHODS, TrainConfig, load_config,
                               load_method, override_config, train)
 from .gan import GANMethod  # imported so that `@register_method('gan')` makes `--method gan` known
 
@@ -164,13 +164,16 @@ TRAIN_EXAMPLES = '''examples:
   anime-pose train --config my.json --out runs/wd --set batch_size=2 --set mixed_precision=fp16
   anime-pose train --config sd15 --dry-run                       # parameters and peak memory before renting a GPU
   anime-pose train --method gan --config tiny --out runs/gan     # the GAN baseline on the same machinery
+  anime-pose train --config tiny --out runs/ema --set ema_decay=0.999 --report-to tensorboard
+                                                                 # final/ holds the EMA weights; TensorBoard logs in runs/ema
   accelerate launch --multi_gpu --num_processes 2 "$(which anime-pose)" train --config tiny --out runs/ddp
                                                                  # 2 GPUs, or 2 CPU processes on a machine without CUDA
+                                                                 # (accelerate launch --cpu always starts 1: refused)
 
 run directory: config.json, losses.csv, samples/step-N.png, checkpoint-N/ (newest kept), final/ (safetensors)'''
 
 _FLAGS = {'max_steps': '--max-steps', 'checkpoint_every': '--checkpoint-every', 'seed': '--seed', 'method': '--method',
-          'loss': '--loss', 'batch_size': '--batch-size', 'learning_rate': '--learning-rate'}
+          'loss': '--loss', 'batch_size': '--batch-size', 'learning_rate': '--learning-rate', 'report_to': '--report-to'}
 
 # %% ../nbs/08c_plan.ipynb #8660f67a
 def _parse_set(item: str) -> tuple[str, str]:
@@ -217,6 +220,9 @@ def train_cli(parser: argparse.ArgumentParser):
     parser.add_argument('--loss', choices=LOSSES)
     parser.add_argument('--batch-size', dest='batch_size', type=int, help='examples per process per micro-batch')
     parser.add_argument('--learning-rate', dest='learning_rate', type=float)
+    parser.add_argument('--report-to', dest='report_to', choices=REPORT_TO,
+                        help='also log to TensorBoard (pip install "anime_pose[tensorboard]") or Weights & Biases '
+                             '(default none: losses.csv only)')
     parser.add_argument('--set', action='append', metavar='FIELD=VALUE',
                         help='override any TrainConfig field (repeatable)')
     parser.add_argument('--resume', action='store_true', help="continue the run in --out from its newest checkpoint")

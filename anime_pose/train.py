@@ -23,12 +23,12 @@ from .tiny import TINY_SHAPES, encode_prompt, noise_scheduler, pretrain_tiny_bas
 from .pipeline import PoseTransferPipeline, check_model_dir, encode_images
 
 # %% auto #0
-__all__ = ['LR_SCHEDULES', 'MIXED_PRECISION', 'OPTIMIZERS', 'PRESETS', 'METHODS', 'CHECKPOINT_PATTERN', 'OOM_ADVICE',
-           'WEIGHT_DTYPES', 'IN_MEMORY_CACHE_BYTES', 'ConfigError', 'TrainConfig', 'override_config', 'load_config',
-           'make_optimizer', 'TrainMethod', 'register_method', 'load_method', 'ToyMethod', 'batch_indices', 'seed_step',
-           'list_checkpoints', 'save_checkpoint', 'load_checkpoint', 'LossLog', 'read_losses', 'plot_losses',
-           'TrainingDiverged', 'OutOfMemory', 'train', 'training_triples', 'held_out_split', 'load_base',
-           'cache_features', 'build_cache', 'min_snr_weights', 'DiffusionMethod']
+__all__ = ['LR_SCHEDULES', 'MIXED_PRECISION', 'OPTIMIZERS', 'REPORT_TO', 'PRESETS', 'METHODS', 'CHECKPOINT_PATTERN', 'OOM_ADVICE',
+           'LAUNCH_ADVICE', 'WEIGHT_DTYPES', 'IN_MEMORY_CACHE_BYTES', 'ConfigError', 'TrainConfig', 'override_config',
+           'load_config', 'make_optimizer', 'TrainMethod', 'register_method', 'load_method', 'ToyMethod',
+           'batch_indices', 'seed_step', 'list_checkpoints', 'save_checkpoint', 'load_checkpoint', 'LossLog',
+           'read_losses', 'plot_losses', 'TrainingDiverged', 'OutOfMemory', 'train', 'training_triples',
+           'held_out_split', 'load_base', 'cache_features', 'build_cache', 'min_snr_weights', 'DiffusionMethod']
 
 # %% ../nbs/08_train.ipynb #4b257873
 class ConfigError(AnimePoseError):
@@ -37,6 +37,7 @@ class ConfigError(AnimePoseError):
 LR_SCHEDULES = ('constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_restarts', 'polynomial')
 MIXED_PRECISION = ('no', 'fp16', 'bf16')
 OPTIMIZERS = ('adamw', 'adamw8bit')
+REPORT_TO = ('none', 'tensorboard', 'wandb')  # trackers `train` logs to besides losses.csv
 
 # %% ../nbs/08_train.ipynb #57a540ff
 @dataclass
@@ -79,6 +80,8 @@ class TrainConfig:
     sample_every: int = 100  # steps between sample grids; 0 turns them off
     checkpoint_every: int = 50  # steps between checkpoints; 0 turns them off
     keep_checkpoints: int = 2  # the newest checkpoints kept
+    report_to: str = 'none'  # also log to 'tensorboard' (pip install "anime_pose[tensorboard]") or 'wandb'
+    ema_decay: float = 0.0  # >0 (e.g. 0.999): keep an EMA of the trainable weights (diffusers' EMAModel) for final/
     options: dict = field(default_factory=dict)  # method-specific settings (e.g. the GAN's)
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
@@ -92,7 +95,7 @@ def _check_config(config: TrainConfig, source: str = 'config') -> TrainConfig:
     def bad(name, expected):
         raise ConfigError(f'{source}: {name}={getattr(config, name)!r} is invalid; expected {expected}')
     for name, choices in (('loss', LOSSES), ('lr_schedule', LR_SCHEDULES), ('mixed_precision', MIXED_PRECISION),
-                          ('optimizer', OPTIMIZERS)):
+                          ('optimizer', OPTIMIZERS), ('report_to', REPORT_TO)):
         if getattr(config, name) not in choices: bad(name, 'one of ' + ', '.join(choices))
     for name in ('resolution', 'batch_size', 'gradient_accumulation', 'max_steps', 'keep_checkpoints',
                  'validation_batches'):
@@ -103,6 +106,7 @@ def _check_config(config: TrainConfig, source: str = 'config') -> TrainConfig:
     if config.resolution % 8: bad('resolution', 'a multiple of 8 (the VAE downsamples by 8)')
     if not config.learning_rate > 0: bad('learning_rate', 'a positive number')
     if not 0 <= config.conditioning_dropout <= 1: bad('conditioning_dropout', 'a probability in [0, 1]')
+    if not 0 <= config.ema_decay < 1: bad('ema_decay', 'zero (off) or a decay in (0, 1) such as 0.999')
     if config.min_snr_gamma < 0: bad('min_snr_gamma', 'zero (off) or a positive number such as 5')
     return config
 
@@ -350,7 +354,7 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found) if (p / 'trainer_state.json').exists()]
 
 def save_checkpoint(out: Path, step: int, modules: dict[str, nn.Module], optimizers: dict, schedulers: dict,
-                    state: dict, keep: int = 2) -> Path:
+                    state: dict, keep: int = 2, ema=None) -> Path:
     "Write `out/checkpoint-STEP/` atomically and delete all but the newest `keep` checkpoints."
     path = Path(out) / f'checkpoint-{step}'
     with atomic_path(path, is_dir=True) as tmp:
@@ -360,12 +364,16 @@ def save_checkpoint(out: Path, step: int, modules: dict[str, nn.Module], optimiz
             _save_tensors(tensors, tmp / f'optimizer-{name}.safetensors')
             (tmp / f'optimizer-{name}.json').write_text(json.dumps(meta))
         (tmp / 'schedulers.json').write_text(json.dumps({k: s.state_dict() for k, s in schedulers.items()}))
+        if ema is not None:  # diffusers' EMAModel: its shadow weights in safetensors, its counters in JSON
+            ema_state = ema.state_dict()
+            _save_tensors({str(i): t for i, t in enumerate(ema_state.pop('shadow_params'))}, tmp / 'ema.safetensors')
+            (tmp / 'ema.json').write_text(json.dumps(ema_state))
         (tmp / 'trainer_state.json').write_text(json.dumps({**state, 'step': step}, indent=2))
     for old in list_checkpoints(out)[:-keep]: shutil.rmtree(old, ignore_errors=True)
     return path
 
-def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict, schedulers: dict) -> dict:
-    "Restore `modules`, `optimizers` and `schedulers` from checkpoint `path`; return its trainer state."
+def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict, schedulers: dict, ema=None) -> dict:
+    "Restore `modules`, `optimizers`, `schedulers` (and `ema`, when given) from checkpoint `path`; return its trainer state."
     from safetensors.torch import load_file
     for name, module in modules.items(): module.load_state_dict(load_file(str(path / f'{name}.safetensors')))
     for name, optimizer in optimizers.items():
@@ -373,6 +381,13 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict,
         optimizer.load_state_dict(_optimizer_state(load_file(str(path / f'optimizer-{name}.safetensors')), meta))
     for name, state in json.loads((path / 'schedulers.json').read_text()).items():
         schedulers[name].load_state_dict(state)
+    if ema is not None:
+        if not (path / 'ema.json').exists():
+            raise ConfigError(f"'{path}': has no EMA weights (the run was started with ema_decay=0); "
+                              'resume it without --set ema_decay, or start a new run')
+        shadow, device = load_file(str(path / 'ema.safetensors')), ema.shadow_params[0].device
+        ema.load_state_dict({**json.loads((path / 'ema.json').read_text()),
+                             'shadow_params': [shadow[str(i)].to(device) for i in range(len(shadow))]})
     return json.loads((path / 'trainer_state.json').read_text())
 
 # %% ../nbs/08_train.ipynb #4de7cc61
@@ -436,16 +451,43 @@ OOM_ADVICE = ('lower batch_size (raising gradient_accumulation keeps the effecti
               '`anime-pose train --dry-run --config FILE` estimates the memory each setting needs')
 
 # %% ../nbs/08_train.ipynb #5be0d925
+LAUNCH_ADVICE = ('for N processes write `accelerate launch --multi_gpu --num_processes N "$(which anime-pose)" train ...` '
+                 '(N CPU processes where CUDA is absent or hidden with CUDA_VISIBLE_DEVICES=), '
+                 'or `torchrun --nproc_per_node N "$(which anime-pose)" train ...`')
+
+def _check_launch(environ=os.environ):
+    "Refuse a launch that asked for several processes but started one (`accelerate launch --cpu --num_processes N`)."
+    # accelerate's one-process launcher sets MASTER_ADDR when --num_processes > 1 but starts one process without
+    # WORLD_SIZE; its multi-process launchers (and torchrun, mpirun) set the world size
+    launched_by_accelerate, asked_for_more = 'ACCELERATE_USE_CPU' in environ, 'MASTER_ADDR' in environ
+    world_known = any(k in environ for k in ('WORLD_SIZE', 'OMPI_COMM_WORLD_SIZE', 'PMI_SIZE', 'MV2_COMM_WORLD_SIZE'))
+    if launched_by_accelerate and asked_for_more and not world_known:
+        raise ConfigError('accelerate launch started 1 process although --num_processes asked for more '
+                          '(with --cpu, or without --multi_gpu, it always starts one); ' + LAUNCH_ADVICE)
+
 def _make_accelerator(config: TrainConfig, out: Path):
-    "An `Accelerator` with the configured precision, logging to TensorBoard when it is installed."
+    "An `Accelerator` with the configured precision, logging to `config.report_to` (none by default)."
     from accelerate import Accelerator
-    from accelerate.utils import is_tensorboard_available
+    from accelerate.utils import DistributedDataParallelKwargs, is_tensorboard_available, is_wandb_available
+    _check_launch()
+    if config.report_to != 'none':
+        name = config.report_to
+        extra = '"anime_pose[tensorboard]"' if name == 'tensorboard' else 'wandb'
+        installed = {'tensorboard': is_tensorboard_available, 'wandb': is_wandb_available}[name]()
+        try:
+            # what accelerate's tracker imports (import_module: an `import torch.x` here would make `torch` local)
+            if installed: importlib.import_module('torch.utils.tensorboard' if name == 'tensorboard' else 'wandb')
+        except ImportError as e:  # e.g. a protobuf too old for this tensorboard
+            raise ConfigError(f'--report-to {name}: {name} is installed but does not import ({e}); '
+                              f'pip install --upgrade {extra}, or pass --report-to none') from None
+        if not installed:
+            raise ConfigError(f'--report-to {name}: {name} is not installed; pip install {extra}, '
+                              'or pass --report-to none')
     # launched as several processes (accelerate launch --multi_gpu / torchrun) without CUDA: DDP over CPU processes
-    from accelerate.utils import DistributedDataParallelKwargs
     cpu_processes = 'LOCAL_RANK' in os.environ and not torch.cuda.is_available()
     return Accelerator(mixed_precision=config.mixed_precision, project_dir=str(out), cpu=cpu_processes,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-                       log_with='tensorboard' if is_tensorboard_available() else None)
+                       log_with=None if config.report_to == 'none' else config.report_to)
 
 def _start_checkpoint(out: Path, resume: bool) -> Path | None:
     "The checkpoint to resume from; refuse to overwrite a run that was not asked to resume."
@@ -521,12 +563,17 @@ def _build(method_class: type[TrainMethod], config: TrainConfig, accelerator, ou
     schedulers = {k: get_scheduler(config.lr_schedule, o, num_warmup_steps=config.warmup_steps,
                                    num_training_steps=config.max_steps)
                   for k, o in method.optimizers.items()}
+    method.ema, method.ema_parameters = None, [p for m in method.modules().values() for p in m.parameters()
+                                               if p.requires_grad]
+    if config.ema_decay:
+        from diffusers.training_utils import EMAModel
+        method.ema = EMAModel(method.ema_parameters, decay=config.ema_decay)
     return method, schedulers
 
 def _resume(method: TrainMethod, schedulers: dict, checkpoint: Path | None) -> int:
     "Restore `checkpoint` (if any) into the method's modules, optimizers and schedules; return its step."
     if checkpoint is None: return 0
-    state = load_checkpoint(checkpoint, method.modules(), method.optimizers, schedulers)
+    state = load_checkpoint(checkpoint, method.modules(), method.optimizers, schedulers, method.ema)
     world = method.accelerator.num_processes
     if state.get('world_size', world) != world and method.accelerator.is_main_process:
         print(f"warning: {checkpoint} was written by {state['world_size']} processes and resumes on {world}: "
@@ -547,6 +594,7 @@ def _checked_step(method: TrainMethod, config: TrainConfig, step: int, n_train: 
                                '(--set learning_rate=...), '
                                "or try --loss huber or mixed_precision='no'")
     _optimizer_step(method, config)
+    if method.ema is not None: method.ema.step(method.ema_parameters)
     return loss
 
 def _due(every: int, step: int, last: int) -> bool: return bool(every) and (step % every == 0 or step == last)
@@ -559,14 +607,16 @@ def _checkpoint(method: TrainMethod, schedulers: dict, out: Path, step: int, los
     path = out / f'checkpoint-{step}'
     if accelerator.is_main_process:
         state = dict(seed=config.seed, world_size=accelerator.num_processes, method=config.method, train_loss=loss)
-        save_checkpoint(out, step, method.modules(), method.optimizers, schedulers, state, config.keep_checkpoints)
+        save_checkpoint(out, step, method.modules(), method.optimizers, schedulers, state, config.keep_checkpoints,
+                        method.ema)
     accelerator.wait_for_everyone()
     return str(path)
 
 def _finish(method: TrainMethod, out: Path):
-    "Write `out/final/` (the method's weights and the configuration) atomically, and close the trackers."
+    "Write `out/final/` (the method's weights, their EMA when `ema_decay` is set, and the configuration) atomically."
     accelerator = method.accelerator
     accelerator.wait_for_everyone()
+    if method.ema is not None: method.ema.copy_to(method.ema_parameters)  # final/ holds the averaged weights
     if accelerator.is_main_process:
         with atomic_path(out / 'final', is_dir=True) as tmp:
             method.save_final(tmp)

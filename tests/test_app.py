@@ -231,17 +231,36 @@ def test_colab_cell_does_nothing_when_installed(monkeypatch):
     assert calls == []
 
 
-def test_colab_cell_installs_keeping_the_torch_already_there(monkeypatch):
+def _run_colab_cell_without_anime_pose(monkeypatch, source):
+    "Run the Colab cell as on a machine without anime_pose, with ANIME_POSE_SOURCE = `source`; the pip commands."
     import importlib.util
-    from importlib.metadata import version
     calls, real_find_spec = [], importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec',
                         lambda name, *a: None if name == 'anime_pose' else real_find_spec(name, *a))
     monkeypatch.setattr(subprocess, 'run', lambda command, **k: calls.append(command))
-    exec(colab_cell(), {})
-    (command,) = calls
-    assert command[:4] == [sys.executable, '-m', 'pip', 'install']
-    assert 'git+https://github.com/anime-pose/anime_pose' in command[-1]
-    constraints = Path(command[command.index('-c') + 1])
-    assert f'torch=={version("torch")}' in constraints.read_text().splitlines()
-    constraints.unlink()
+    cell = colab_cell()
+    assert cell.count("\nANIME_POSE_SOURCE = ''\n") == 1  # the one place a user sets
+    exec(cell.replace("\nANIME_POSE_SOURCE = ''\n", f"\nANIME_POSE_SOURCE = {source!r}\n"), {})
+    return calls
+
+
+def test_colab_cell_stops_with_one_sentence_when_the_source_is_not_set(monkeypatch):
+    with pytest.raises(SystemExit, match='set ANIME_POSE_SOURCE at the top of this cell') as stop:
+        _run_colab_cell_without_anime_pose(monkeypatch, '  ')
+    assert str(stop.value).count('. ') == 0 and str(stop.value).endswith('.')
+    with pytest.raises(SystemExit, match='does not exist here'):
+        _run_colab_cell_without_anime_pose(monkeypatch, '/content/no-such-anime_pose.whl')
+
+
+def test_colab_cell_installs_keeping_the_torch_already_there(monkeypatch, tmp_path):
+    from importlib.metadata import version
+    wheel = tmp_path / 'anime_pose-0.1.0-py3-none-any.whl'
+    wheel.write_bytes(b'')
+    for source, installs in (('https://git.example.org/me/anime_pose', 'anime_pose @ git+https://git.example.org/me/anime_pose'),
+                             ('git+https://git.example.org/me/anime_pose@dev', 'anime_pose @ git+https://git.example.org/me/anime_pose@dev'),
+                             (str(wheel), str(wheel))):
+        (command,) = _run_colab_cell_without_anime_pose(monkeypatch, source)
+        assert command[:4] == [sys.executable, '-m', 'pip', 'install'] and command[-1] == installs
+        constraints = Path(command[command.index('-c') + 1])
+        assert f'torch=={version("torch")}' in constraints.read_text().splitlines()
+        constraints.unlink()

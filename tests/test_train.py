@@ -229,6 +229,50 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     assert rows[-1]['loss'] < rows[0]['loss']
 
 
+
+def test_accelerate_launch_cpu_with_two_processes_is_refused_in_one_line(tmp_path):
+    # accelerate's --cpu launcher starts one process whatever --num_processes says: refused, naming the right spelling
+    result = subprocess.run([str(BIN / 'accelerate'), 'launch', '--cpu', '--num_processes', '2', '--num_machines', '1',
+                             '--mixed_precision', 'no', '--dynamo_backend', 'no', str(BIN / 'anime-pose'), 'train',
+                             '--method', 'toy', '--out', str(tmp_path / 'run'), '--max-steps', '2'],
+                            capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert result.returncode == 1, result.stderr[-3000:]  # accelerate's own traceback of the child's exit follows
+    (line,) = [line for line in result.stderr.splitlines() if 'accelerate launch started 1 process' in line]
+    assert line.startswith('anime-pose train: error: ') and 'accelerate launch --multi_gpu --num_processes N' in line
+    assert not (tmp_path / 'run').exists()
+
+
+def test_report_to_tensorboard_logs_or_names_the_extra(tmp_path, capsys):
+    from accelerate.utils import is_tensorboard_available
+    args = ['train', '--method', 'toy', '--out', str(tmp_path / 'run'), '--max-steps', '3', '--report-to', 'tensorboard']
+    if not is_tensorboard_available():
+        assert main(args) == 1
+        assert 'pip install "anime_pose[tensorboard]", or pass --report-to none' in capsys.readouterr().err
+        assert not (tmp_path / 'run').exists()
+    else:
+        assert main(args) == 0
+        assert list((tmp_path / 'run').rglob('events.out.tfevents.*'))
+    assert main(['train', '--method', 'toy', '--out', str(tmp_path / 'plain'), '--max-steps', '3']) == 0
+    assert not list((tmp_path / 'plain').rglob('events.out.tfevents.*'))  # default: no tracker
+
+
+def test_ema_weights_are_final_checkpointed_and_resume_exactly(tmp_path):
+    config = toy_config(ema_decay=0.9)
+    train(config, tmp_path / 'straight', progress=False)
+    train(toy_config(), tmp_path / 'raw', progress=False)
+    ema, raw = weights(tmp_path / 'straight'), weights(tmp_path / 'raw')
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # same trajectory, averaged
+    checkpoint = list_checkpoints(tmp_path / 'straight')[-1]
+    assert {'ema.safetensors', 'ema.json'} <= {p.name for p in checkpoint.iterdir()}
+    assert {p.suffix for p in checkpoint.iterdir()} == {'.safetensors', '.json'}
+    with pytest.raises(Crash): train(config, tmp_path / 'killed', method=crashing(17), progress=False)
+    train(config, tmp_path / 'killed', resume=True, progress=False)
+    assert_same_weights(weights(tmp_path / 'killed'), ema)
+    with pytest.raises(ConfigError, match='has no EMA weights'):
+        with pytest.raises(Crash): train(toy_config(), tmp_path / 'plain', method=crashing(17), progress=False)
+        train(config, tmp_path / 'plain', resume=True, progress=False)
+
+
 # ---- the diffusion method (tiny models, a few steps) ----
 
 torch.set_num_threads(1)  # the machine's cores are shared: one thread per test process avoids oversubscription
