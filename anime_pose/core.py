@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
@@ -131,6 +130,7 @@ def images_to_tensor(images, # paths, encoded bytes or PIL images
                      size: int | None = 32, # side of the square they are resized to; None keeps their (equal) sizes
                     ) -> torch.Tensor:
     "Load `images` as an N×3×`size`×`size` float tensor in [-1, 1]."
+    import torch  # here, not at the top: the data commands never import torch
     images = [load_image(image) for image in images]
     arrays = [np.asarray(image if size is None else image.resize((size, size), Image.Resampling.LANCZOS),
                          dtype=np.float32) for image in images]
@@ -139,12 +139,14 @@ def images_to_tensor(images, # paths, encoded bytes or PIL images
 
 def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     "Turn an N×3×H×W tensor in [-1, 1] into PIL images (values outside are clipped)."
+    import torch  # here, not at the top: the data commands never import torch
     pixels = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
 
 # %% ../nbs/00_core.ipynb #60d0359d
 def seed_everything(seed: int) -> torch.Generator:
     "Seed Python, NumPy and PyTorch, and return a CPU generator seeded with `seed`."
+    import torch  # here, not at the top: the data commands never import torch
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -153,12 +155,14 @@ def seed_everything(seed: int) -> torch.Generator:
 # %% ../nbs/00_core.ipynb #69f3d205
 def default_device() -> torch.device:
     "The best available device: CUDA, then Apple's MPS, then the CPU."
+    import torch  # here, not at the top: the data commands never import torch
     if torch.cuda.is_available(): return torch.device('cuda')
     if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
 def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     "bfloat16 on CUDA cards that support it, float16 on other GPUs, float32 on the CPU."
+    import torch  # here, not at the top: the data commands never import torch
     device = torch.device(device) if device is not None else default_device()
     if device.type == 'cuda': return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == 'mps': return torch.float16
@@ -171,6 +175,7 @@ class DeviceError(AnimePoseError):
 def check_device(name: str | torch.device | None, # 'cpu', 'cuda', 'cuda:1', 'mps'; None for the best available
                 ) -> torch.device:
     "The `torch.device` called `name`, once sure this machine has it."
+    import torch  # here, not at the top: the data commands never import torch
     if name is None: return default_device()
     try: device = torch.device(name)
     except (RuntimeError, TypeError): raise DeviceError(f"unknown device '{name}': use cpu, cuda, cuda:N or mps") from None

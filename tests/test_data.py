@@ -919,3 +919,13 @@ def test_cli_build_with_a_detector_fills_the_pose_column(tmp_path, monkeypatch):
     posed = [row for row in rows if np.asarray(row['pose']).any()]
     assert rows and {row['target_id'] for row in posed} == {first['id']}
     assert all(np.asarray(row['pose']).shape == (18, 3) for row in rows)
+
+
+def test_data_filter_imports_neither_torch_nor_diffusers(tmp_path):
+    "The metadata filter through the CLI entry point pays for no deep-learning import."
+    meta = fake_metadata(tmp_path / 'meta.jsonl', 50, 'api')
+    code = ('import sys; from anime_pose.cli import main; '
+            f'rc = main(["data", "filter", "--metadata", {str(meta)!r}, "--out", {str(tmp_path / "out")!r}, "--workers", "1"]); '
+            'print(rc, sorted(m for m in ("torch", "diffusers", "transformers", "datasets") if m in sys.modules))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+    assert out.split('\n')[-2] == '0 []', out
