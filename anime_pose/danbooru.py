@@ -4,12 +4,12 @@
 
 # %% ../nbs/03_danbooru.ipynb #b65dac7d
 from __future__ import annotations
-import hashlib, json, math, mmap, multiprocessing, os, random, re, zlib
+import gc, hashlib, json, math, mmap, multiprocessing, os, random, re, zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from operator import itemgetter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Literal
 
 import msgspec
 import numpy as np
@@ -362,8 +362,7 @@ def first_failed_rule(post: Post, rules: list) -> str | None:
 # %% ../nbs/03_danbooru.ipynb #e1ffc8de
 RULE_NAMES = ('deleted', 'banned', 'rating', 'file_type', 'too_small', 'aspect_ratio', 'low_score', 'not_one_character',
               'missing_required_tag', 'excluded_tag')  # every rule `spec_rules` can make, in its order
-_BOOLEANS = {(bool, False): False, (bool, True): True, (type(None), None): False,  # all `_flag` takes
-             (str, 'false'): False, (str, 'true'): True}
+_FLAG_STRINGS = {None: False, 'false': False, 'true': True}  # what `_flag` takes besides a JSON boolean
 _INT64 = 2**63
 
 def _sure_integer(value, default: int, seen: dict) -> int:
@@ -387,14 +386,14 @@ def _sure_extension(value, seen: dict) -> str:
     return extension
 
 # %% ../nbs/03_danbooru.ipynb #24f9a848
-class _LegacyTag(msgspec.Struct):
+class _LegacyTag(msgspec.Struct, gc=False):  # gc=False: never in a cycle, so the collector need not track it
     name: str
-    category: str
+    category: Literal['0', '1', '3', '4', '5']  # Danbooru's codes as the legacy format writes them; others: full path
 
-class _RuleFields(msgspec.Struct):
+class _RuleFields(msgspec.Struct, gc=False):
     "The fields of a metadata record the rules read; msgspec skips the rest without building it."
     id: int | str | None = None
-    rating: str | None = None
+    rating: Literal['g', 's', 'q', 'e'] | None = None  # RATINGS
     image_width: int | str | None = None
     image_height: int | str | None = None
     file_size: int | str | None = None
@@ -442,13 +441,14 @@ def rule_flags(spec: FilterSpec) -> Callable[[_RuleFields], tuple]:
         elif not (ident < _INT64 and width < _INT64 and height < _INT64 and -_INT64 <= size < _INT64):
             raise ValueError('outside 64 bits')  # orjson reads such a number as a float
         if ident <= 0 or width <= 0 or height <= 0: raise ValueError('not positive')
-        rating = r.rating
-        if rating not in RATINGS: raise ValueError('odd rating')
+        if (rating := r.rating) is None: raise ValueError('no rating')
         file_ext = extensions.get(r.file_ext) or _sure_extension(r.file_ext, extensions)
-        score = _sure_integer(r.score, 0, numbers)
-        _sure_integer(r.fav_count, 0, numbers), _sure_integer(r.parent_id, 0, numbers)
-        deleted = _BOOLEANS[type(d := r.is_deleted), d]
-        banned = _BOOLEANS[type(b := r.is_banned), b]
+        score = numbers.get(s) if type(s := r.score) is str else s if type(s) is int and -_INT64 <= s < _INT64 else None
+        if score is None: score = _sure_integer(s, 0, numbers)  # the checks below, inlined above for the common cases
+        if not ((f := r.fav_count) is None or f in numbers): _sure_integer(f, 0, numbers)
+        if not ((q := r.parent_id) is None or q in numbers): _sure_integer(q, 0, numbers)
+        deleted = d if type(d := r.is_deleted) is bool else _FLAG_STRINGS[d]  # KeyError unless None, 'true' or 'false'
+        banned = b if type(b := r.is_banned) is bool else _FLAG_STRINGS[b]
         tags, n_characters = _sure_tags(r)
         present = wanted.intersection(tags)
         return (drop_deleted and deleted, drop_banned and banned, rating not in ratings, file_ext not in file_exts,
@@ -505,26 +505,31 @@ def scan_chunk(path: str | os.PathLike, # the metadata file
     result, rules, number = ChunkResult(str(path)), spec_rules(spec) if spec else [], -1
     flags = rule_flags(spec) if spec and fast else None
     rejected_flags = Counter()  # posts rejected on the fast path, by flags
-    for number, line in enumerate(_lines(path, start, end)):
-        if flags:
-            try:
-                if not line.isascii(): line.decode()  # msgspec does not check the UTF-8 of fields it skips; orjson does
-                key = flags(rule_fields(line))
-                if True in key:
-                    rejected_flags[key] += 1
-                    continue
-            except Exception: pass  # not JSON, or not sure: the full path decides
-        if not line or line.isspace(): continue
-        try: post = parse_line(line)
-        except MalformedPost as e:
-            result.malformed.append((number, str(e)))
-            continue
-        result.read += 1
-        failed = [name for name, passes in rules if not passes(post)]
-        if not failed: result.kept.append(orjson.dumps(post))
-        else:
-            result.rejected[failed[0]] += 1
-            result.failing.update(failed)
+    collecting = gc.isenabled()
+    gc.disable()  # nothing here makes a reference cycle: the collector would only walk the kept lines again and again
+    try:
+        for number, line in enumerate(_lines(path, start, end)):
+            if flags:
+                try:
+                    if not line.isascii(): line.decode()  # msgspec does not check the UTF-8 of fields it skips; orjson does
+                    key = flags(rule_fields(line))
+                    if True in key:
+                        rejected_flags[key] += 1
+                        continue
+                except Exception: pass  # not JSON, or not sure: the full path decides
+            if not line or line.isspace(): continue
+            try: post = parse_line(line)
+            except MalformedPost as e:
+                result.malformed.append((number, str(e)))
+                continue
+            result.read += 1
+            failed = [name for name, passes in rules if not passes(post)]
+            if not failed: result.kept.append(orjson.dumps(post))
+            else:
+                result.rejected[failed[0]] += 1
+                result.failing.update(failed)
+    finally:
+        if collecting: gc.enable()
     for key, count in rejected_flags.items():
         failed = [name for name, fails in zip(RULE_NAMES, key) if fails]
         result.read += count
