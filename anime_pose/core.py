@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #8bfc2eae
 from __future__ import annotations
-import io, os, random, shutil, tempfile, warnings
+import argparse, io, os, random, shutil, tempfile, warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = ['MAX_IMAGE_PIXELS', 'N_BODY_KEYPOINTS', 'AnimePoseError', 'ImageError', 'to_rgb', 'load_image', 'image_grid',
            'show_images', 'images_to_tensor', 'tensor_to_images', 'seed_everything', 'default_device', 'default_dtype',
            'DeviceError', 'check_device', 'triple_features', 'tags_prompt', 'bundled_path', 'OutputError',
-           'check_output', 'add_output', 'atomic_path']
+           'check_output', 'add_output', 'add_threads', 'use_threads', 'atomic_path']
 
 # %% ../nbs/00_core.ipynb #503cae92
 class AnimePoseError(ValueError):
@@ -237,6 +237,29 @@ def add_output(parser, # an `argparse` parser of a command that writes `--out`
     "Give a command `--out` and `--overwrite`; the command line refuses an occupied `--out` before any work."
     parser.add_argument('--out', required=True, metavar=metavar, help=help)
     parser.add_argument('--overwrite', action='store_true', help='replace --out if it already exists (default: refuse)')
+
+# %% ../nbs/00_core.ipynb #5b8d20f7
+def _thread_count(text: str) -> int:
+    "Parse --threads for argparse: a whole number of at least 1."
+    try: count = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number of threads, got '{text}'") from None
+    if count < 1: raise argparse.ArgumentTypeError(f'--threads must be at least 1, got {count}')
+    return count
+
+def add_threads(parser): # an `argparse` parser of a command that runs a model
+    "Give a command `--threads`, torch's intra-op CPU threads."
+    parser.add_argument('--threads', type=_thread_count, metavar='N',
+                        help='CPU threads for torch (default: OMP_NUM_THREADS when set, else 1 for the small '
+                             "bundled models, else torch's default)")
+
+def use_threads(threads: int | None, # --threads; None: the default
+                small: bool, # is the model small (the bundled tiny ones), so more threads only add overhead?
+               ) -> int:
+    "Set torch's intra-op threads as `add_threads` says; return how many are in use."
+    import torch  # here, not at the top: the data commands never import torch
+    if threads is None and small and not os.environ.get('OMP_NUM_THREADS'): threads = 1
+    if threads is not None: torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 # %% ../nbs/00_core.ipynb #a7c4e2b1
 def _umask() -> int:

@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .controlnet import controlnet_from_unet
-from .core import AnimePoseError, add_output, atomic_path, image_grid, load_image, tags_prompt
+from .core import AnimePoseError, add_output, add_threads, atomic_path, use_threads, image_grid, load_image, tags_prompt
 from .gan import load_gan
 from .metrics import (METRICS, LearnedMetrics, learned_scores, learned_truth, load_learned_metrics, score,
                                 score_real)
@@ -264,7 +264,9 @@ def _run_evaluate(args) -> int:
     run = _training_run(args.model)
     curves = {title: path for title, path in (('anime_pose', run), ('gan', args.gan))
               if path and (Path(path) / 'losses.csv').is_file()}  # runs keep losses.csv
-    metrics = evaluate_models(args.out, run / 'final', load_config(run / 'config.json'), args.gan, args.parser, curves,
+    config = load_config(run / 'config.json')
+    use_threads(args.threads, small=config.base_model in ('tiny', 'small'))
+    metrics = evaluate_models(args.out, run / 'final', config, args.gan, args.parser, curves,
                               args.count, args.steps, detector=args.detector, learned=_learned(args))
     _print_metrics(metrics, Path(args.out))
     return 0
@@ -289,4 +291,5 @@ def evaluate_cli(parser: argparse.ArgumentParser):
     add_output(parser, 'DIR', 'report directory')
     parser.add_argument('--count', type=int, default=24, help='held-out triples to evaluate (default 24)')
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
+    add_threads(parser)
     parser.set_defaults(run=_run_evaluate)
