@@ -4,19 +4,18 @@
 
 # %% ../nbs/00_core.ipynb #8bfc2eae
 from __future__ import annotations
-import io, os, random, shutil, tempfile, warnings
+import argparse, io, os, random, shutil, tempfile, warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
 __all__ = ['MAX_IMAGE_PIXELS', 'N_BODY_KEYPOINTS', 'AnimePoseError', 'ImageError', 'to_rgb', 'load_image', 'image_grid',
            'show_images', 'images_to_tensor', 'tensor_to_images', 'seed_everything', 'default_device', 'default_dtype',
            'DeviceError', 'check_device', 'triple_features', 'tags_prompt', 'bundled_path', 'OutputError',
-           'check_output', 'add_output', 'atomic_path']
+           'check_output', 'add_output', 'add_threads', 'use_threads', 'atomic_path']
 
 # %% ../nbs/00_core.ipynb #503cae92
 class AnimePoseError(ValueError):
@@ -131,6 +130,7 @@ def images_to_tensor(images, # paths, encoded bytes or PIL images
                      size: int | None = 32, # side of the square they are resized to; None keeps their (equal) sizes
                     ) -> torch.Tensor:
     "Load `images` as an N×3×`size`×`size` float tensor in [-1, 1]."
+    import torch  # here, not at the top: the data commands never import torch
     images = [load_image(image) for image in images]
     arrays = [np.asarray(image if size is None else image.resize((size, size), Image.Resampling.LANCZOS),
                          dtype=np.float32) for image in images]
@@ -139,12 +139,14 @@ def images_to_tensor(images, # paths, encoded bytes or PIL images
 
 def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     "Turn an N×3×H×W tensor in [-1, 1] into PIL images (values outside are clipped)."
+    import torch  # here, not at the top: the data commands never import torch
     pixels = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
 
 # %% ../nbs/00_core.ipynb #60d0359d
 def seed_everything(seed: int) -> torch.Generator:
     "Seed Python, NumPy and PyTorch, and return a CPU generator seeded with `seed`."
+    import torch  # here, not at the top: the data commands never import torch
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -153,12 +155,14 @@ def seed_everything(seed: int) -> torch.Generator:
 # %% ../nbs/00_core.ipynb #69f3d205
 def default_device() -> torch.device:
     "The best available device: CUDA, then Apple's MPS, then the CPU."
+    import torch  # here, not at the top: the data commands never import torch
     if torch.cuda.is_available(): return torch.device('cuda')
     if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
 def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     "bfloat16 on CUDA cards that support it, float16 on other GPUs, float32 on the CPU."
+    import torch  # here, not at the top: the data commands never import torch
     device = torch.device(device) if device is not None else default_device()
     if device.type == 'cuda': return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == 'mps': return torch.float16
@@ -171,6 +175,7 @@ class DeviceError(AnimePoseError):
 def check_device(name: str | torch.device | None, # 'cpu', 'cuda', 'cuda:1', 'mps'; None for the best available
                 ) -> torch.device:
     "The `torch.device` called `name`, once sure this machine has it."
+    import torch  # here, not at the top: the data commands never import torch
     if name is None: return default_device()
     try: device = torch.device(name)
     except (RuntimeError, TypeError): raise DeviceError(f"unknown device '{name}': use cpu, cuda, cuda:N or mps") from None
@@ -232,6 +237,29 @@ def add_output(parser, # an `argparse` parser of a command that writes `--out`
     "Give a command `--out` and `--overwrite`; the command line refuses an occupied `--out` before any work."
     parser.add_argument('--out', required=True, metavar=metavar, help=help)
     parser.add_argument('--overwrite', action='store_true', help='replace --out if it already exists (default: refuse)')
+
+# %% ../nbs/00_core.ipynb #5b8d20f7
+def _thread_count(text: str) -> int:
+    "Parse --threads for argparse: a whole number of at least 1."
+    try: count = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number of threads, got '{text}'") from None
+    if count < 1: raise argparse.ArgumentTypeError(f'--threads must be at least 1, got {count}')
+    return count
+
+def add_threads(parser): # an `argparse` parser of a command that runs a model
+    "Give a command `--threads`, torch's intra-op CPU threads."
+    parser.add_argument('--threads', type=_thread_count, metavar='N',
+                        help='CPU threads for torch (default: OMP_NUM_THREADS when set, else 1 for the small '
+                             "bundled models, else torch's default)")
+
+def use_threads(threads: int | None, # --threads; None: the default
+                small: bool, # is the model small (the bundled tiny ones), so more threads only add overhead?
+               ) -> int:
+    "Set torch's intra-op threads as `add_threads` says; return how many are in use."
+    import torch  # here, not at the top: the data commands never import torch
+    if threads is None and small and not os.environ.get('OMP_NUM_THREADS'): threads = 1
+    if threads is not None: torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 # %% ../nbs/00_core.ipynb #a7c4e2b1
 def _umask() -> int:

@@ -4,13 +4,14 @@
 
 # %% ../nbs/03_danbooru.ipynb #b65dac7d
 from __future__ import annotations
-import hashlib, json, math, mmap, multiprocessing, os, random, re, zlib
+import gc, hashlib, json, math, mmap, multiprocessing, os, random, re, zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from operator import itemgetter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Literal
 
+import msgspec
 import numpy as np
 import orjson
 from tqdm.auto import tqdm
@@ -18,8 +19,8 @@ from tqdm.auto import tqdm
 from .core import AnimePoseError, atomic_path
 
 # %% auto #0
-__all__ = ['RATINGS', 'TAG_CATEGORIES', 'NULL_TIME', 'FILE_EXT', 'RULE_NAMES', 'MetadataError', 'MalformedPost', 'Post',
-           'parse_post', 'parse_line', 'fake_metadata', 'FilterSpec', 'save_spec', 'load_spec', 'spec_rules',
+__all__ = ['RATINGS', 'TAG_CATEGORIES', 'NULL_TIME', 'FILE_EXT', 'RULE_NAMES', 'rule_fields', 'MetadataError', 'MalformedPost',
+           'Post', 'parse_post', 'parse_line', 'fake_metadata', 'FilterSpec', 'save_spec', 'load_spec', 'spec_rules',
            'first_failed_rule', 'rule_flags', 'ChunkResult', 'scan_chunk', 'metadata_files', 'scan_metadata',
            'filter_metadata', 'plot_filter_report', 'read_jsonl', 'write_jsonl', 'read_posts']
 
@@ -361,12 +362,14 @@ def first_failed_rule(post: Post, rules: list) -> str | None:
 # %% ../nbs/03_danbooru.ipynb #e1ffc8de
 RULE_NAMES = ('deleted', 'banned', 'rating', 'file_type', 'too_small', 'aspect_ratio', 'low_score', 'not_one_character',
               'missing_required_tag', 'excluded_tag')  # every rule `spec_rules` can make, in its order
-_BOOLEANS = {(bool, False): False, (bool, True): True, (type(None), None): False,  # all `_flag` takes
-             (str, 'false'): False, (str, 'true'): True}
+_FLAG_STRINGS = {None: False, 'false': False, 'true': True}  # what `_flag` takes besides a JSON boolean
+_INT64 = 2**63
 
 def _sure_integer(value, default: int, seen: dict) -> int:
     "`value` as `_integer` reads it: an int, None (`default`) or ASCII digits after at most one '-'; raises otherwise."
-    if type(value) is int: return value
+    if type(value) is int:
+        if -_INT64 <= value < _INT64: return value
+        raise ValueError(f'outside 64 bits: {value}')  # orjson reads it as a float, and parse_post refuses that
     if value is None: return default
     if (number := seen.get(value)) is not None: return number  # `seen` holds only strings already checked
     digits = value[1:] if value[:1] == '-' else value  # TypeError unless a string
@@ -383,47 +386,70 @@ def _sure_extension(value, seen: dict) -> str:
     return extension
 
 # %% ../nbs/03_danbooru.ipynb #24f9a848
-_tag_strings, _tag_name, _tag_category = itemgetter(*_TAG_STRINGS), itemgetter('name'), itemgetter('category')
+class _LegacyTag(msgspec.Struct, gc=False):  # gc=False: never in a cycle, so the collector need not track it
+    name: str
+    category: Literal['0', '1', '3', '4', '5']  # Danbooru's codes as the legacy format writes them; others: full path
 
-def _sure_tags(record: dict) -> tuple[list[str], int]:
+class _RuleFields(msgspec.Struct, gc=False):
+    "The fields of a metadata record the rules read; msgspec skips the rest without building it."
+    id: int | str | None = None
+    rating: Literal['g', 's', 'q', 'e'] | None = None  # RATINGS
+    image_width: int | str | None = None
+    image_height: int | str | None = None
+    file_size: int | str | None = None
+    file_ext: str | None = None
+    md5: str | None = None
+    score: int | str | None = None
+    fav_count: int | str | None = None
+    parent_id: int | str | None = None
+    is_deleted: bool | str | None = None
+    is_banned: bool | str | None = None
+    tags: list[_LegacyTag] | None = None
+    tag_string_general: str | None = None
+    tag_string_character: str | None = None
+    tag_string_copyright: str | None = None
+    tag_string_artist: str | None = None
+    tag_string_meta: str | None = None
+
+rule_fields = msgspec.json.Decoder(_RuleFields).decode  # one JSON line -> `_RuleFields`; raises on invalid JSON or odd types
+
+def _sure_tags(r: _RuleFields) -> tuple[list[str], int]:
     "(every tag, how many are character tags) as `parse_post` reads them, for plainly shaped tags; raises otherwise."
-    tags = record.get('tags')
-    if tags is None:  # API record: all five per-category strings
-        strings = _tag_strings(record)  # KeyError unless all five are there
-        return ' '.join(strings).split(), len(strings[1].split())  # TypeError unless all five are strings
-    if type(tags) is not list: raise TypeError('tags is not a list')
-    names, categories = list(map(_tag_name, tags)), list(map(_tag_category, tags))  # KeyError, TypeError: odd entries
-    ''.join(names), ''.join(categories)  # TypeError unless every name and category is a string
-    return names, categories.count('4')
+    tags = r.tags
+    if tags is None:  # API record: all five per-category strings (TypeError unless all five are strings)
+        return ' '.join((r.tag_string_general, r.tag_string_character, r.tag_string_copyright, r.tag_string_artist,
+                         r.tag_string_meta)).split(), len(r.tag_string_character.split())
+    return [tag.name for tag in tags], [tag.category for tag in tags].count('4')
 
 # %% ../nbs/03_danbooru.ipynb #5c1ccb8e
-_ident_sizes = itemgetter('id', 'image_width', 'image_height', 'file_size')
-
-def rule_flags(spec: FilterSpec) -> Callable[[dict], tuple]:
-    "From a decoded record, a flag per rule of `RULE_NAMES` (True: fails it); raises where `parse_post` might disagree."
+def rule_flags(spec: FilterSpec) -> Callable[[_RuleFields], tuple]:
+    "From a line's `rule_fields`, a flag per rule of `RULE_NAMES` (True: fails it); raises where `parse_post` might disagree."
     ratings, file_exts = frozenset(spec.ratings), frozenset(spec.file_exts)
     required, excluded = frozenset(spec.required_tags), frozenset(spec.excluded_tags)
     wanted, (low, high), min_side, min_score = required | excluded, spec.aspect_range, spec.min_side, spec.min_score
     drop_deleted, drop_banned, one_character = spec.drop_deleted, spec.drop_banned, spec.one_character
     numbers, extensions = {}, {}
 
-    def flags(record: dict) -> tuple:
-        ident, width, height, size = _ident_sizes(record)  # KeyError unless all four are there
+    def flags(r: _RuleFields) -> tuple:
+        ident, width, height, size = r.id, r.image_width, r.image_height, r.file_size
         if type(width) is str:  # legacy and BigQuery rows write them as strings of digits
             digits = ''.join((ident, width, height, size))  # TypeError unless all four are strings
             if not (digits.isascii() and digits.isdigit() and ident and width and height and size):
                 raise ValueError('not plain digits')
             ident, width, height = int(ident), int(width), int(height)
         elif not type(ident) is type(width) is type(height) is type(size) is int: raise TypeError('not plain integers')
+        elif not (ident < _INT64 and width < _INT64 and height < _INT64 and -_INT64 <= size < _INT64):
+            raise ValueError('outside 64 bits')  # orjson reads such a number as a float
         if ident <= 0 or width <= 0 or height <= 0: raise ValueError('not positive')
-        rating, md5 = record['rating'], record.get('md5')
-        if rating not in RATINGS or not (md5 is None or type(md5) is str): raise ValueError('odd rating or md5')
-        file_ext = extensions.get(record['file_ext']) or _sure_extension(record['file_ext'], extensions)
-        score = _sure_integer(record.get('score'), 0, numbers)
-        _sure_integer(record.get('fav_count'), 0, numbers), _sure_integer(record.get('parent_id'), 0, numbers)
-        deleted = _BOOLEANS[type(d := record.get('is_deleted')), d]
-        banned = _BOOLEANS[type(b := record.get('is_banned')), b]
-        tags, n_characters = _sure_tags(record)
+        if (rating := r.rating) is None: raise ValueError('no rating')
+        file_ext = extensions.get(r.file_ext) or _sure_extension(r.file_ext, extensions)
+        score = numbers.get(s) if type(s := r.score) is str else s if type(s) is int and -_INT64 <= s < _INT64 else None
+        if score is None: score = _sure_integer(s, 0, numbers)  # the checks below, inlined above for the common cases
+        if not ((f := r.fav_count) is None or f in numbers): _sure_integer(f, 0, numbers)
+        if not ((q := r.parent_id) is None or q in numbers): _sure_integer(q, 0, numbers)
+        deleted = d if type(d := r.is_deleted) is bool else _FLAG_STRINGS[d]  # KeyError unless None, 'true' or 'false'
+        banned = b if type(b := r.is_banned) is bool else _FLAG_STRINGS[b]
+        tags, n_characters = _sure_tags(r)
         present = wanted.intersection(tags)
         return (drop_deleted and deleted, drop_banned and banned, rating not in ratings, file_ext not in file_exts,
                 min(width, height) < min_side, not low <= width / height <= high, score < min_score,
@@ -473,33 +499,37 @@ def _lines(path: str | os.PathLike, start: int, end: int) -> Iterator[bytes]:
 def scan_chunk(path: str | os.PathLike, # the metadata file
                start: int, end: int, # byte range of whole lines
                spec: FilterSpec | None, # the rules; None keeps every well-formed post
-               fast: bool = True, # decide rejected posts on the raw record (`rule_flags`); False builds every `Post`
+               fast: bool = True, # decide rejected posts on the line's `rule_fields` (`rule_flags`); False builds every `Post`
               ) -> ChunkResult:
     "Parse the lines of `path[start:end]` and filter them by `spec`."
     result, rules, number = ChunkResult(str(path)), spec_rules(spec) if spec else [], -1
     flags = rule_flags(spec) if spec and fast else None
     rejected_flags = Counter()  # posts rejected on the fast path, by flags
-    for number, line in enumerate(_lines(path, start, end)):
-        record = None
-        if flags:
-            try:
-                record = orjson.loads(line)
-                key = flags(record)
-                if True in key:
-                    rejected_flags[key] += 1
-                    continue
-            except Exception: pass  # not JSON, or not sure: the full path decides
-        if not line or line.isspace(): continue
-        try: post = parse_line(line) if record is None else parse_post(record)
-        except MalformedPost as e:
-            result.malformed.append((number, str(e)))
-            continue
-        result.read += 1
-        failed = [name for name, passes in rules if not passes(post)]
-        if not failed: result.kept.append(orjson.dumps(post))
-        else:
-            result.rejected[failed[0]] += 1
-            result.failing.update(failed)
+    collecting = gc.isenabled()
+    gc.disable()  # nothing here makes a reference cycle: the collector would only walk the kept lines again and again
+    try:
+        for number, line in enumerate(_lines(path, start, end)):
+            if flags:
+                try:
+                    if not line.isascii(): line.decode()  # msgspec does not check the UTF-8 of fields it skips; orjson does
+                    key = flags(rule_fields(line))
+                    if True in key:
+                        rejected_flags[key] += 1
+                        continue
+                except Exception: pass  # not JSON, or not sure: the full path decides
+            if not line or line.isspace(): continue
+            try: post = parse_line(line)
+            except MalformedPost as e:
+                result.malformed.append((number, str(e)))
+                continue
+            result.read += 1
+            failed = [name for name, passes in rules if not passes(post)]
+            if not failed: result.kept.append(orjson.dumps(post))
+            else:
+                result.rejected[failed[0]] += 1
+                result.failing.update(failed)
+    finally:
+        if collecting: gc.enable()
     for key, count in rejected_flags.items():
         failed = [name for name, fails in zip(RULE_NAMES, key) if fails]
         result.read += count

@@ -8,7 +8,7 @@ import argparse, json, os, shutil
 from pathlib import Path
 
 from .calibrate import calibrate
-from .core import AnimePoseError, add_output, atomic_path, bundled_path
+from .core import AnimePoseError, add_output, add_threads, atomic_path, bundled_path, use_threads
 from .evaluate import _learned, _learned_flags, _print_metrics, evaluate_models
 from .metrics import LearnedMetrics
 from .parser import train_parser
@@ -69,6 +69,7 @@ def demo(out: str | os.PathLike, # the report directory
 
 # %% ../nbs/09c_demo.ipynb #900f52e7
 def _run_demo(args) -> int:
+    use_threads(args.threads, small=True)  # the bundled tiny models (or ones retrained as small)
     metrics = demo(args.out, args.retrain, args.retrain_baselines, args.count, args.steps, learned=_learned(args))
     _print_metrics(metrics, Path(args.out))
     return 0
@@ -87,4 +88,5 @@ def demo_cli(parser: argparse.ArgumentParser):
     parser.add_argument('--count', type=int, default=24, help='held-out triples to evaluate (default 24)')
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
     _learned_flags(parser)
+    add_threads(parser)
     parser.set_defaults(run=_run_demo)

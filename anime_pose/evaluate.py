@@ -14,7 +14,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .controlnet import condition_tensor, controlled_prediction, controlnet_from_unet
-from .core import AnimePoseError, add_output, atomic_path, image_grid, load_image, tags_prompt
+from .core import (AnimePoseError, add_output, add_threads, atomic_path, image_grid, load_image, tags_prompt,
+                             use_threads)
 from .gan import load_gan
 from .metrics import (BOOTSTRAP, METRICS, LearnedMetrics, learned_scores, learned_truth, load_learned_metrics,
                                 score, score_real, summarize)
@@ -395,7 +396,9 @@ def _run_evaluate(args) -> int:
     if args.data is not None: saved_triples(args.data, args.split)  # cheap checks before any model is loaded
     curves = {title: path for title, path in (('anime_pose', run), ('gan', args.gan))
               if path and (Path(path) / 'losses.csv').is_file()}  # runs keep losses.csv
-    metrics = evaluate_models(args.out, run / 'final', load_config(run / 'config.json'), args.gan, args.parser, curves,
+    config = load_config(run / 'config.json')
+    use_threads(args.threads, small=config.base_model in ('tiny', 'small'))
+    metrics = evaluate_models(args.out, run / 'final', config, args.gan, args.parser, curves,
                               args.count, args.steps, detector=args.detector, learned=_learned(args), data=args.data,
                               split=args.split, probe=args.probe)
     _print_metrics(metrics, Path(args.out))
@@ -437,4 +440,5 @@ def evaluate_cli(parser: argparse.ArgumentParser):
     parser.add_argument('--probe', action='store_true', help="also the reference-information probe: test ε-MSE with no "
                         "reference, the own, another character's, and the target as reference")
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
+    add_threads(parser)
     parser.set_defaults(run=_run_evaluate)

@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
-from .core import (AnimePoseError, add_output, atomic_path, bundled_path, check_device,
+from .core import (AnimePoseError, add_output, add_threads, use_threads, atomic_path, bundled_path, check_device,
                              default_dtype, image_grid, load_image)
 from .pose import Pose, PoseError, retarget as retarget_pose
 from .controlnet import (ModelError, check_controlnet, condition_tensor, controlled_prediction,
@@ -414,9 +414,11 @@ def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument('--seed', type=int, default=0,
                         help='random seed (default 0): the same seed gives the same image')
     parser.add_argument('--device', help='cpu, cuda, mps (default: the best available)')
+    add_threads(parser)
 
 def _transfer(args, poses) -> PoseTransferOutput:
     reference, device = load_image(args.reference), check_device(args.device)  # cheap checks before the model loads
+    use_threads(args.threads, small=args.model in (None, 'tiny'))  # the bundled model, or tiny untrained components
     pipe = load_pipeline(args.model, args.controlnet, device)
     return pipe(reference, poses, prompt=args.prompt, negative_prompt=args.negative_prompt,
                 num_inference_steps=args.steps, guidance_scale=args.guidance,

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .core import AnimePoseError, add_output, atomic_path, load_image
@@ -556,6 +555,7 @@ def keypoint_heatmaps(keypoints, # (..., 18, 3): x, y in [0, 1] of the canvas, c
                       sigma: float = 0.04, # Gaussian width as a fraction of the side
                      ) -> torch.Tensor:
     "One Gaussian heatmap per keypoint, shape (..., 18, size, size), in [0, 1]."
+    import torch  # here, not at the top: the data commands never import torch
     keypoints = torch.as_tensor(np.asarray(keypoints, dtype=np.float32))
     centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     dx = (centres - keypoints[..., 0, None]) ** 2  # (..., 18, size) along x
