@@ -783,25 +783,28 @@ def _image_name(image) -> str: return f"'{image}'" if isinstance(image, (str, os
 
 def find_poses(image, # a path, bytes or PIL image: a ControlNet skeleton image, or a drawing or photo of someone
                detector: PoseDetector, # used when `image` is not a skeleton image
+               name: str | None = None, # what to call the image in errors; default its path
               ) -> list[Pose]:
     "Everyone in `image`, largest first: read back by colour from a skeleton image, else found by `detector`; a `PoseError` when nobody is."
+    name = _image_name(image) if name is None else f"'{name}'"
     picture = load_image(image)
     skeleton = is_skeleton_image(picture)
     poses = skeleton_to_pose(picture) if skeleton else sorted(detector.detect(picture), key=_area, reverse=True)
     if not poses:
-        raise PoseError(f'no person found in {_image_name(image)}'
+        raise PoseError(f'no person found in {name}'
                         + (' (a skeleton image with no readable joints)' if skeleton else f' by {detector!r}'))
     return poses
 
 def read_pose_image(image, # a path, bytes or PIL image: a ControlNet skeleton image, or a drawing or photo of someone
                     detector: PoseDetector, # used when `image` is not a skeleton image
                     person: int | None = None, # which person, largest first; default the largest
+                    name: str | None = None, # what to call the image in errors; default its path
                    ) -> Pose:
     "One person's pose from an image (see `find_poses`)."
-    poses = find_poses(image, detector)
+    poses = find_poses(image, detector, name)
     index = 0 if person is None else person
     if not -len(poses) <= index < len(poses):
-        raise PoseError(f'{_image_name(image)}: person {index} requested, {len(poses)} found')
+        raise PoseError(f"{_image_name(image) if name is None else repr(name)}: person {index} requested, {len(poses)} found")
     return poses[index]
 
 # %% ../nbs/01_pose.ipynb #14c7622f
