@@ -587,7 +587,6 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 
 def _load_openpose(annotator: str | os.PathLike):
     "controlnet_aux's `OpenposeDetector` from a local directory or a hub id, or a `PoseError` saying what is missing."
-    OpenposeDetector = _openpose_module().OpenposeDetector
     path = Path(annotator)
     is_hub_id = not path.exists() and str(annotator).count('/') == 1 and not str(annotator).startswith(('.', '/', '~'))
     if not is_hub_id:
@@ -600,6 +599,7 @@ def _load_openpose(annotator: str | os.PathLike):
                             f"(expected {', '.join(OPENPOSE_FILES)}); {_GET_WEIGHTS}")
     elif not hub_reachable():  # one quick check instead of the hub client's half-minute of retries
         raise PoseError(f"'{annotator}': the Hugging Face hub cannot be reached (offline); {_GET_WEIGHTS}")
+    OpenposeDetector = _openpose_module().OpenposeDetector  # imported only once the weights can be had
     try: return OpenposeDetector.from_pretrained(str(annotator))
     # no network, unknown repository, not OpenPose weights: all mean "these are not usable weights"
     except Exception as e:
