@@ -89,7 +89,7 @@ def main(count: int = 24, steps: int = 20, out: str | None = None):
              f'nobody found in {sum(not d for d in detected)} of {len(triples)}',
              f'- A found in the reference (64 px) for {sum(r is not None for r in references)} of {len(triples)} triples',
              f"- the other character's true pose against A's true pose B (no model): PCK@0.1 "
-             f"{np.mean([pck(Pose(other.keypoints, *truth(t).size), truth(t), 0.1) for (_, other), t in zip(drawings, triples)]):.3f}", '',
+             f"{np.mean([pck(Pose(other.keypoints, truth(t).width, truth(t).height), truth(t), 0.1) for (_, other), t in zip(drawings, triples)]):.3f}", '',
              '| pose B given as | PCK@0.1 | OKS | silhouette IoU |', '|---|---|---|---|']
     for name, make in conditions.items():
         images = [make(i, t) for i, t in enumerate(triples)]
