@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from .core import AnimePoseError, atomic_path, image_grid, load_image
-from .pose import Pose, PoseError, detect_pose
+from .pose import Pose, PoseError, is_skeleton_image, read_pose_image
+from .parser import load_detector
 from .synthetic import POSE_LIBRARY, Rendering, character_renderings, random_identity, render_character
 from .pipeline import DRAWING_DEFAULTS, bundled_model_dir, load_pipeline, model_drawing_defaults
 
@@ -48,17 +49,19 @@ class PoseInput:
 # %% ../nbs/11_app.ipynb #ca07fd2a
 def read_pose_file(name: str, # the file's name; `.json` is read as OpenPose JSON
                    content: bytes, # the file's bytes
-                   detector=None, # a `PoseDetector` for pictures; None: images are skeleton images
+                   detector='parser', # finds the pose in pictures that are not skeleton images: a `PoseDetector`, or a name or folder for `load_detector`
                    canvas: tuple[int, int] | None = None, # (width, height) for JSON in pixels that does not say
                   ) -> PoseInput:
-    "The pose in an uploaded file: OpenPose JSON, a skeleton image, or a picture to detect a pose in."
+    "The pose in an uploaded file: OpenPose JSON, a skeleton image (used as drawn), or a drawing to find the pose in."
     if Path(name).suffix.lower() == '.json':
         try: return PoseInput(name, Pose.from_openpose(json.loads(content.decode('utf-8')), canvas=canvas))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PoseError(f"'{name}': not OpenPose JSON ({e})") from None
         except PoseError as e: raise PoseError(f"'{name}': {str(e).removeprefix('<dict>: ')}") from None
     image = load_image(content)
-    return PoseInput(name, None if detector is None else detect_pose(image, detector), image)
+    if is_skeleton_image(image): return PoseInput(name, None, image)
+    if detector is None or isinstance(detector, (str, os.PathLike)): detector = load_detector(detector or 'parser')
+    return PoseInput(name, read_pose_image(image, detector, name=name), image)  # as `transfer --pose DRAWING` reads it
 
 # %% ../nbs/11_app.ipynb #78e38c90
 def parse_canvas(text: str, # 'WIDTHxHEIGHT', e.g. '512x768', or empty
@@ -184,7 +187,7 @@ def _image_widget(image: Image.Image, width: int = 160, title: str = ''):
 class PoseTransferApp:
     "The notebook UI: a reference character and poses in, a gallery of the character in each pose out."
     def __init__(self, pipe=None, # a `PoseTransferPipeline`; default: `load_model()` on first use
-                 detector=None, # a `PoseDetector` for pose pictures; None: images are skeleton images
+                 detector='parser', # finds poses in uploaded drawings: a `PoseDetector`, or a name or folder for `load_detector`
                  synthetic_size: int = 128, # side of the synthetic characters' images
                 ):
         self.pipe, self.detector = pipe, detector

@@ -4,7 +4,8 @@
 
 # %% ../nbs/02a_parser.ipynb #c5f89bf8
 from __future__ import annotations
-import json, os
+import argparse, io, json, math, os, time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +14,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
 from .core import AnimePoseError, N_BODY_KEYPOINTS, bundled_path, images_to_tensor, load_image
-from .pose import MIRRORED, OpenPoseDetector, Pose, PoseDetector, keypoint_heatmaps
-from .synthetic import synthetic_dataset
+from .pose import (add_pose_actions, keypoint_heatmaps, MediaPipeDetector, MIRRORED, OPENPOSE_FILES,
+                             OPENPOSE_HUB_ID, OpenPoseDetector, Pose, PoseDetector, PoseError)
+from .synthetic import POSE_LIBRARY, random_identity, render_character, sample_pose, synthetic_dataset
 
 # %% auto #0
-__all__ = ['HEATMAP_SIGMA', 'DETECTOR_HELP', 'SyntheticParser', 'heatmap_keypoints', 'train_parser', 'parse', 'load_parser',
-           'ParserDetector', 'load_detector']
+__all__ = ['HEATMAP_SIGMA', 'DETECTOR_HELP', 'BACKGROUNDS', 'PERSON_THRESHOLD', 'DETECTOR_NAMES', 'SyntheticParser',
+           'heatmap_keypoints', 'train_parser', 'parse', 'load_parser', 'ParserDetector', 'character_pool',
+           'flat_background', 'gradient_background', 'cluttered_background', 'noise_background', 'add_noise',
+           'ink_outline', 'thicken_lines', 'colour_shift', 'jpeg', 'character_layer', 'paste', 'random_scene',
+           'border_colour', 'scene_batch', 'train_robust_parser', 'person_score', 'RobustParserDetector', 'crop_square',
+           'character_box', 'load_detector', 'pose_cli', 'person_scores', 'calibrate_threshold']
 
 # %% ../nbs/02a_parser.ipynb #bcad75a3
 def _block(channels_in: int, channels_out: int) -> nn.Sequential:
@@ -140,12 +146,373 @@ class ParserDetector:
 DETECTOR_HELP = ('needs a pose detector; pass --detector DIR (a directory holding OpenPose weights '
                  'body_pose_model.pth, hand_pose_model.pth and facenet.pth, or a SyntheticParser directory)')
 
-def load_detector(path: str | os.PathLike) -> PoseDetector:
-    "A pose detector from a local directory: a `SyntheticParser` (config.json) or OpenPose annotator weights."
-    path, where = Path(path), DETECTOR_HELP.removeprefix('needs ')
-    if not path.is_dir(): raise AnimePoseError(f"'{path}': no such detector directory; it {where}")
+# %% ../nbs/02a_parser.ipynb #80047555
+def character_pool(characters: int, # how many synthetic characters
+                   poses: int, # drawings per character
+                   seed: int, # keep apart from evaluation seeds
+                   size: int = 128, # drawing side in pixels
+                   tall_share: float = 0.5, # share of characters whose height in heads is drawn uniformly from 2.3 (chibi) to 6.6 (tall)
+                   heads_tall: float | None = None, # draw every character this many heads tall (2.4 chibi, 6.5 tall)
+                  ) -> dict[str, np.ndarray]:
+    "Drawings as RGBA (alpha recovered from a white and a black render), part labels and keypoints."
+    rgba, labels, keypoints = [], [], []
+    for index in range(characters):
+        rng = np.random.default_rng([seed, index])
+        identity = random_identity(rng)
+        if rng.random() < tall_share: identity = replace(identity, heads_tall=round(float(rng.uniform(2.3, 6.6)), 3))
+        if heads_tall is not None: identity = replace(identity, heads_tall=heads_tall)
+        for name in rng.choice(list(POSE_LIBRARY), poses).tolist():
+            spec = sample_pose(rng, name)
+            white, black = (render_character(identity, spec, size, colour) for colour in ((255,) * 3, (0,) * 3))
+            w, b = np.asarray(white.image, np.float32), np.asarray(black.image, np.float32)
+            alpha = np.clip(1 - (w - b).mean(-1) / 255, 0, 1)
+            colour = np.where(alpha[..., None] > 0.01, b / np.maximum(alpha[..., None], 0.01), 0)
+            rgba.append(np.dstack([np.clip(colour, 0, 255), alpha * 255]).astype(np.uint8))
+            labels.append(white.masks)
+            keypoints.append(white.keypoints)
+    return dict(rgba=np.stack(rgba), labels=np.stack(labels), keypoints=np.stack(keypoints))
+
+# %% ../nbs/02a_parser.ipynb #da3178c4
+def _colour(rng) -> tuple: return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+def flat_background(rng, width: int, height: int) -> Image.Image:
+    "One random colour, light more often than dark."
+    colour = _colour(rng) if rng.random() < 0.5 else tuple(int(v) for v in rng.integers(190, 256, 3))
+    return Image.new('RGB', (width, height), colour)
+
+def gradient_background(rng, width: int, height: int) -> Image.Image:
+    "A linear gradient between two random colours in a random direction."
+    angle = rng.uniform(0, 2 * math.pi)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    t = (x * math.cos(angle) + y * math.sin(angle))
+    t = (t - t.min()) / max(np.ptp(t), 1e-6)
+    a, b = np.array(_colour(rng)), np.array(_colour(rng))
+    return Image.fromarray((a + (b - a) * t[..., None]).astype(np.uint8))
+
+def cluttered_background(rng, width: int, height: int, shapes: int = 25) -> Image.Image:
+    "A gradient covered with random rectangles, ellipses, lines and polygons, sometimes with noise."
+    image = gradient_background(rng, width, height)
+    draw, side = ImageDraw.Draw(image), max(width, height)
+    for _ in range(int(rng.integers(shapes // 3, shapes + 1))):
+        x, y = rng.uniform(-0.1, 1.1) * width, rng.uniform(-0.1, 1.1) * height
+        w, h = rng.uniform(0.03, 0.4, 2) * side
+        kind, colour = rng.integers(4), _colour(rng)
+        if kind == 0: draw.rectangle([x, y, x + w, y + h], fill=colour)
+        elif kind == 1: draw.ellipse([x, y, x + w, y + h], fill=colour)
+        elif kind == 2: draw.line([x, y, x + w * rng.choice([-1, 1]), y + h], fill=colour, width=max(1, int(rng.uniform(0.003, 0.03) * side)))
+        else: draw.polygon([(x + rng.uniform(-w, w), y + rng.uniform(-h, h)) for _ in range(int(rng.integers(3, 7)))], fill=colour)
+    if rng.random() < 0.3: image = add_noise(rng, image, rng.uniform(5, 40))
+    return image
+
+def noise_background(rng, width: int, height: int) -> Image.Image:
+    "Gaussian colour noise, blurred to a random grain size."
+    noise = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return noise.filter(ImageFilter.GaussianBlur(rng.uniform(0, 3) * max(width, height) / 128))
+
+def add_noise(rng, image: Image.Image, sigma: float) -> Image.Image:
+    "`image` with Gaussian pixel noise of `sigma` grey levels."
+    array = np.asarray(image, np.float32) + rng.normal(0, sigma, (image.height, image.width, 3))
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+BACKGROUNDS = {'flat': flat_background, 'gradient': gradient_background, 'cluttered': cluttered_background, 'noise': noise_background}
+
+# %% ../nbs/02a_parser.ipynb #de857138
+def ink_outline(layer: Image.Image, labels: np.ndarray, width: int, colour=(20, 20, 28)) -> Image.Image:
+    "Draw `width`-pixel ink lines on the silhouette and between parts of an RGBA character `layer`."
+    edges = Image.fromarray(((labels != np.roll(labels, 1, 0)) | (labels != np.roll(labels, 1, 1))).astype(np.uint8) * 255)
+    alpha = layer.getchannel('A')
+    silhouette = alpha.filter(ImageFilter.MaxFilter(2 * width + 1))
+    outline = Image.fromarray(np.maximum(np.asarray(edges.filter(ImageFilter.MaxFilter(2 * width - 1 if width > 1 else 1))),
+                                         np.asarray(silhouette) - np.asarray(alpha.filter(ImageFilter.MinFilter(3)))))
+    inked = layer.copy()
+    inked.paste(Image.new('RGBA', layer.size, (*colour, 255)), mask=outline)
+    return inked
+
+def thicken_lines(layer: Image.Image, width: int) -> Image.Image:
+    "Spread the dark lines of an RGBA layer by a `width`-pixel minimum filter (colour only)."
+    rgb = layer.convert('RGB').filter(ImageFilter.MinFilter(2 * width + 1))
+    return Image.merge('RGBA', (*rgb.split(), layer.getchannel('A')))
+
+def colour_shift(image: Image.Image, hue: float, saturation: float, brightness: float) -> Image.Image:
+    "Rotate the hue by `hue` turns and scale saturation and brightness."
+    alpha = image.getchannel('A') if image.mode == 'RGBA' else None
+    h, s, v = image.convert('RGB').convert('HSV').split()
+    h = h.point(lambda x: int(x + hue * 256) % 256)
+    s, v = s.point(lambda x: min(255, int(x * saturation))), v.point(lambda x: min(255, int(x * brightness)))
+    shifted = Image.merge('HSV', (h, s, v)).convert('RGB')
+    return shifted if alpha is None else Image.merge('RGBA', (*shifted.split(), alpha))
+
+def jpeg(image: Image.Image, quality: int) -> Image.Image:
+    "`image` after a JPEG round trip at `quality`."
+    buffer = io.BytesIO()
+    image.convert('RGB').save(buffer, 'JPEG', quality=int(quality))
+    return Image.open(buffer).convert('RGB')
+
+# %% ../nbs/02a_parser.ipynb #64d72d35
+def character_layer(pool: dict, index: int, # which drawing of `character_pool`
+                    height: float, # character height in pixels (the drawing's alpha box)
+                    mirror: bool = False, # flip left-right (keypoints swap sides)
+                    squash: float = 1.0, # anisotropic scale: width / height factor
+                   ) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    "One drawing cropped to its alpha box and scaled: the RGBA layer, its part labels and keypoints in its pixels."
+    rgba, labels, keypoints = pool['rgba'][index], pool['labels'][index], pool['keypoints'][index].copy()
+    rows, cols = np.nonzero(rgba[..., 3] > 8)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    scale = height / (bottom - top)
+    size = (max(1, round((right - left) * scale * squash)), max(1, round(height)))
+    layer = Image.fromarray(rgba[top:bottom, left:right]).resize(size, Image.BILINEAR)
+    part = np.asarray(Image.fromarray(labels[top:bottom, left:right]).resize(size, Image.NEAREST))
+    side = rgba.shape[0]
+    keypoints[:, 0] = (keypoints[:, 0] * side - left) * size[0] / (right - left)
+    keypoints[:, 1] = (keypoints[:, 1] * side - top) * size[1] / (bottom - top)
+    if mirror:
+        layer, part = layer.transpose(Image.FLIP_LEFT_RIGHT), part[:, ::-1]
+        keypoints = keypoints[MIRRORED]
+        keypoints[:, 0] = size[0] - keypoints[:, 0]
+    keypoints[keypoints[:, 2] <= 0] = 0
+    return layer, np.ascontiguousarray(part), keypoints
+
+def paste(canvas: Image.Image, labels: np.ndarray | None, layer: Image.Image, part: np.ndarray, at: tuple[int, int]):
+    "Alpha-composite `layer` at `at` onto `canvas`, and its part labels onto `labels` (where its alpha is over half)."
+    canvas.paste(layer, at, layer)
+    if labels is None: return
+    x, y = at
+    h, w = part.shape
+    region = labels[max(y, 0):y + h, max(x, 0):x + w]
+    src = part[max(-y, 0):max(-y, 0) + region.shape[0], max(-x, 0):max(-x, 0) + region.shape[1]]
+    alpha = np.asarray(layer.getchannel('A'))[max(-y, 0):max(-y, 0) + region.shape[0], max(-x, 0):max(-x, 0) + region.shape[1]]
+    region[alpha > 127] = src[alpha > 127]
+
+def random_scene(rng, pool: dict, size: int = 128, # the square the network sees, in pixels
+                 mode: str | None = None, # 'crop' (character fills the square), 'scene' (any aspect, letterboxed, small or large, clutter), 'empty'
+                ) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    "A training example: the image, part labels of the largest character, and its (18, 3) keypoints normalised to the square."
+    mode = mode or rng.choice(['crop', 'scene', 'empty'], p=[0.4, 0.45, 0.15])
+    aspect = 1.0 if mode == 'crop' or rng.random() < 0.3 else math.exp(rng.uniform(-0.8, 0.8))
+    width, height = (size, round(size / aspect)) if aspect >= 1 else (round(size * aspect), size)
+    kind = rng.choice(list(BACKGROUNDS), p=[0.35, 0.25, 0.3, 0.1])
+    image = BACKGROUNDS[kind](rng, width, height)
+    labels = np.zeros((height, width), np.uint8)
+    keypoints = np.zeros((18, 3), np.float32)
+    if mode != 'empty':
+        fill = rng.uniform(0.6, 0.95) if mode == 'crop' else math.exp(rng.uniform(math.log(0.18), math.log(0.95)))
+        main = rng.integers(len(pool['rgba']))
+        squash = math.exp(rng.normal(0, 0.12))
+        layer, part, keypoints = character_layer(pool, main, fill * min(height, width / 0.7) if mode == 'scene' else fill * size,
+                                                 rng.random() < 0.5, squash)
+        layer = _style(rng, layer, part)
+        x = _place(rng, width, layer.width, 8)
+        y = _place(rng, height, layer.height, 10)
+        behind, front = [], []
+        if rng.random() < 0.3:  # a second, smaller character, usually behind
+            other = character_layer(pool, rng.integers(len(pool['rgba'])), layer.height * rng.uniform(0.35, 0.75), rng.random() < 0.5)
+            at = (_place(rng, width, other[0].width, 3), _place(rng, height, other[0].height, 3))
+            (behind if rng.random() < 0.8 else front).append((other[0], np.zeros_like(other[1]), at))
+        for other, other_part, at in behind: paste(image, None, other, other_part, at)
+        paste(image, labels, layer, part, (x, y))
+        for other, other_part, at in front: paste(image, labels, other, other_part, at)
+        keypoints = keypoints.copy()
+        keypoints[:, 0] += x * (keypoints[:, 2] > 0)
+        keypoints[:, 1] += y * (keypoints[:, 2] > 0)
+    if rng.random() < 0.4: image = colour_shift(image, rng.uniform(-0.5, 0.5), rng.uniform(0.3, 1.4), rng.uniform(0.6, 1.2))
+    if rng.random() < 0.1: image = image.convert('L').convert('RGB')
+    square, labels, keypoints = _letterbox_example(rng, image, labels, keypoints, size)
+    if rng.random() < 0.15: square = add_noise(rng, square, rng.uniform(3, 20))
+    if rng.random() < 0.3: square = jpeg(square, rng.integers(15, 85))
+    return square, labels, keypoints
+
+def _place(rng, room: int, extent: int, overhang: int) -> int:
+    "A random offset for something `extent` long in `room`, sticking out by at most 1/`overhang` of itself."
+    if extent >= room: return (room - extent) // 2
+    return int(rng.integers(-(extent // overhang), room - extent + extent // overhang + 1))
+
+def _style(rng, layer: Image.Image, part: np.ndarray) -> Image.Image:
+    "Random line weight and hue of one character layer."
+    pick = rng.random()
+    scale = max(1, layer.height // 60)
+    if pick < 0.25: layer = ink_outline(layer, part, int(rng.integers(1, 3)) * scale)
+    elif pick < 0.4: layer = thicken_lines(layer, scale)
+    if rng.random() < 0.3: layer = colour_shift(layer, rng.uniform(-0.5, 0.5), rng.uniform(0.4, 1.5), rng.uniform(0.7, 1.15))
+    return layer
+
+def _letterbox_example(rng, image, labels, keypoints, size):
+    "Centre `image` (and labels, pixel keypoints) on a `size` square, padded with its border colour, black or white."
+    width, height = image.size
+    fill = border_colour(image) if rng.random() < 0.6 else ((0, 0, 0) if rng.random() < 0.5 else (255, 255, 255))
+    square = Image.new('RGB', (size, size), fill)
+    left, top = (size - width) // 2, (size - height) // 2
+    square.paste(image, (left, top))
+    box = np.zeros((size, size), np.uint8)
+    box[top:top + height, left:left + width] = labels
+    keypoints = keypoints.copy()
+    seen = keypoints[:, 2] > 0
+    keypoints[seen, 0] = (keypoints[seen, 0] + left) / size
+    keypoints[seen, 1] = (keypoints[seen, 1] + top) / size
+    return square, box, keypoints
+
+def border_colour(image: Image.Image) -> tuple:
+    "The median colour of the one-pixel border of `image`."
+    array = np.asarray(image.convert('RGB'))
+    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+    return tuple(int(v) for v in np.median(border, 0))
+
+# %% ../nbs/02a_parser.ipynb #8fdde519
+def scene_batch(rng, pool: dict, batch_size: int, image_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Images in [-1, 1], part labels and keypoints of `batch_size` random scenes at `image_size`."
+    images, labels, keypoints = [], [], []
+    for _ in range(batch_size):
+        image, label, points = random_scene(rng, pool, 2 * image_size)
+        images.append(np.asarray(image.resize((image_size, image_size), Image.BILINEAR), np.float32))
+        labels.append(np.asarray(Image.fromarray(label).resize((image_size, image_size), Image.NEAREST)))
+        keypoints.append(points)
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
+    return images, torch.from_numpy(np.stack(labels)).long(), torch.from_numpy(np.stack(keypoints)).float()
+
+def _learning_rate(progress: float, peak: float, warmup: float = 0.05) -> float:
+    "Linear warm-up, then cosine decay to zero, as a function of the fraction of training done."
+    if progress < warmup: return peak * progress / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+def train_robust_parser(pool: dict, # from `character_pool`
+                        budget_s: float = 1080, # training CPU time in seconds (this process); the schedule follows it, so any machine finishes on budget
+                        batch_size: int = 16,
+                        seed: int = 2024, # data and initialisation
+                        start: SyntheticParser | None = None, # weights to fine-tune (default: a fresh parser)
+                        peak_lr: float = 2e-3,
+                        log_every: int = 250,
+                        max_steps: int | None = None, # stop after this many steps (a demonstration), whatever the budget
+                       ) -> SyntheticParser:
+    "Train a `SyntheticParser` on `random_scene`s: real-looking backgrounds, sizes, styles, crowds and empty images."
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    parser = start if start is not None else SyntheticParser()
+    parser.train()
+    optimizer = torch.optim.AdamW(parser.parameters(), lr=0.0, weight_decay=1e-4)
+    started, losses = time.process_time(), []
+    while (progress := (time.process_time() - started) / budget_s) < 1 and (max_steps is None or len(losses) < max_steps):
+        for group in optimizer.param_groups: group['lr'] = _learning_rate(progress, peak_lr)
+        images, labels, keypoints = scene_batch(rng, pool, batch_size, parser.config.image_size)
+        heatmaps, part_logits = parser(images)
+        targets = keypoint_heatmaps(keypoints, heatmaps.shape[-1], HEATMAP_SIGMA / heatmaps.shape[-1])
+        loss = 100 * F.mse_loss(heatmaps, targets) + F.cross_entropy(part_logits, labels)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        losses.append(loss.item())
+        if log_every and len(losses) % log_every == 0: print(f'step {len(losses)}: loss {np.mean(losses[-log_every:]):.4f}, {time.process_time() - started:.0f} CPU s', flush=True)
+    if log_every: print(f'{len(losses)} steps in {time.process_time() - started:.0f} CPU s')
+    return parser.eval()
+
+# %% ../nbs/02a_parser.ipynb #ad0e2aa1
+def person_score(whole: float, # the score on the whole image
+                 refined: float, # the score on the crop around the character (the whole score when not refined)
+                ) -> float:
+    "How sure the parser is that a character is there: both readings must agree."
+    return min(whole, refined)
+
+PERSON_THRESHOLD = 0.33  # the least `person_score` that counts as a character: 1% false positives on validation scenes (`calibrate_threshold`)
+
+class RobustParserDetector(ParserDetector):
+    "A `SyntheticParser` read twice: on the whole letterboxed image to find the largest character, then on a crop around it."
+    def __init__(self, parser: SyntheticParser, # trained with `train_robust_parser`
+                 threshold: float = PERSON_THRESHOLD, # person score below which nobody is reported
+                 refine: bool = True, # read a second time on the crop around the character
+                 margin: float = 1.3, # crop side as a multiple of the character's box
+                ):
+        self.parser, self.threshold, self.refine, self.margin = parser, threshold, refine, margin
+
+    @torch.no_grad()
+    def read(self, image: Image.Image, box: tuple[float, float, float], fill) -> tuple[np.ndarray, float, np.ndarray]:
+        "Keypoints (18, 3) in `image` pixels, the person score and the part labels of the square `box`."
+        size = self.parser.config.image_size
+        crop = crop_square(image, box, size, fill)
+        heatmaps, part_logits = self.parser(torch.from_numpy(np.asarray(crop, np.float32)).permute(2, 0, 1)[None] / 127.5 - 1)
+        keypoints = heatmap_keypoints(heatmaps)[0].numpy()
+        peaks = np.sort(heatmaps.flatten(2).max(-1).values[0].clamp(0, 1).numpy())[::-1]
+        left, top, side = box
+        keypoints[:, 0], keypoints[:, 1] = left + keypoints[:, 0] * side, top + keypoints[:, 1] * side
+        return keypoints, float(peaks[:8].mean()), part_logits[0].argmax(0).numpy()
+
+    def scores(self, image) -> tuple[Pose, float, float]:
+        "The largest character's pose (whoever it is), and the person scores of the whole image and of the crop around it."
+        image = load_image(image)
+        fill, side = border_colour(image), max(image.size)
+        box = ((image.width - side) / 2, (image.height - side) / 2, side)
+        keypoints, whole, labels = self.read(image, box, fill)
+        crop = character_box(keypoints, labels, box, self.margin)
+        refined = whole
+        if self.refine and crop[2] < 0.8 * side: keypoints, refined, _ = self.read(image, crop, fill)
+        keypoints[:, 0] /= image.width
+        keypoints[:, 1] /= image.height
+        keypoints[keypoints[:, 2] <= 0] = 0
+        return Pose(keypoints, image.width, image.height), whole, refined
+
+    def detect(self, image) -> list[Pose]:
+        "The largest character in `image`, or nobody when its score is under the threshold."
+        pose, whole, refined = self.scores(image)
+        return [pose] if person_score(whole, refined) >= self.threshold and pose.visible.sum() >= 2 else []
+
+    def __repr__(self): return f'RobustParserDetector(threshold={self.threshold}, refine={self.refine})'
+
+
+def crop_square(image: Image.Image, box: tuple[float, float, float], size: int, fill) -> Image.Image:
+    "The square `box` (left, top, side in `image` pixels) of `image` resized to `size`, padded with `fill` outside the image."
+    left, top, side = box
+    reduce = max(1, int(side // (2 * size)))
+    small = image.reduce(reduce) if reduce > 1 else image
+    left, top, side = left / reduce, top / reduce, side / reduce
+    return small.transform((size, size), Image.EXTENT, (left, top, left + side, top + side), Image.BILINEAR, fillcolor=fill)
+
+
+def character_box(keypoints: np.ndarray, labels: np.ndarray, box: tuple[float, float, float], margin: float) -> tuple[float, float, float]:
+    "A square (left, top, side) around the found joints and part pixels, `margin` times their extent."
+    left, top, side = box
+    rows, cols = np.nonzero(labels)
+    scale = side / labels.shape[0]
+    points = keypoints[keypoints[:, 2] > 0, :2]
+    if len(rows): points = np.concatenate([points, np.stack([left + (cols + 0.5) * scale, top + (rows + 0.5) * scale], 1)])
+    if len(points) < 2: return box
+    low, high = points.min(0), points.max(0)
+    extent = max(float((high - low).max()) * margin, 0.12 * side)
+    centre = (low + high) / 2
+    return float(centre[0] - extent / 2), float(centre[1] - extent / 2), extent
+
+# %% ../nbs/02a_parser.ipynb #1c27a4dd
+DETECTOR_NAMES = ('parser', 'mediapipe', 'openpose')  # what `load_detector` accepts besides a folder or a hub id
+DETECTOR_HELP = ('needs a pose detector; pass --detector DIR (a directory holding OpenPose weights '
+                 'body_pose_model.pth, hand_pose_model.pth and facenet.pth, or a SyntheticParser directory)')
+
+def load_detector(name_or_path: str | os.PathLike = 'parser', # a name of `DETECTOR_NAMES`, a folder (a parser's or OpenPose weights) or a hub id
+                 ) -> PoseDetector:
+    "A `PoseDetector`: `parser` (the bundled detector, offline), `mediapipe`, `openpose` (hub weights, only online), or a folder."
+    text, path = str(name_or_path), Path(name_or_path)
+    if text == 'parser': return RobustParserDetector(load_parser(bundled_path('detector')))
+    if text == 'mediapipe': return MediaPipeDetector()
+    if text == 'openpose': return OpenPoseDetector.load(OPENPOSE_HUB_ID)
+    is_hub_id = not path.exists() and text.count('/') == 1 and not text.startswith(('.', '/', '~'))
+    if is_hub_id: return OpenPoseDetector.load(text)
+    if not path.is_dir():
+        raise AnimePoseError(f"'{text}': no such detector directory; choose {', '.join(DETECTOR_NAMES)}, "
+                             f"or pass a directory holding OpenPose weights ({', '.join(OPENPOSE_FILES)}) or a SyntheticParser")
     if (path / 'config.json').is_file():
         if json.loads((path / 'config.json').read_text()).get('_class_name') != 'SyntheticParser':
-            raise AnimePoseError(f"'{path}': config.json is not a SyntheticParser's; a detector directory {where}")
-        return ParserDetector(load_parser(path))
+            raise AnimePoseError(f"'{path}': config.json is not a SyntheticParser's; a detector directory {DETECTOR_HELP.removeprefix('needs ')}")
+        return RobustParserDetector(load_parser(path))
     return OpenPoseDetector.load(path)
+
+# %% ../nbs/02a_parser.ipynb #f8b0c2d4
+def pose_cli(parser: argparse.ArgumentParser):
+    "`anime-pose pose`: draw, convert, retarget, and detect with any detector `load_detector` knows (default the parser)."
+    add_pose_actions(parser, load_detector)
+
+# %% ../nbs/02a_parser.ipynb #74533b0b
+def person_scores(detector: RobustParserDetector, images: list) -> np.ndarray:
+    "The person score of each image."
+    return np.array([person_score(*detector.scores(image)[1:]) for image in images])
+
+def calibrate_threshold(detector: RobustParserDetector, positives: list, # images with a character
+                        negatives: list, # images without one
+                        false_positives: float = 0.02, # the share of `negatives` allowed through
+                       ) -> tuple[float, float]:
+    "The threshold that lets `false_positives` of `negatives` through, and the share of `positives` it keeps."
+    negative, positive = person_scores(detector, negatives), person_scores(detector, positives)
+    threshold = float(np.quantile(negative, 1 - false_positives))
+    return threshold, float((positive >= threshold).mean())

@@ -20,7 +20,8 @@ from transformers.utils import logging as transformers_logging
 
 from .core import (AnimePoseError, add_output, add_threads, use_threads, atomic_path, bundled_path, check_device,
                              default_dtype, image_grid, load_image)
-from .pose import Pose, PoseError, retarget as retarget_pose
+from .pose import Pose, PoseDetector, PoseError, is_skeleton_image, read_pose_image, retarget as retarget_pose
+from .parser import load_detector
 from .controlnet import (ModelError, check_controlnet, condition_tensor, controlled_prediction,
                                    controlnet_from_unet,
                                    downsampling, load_controlnet)
@@ -28,10 +29,11 @@ from .reference import ReferenceAttention, self_attention_names
 from .tiny import encode_prompt, tiny_components
 
 # %% auto #0
-__all__ = ['DRAWING_DEFAULTS', 'LAYOUT', 'check_components', 'TransferError', 'check_size', 'fit_reference', 'skeleton_images',
-           'PoseTransferOutput', 'encode_images', 'decode_latents', 'PoseTransferPipeline', 'check_model_dir',
-           'vae_scale_factor', 'set_drawing_defaults', 'stored_drawing_defaults', 'model_drawing_defaults',
-           'bundled_model_dir', 'load_pipeline', 'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
+__all__ = ['DRAWING_DEFAULTS', 'LAYOUT', 'RETARGET_TO_DETECTED', 'check_components', 'TransferError', 'check_size',
+           'fit_reference', 'reference_pose_from_image', 'skeleton_images', 'PoseTransferOutput', 'encode_images',
+           'decode_latents', 'PoseTransferPipeline', 'check_model_dir', 'vae_scale_factor', 'set_drawing_defaults',
+           'stored_drawing_defaults', 'model_drawing_defaults', 'bundled_model_dir', 'load_pipeline', 'run_transfer',
+           'transfer_cli', 'run_sheet', 'sheet_cli']
 
 # %% ../nbs/07a_pipeline.ipynb #ec425759
 def check_components(vae, text_encoder, unet, controlnet, reference_net=None):
@@ -79,11 +81,24 @@ def _as_pose(source, canvas=None) -> Pose | None:
         return Pose.from_openpose(source, canvas=canvas)
     return None
 
-def skeleton_images(pose, # a Pose, OpenPose JSON path or dict, skeleton image (PIL or path), or a list of them
+def _detector(detector) -> PoseDetector:
+    "A `PoseDetector`, loaded by `load_detector` when given by name or folder."
+    return load_detector(detector) if isinstance(detector, (str, os.PathLike)) else detector
+
+def reference_pose_from_image(reference, # character A: a PIL image, path or bytes
+                              detector: PoseDetector | str | os.PathLike = 'parser', # see `load_detector`
+                             ) -> Pose | None:
+    "A's own pose, found in the reference image by `detector`, or None when nobody is found there."
+    found = _detector(detector).detect(load_image(reference))
+    return max(found, key=lambda p: p.visible.sum()) if found else None
+
+def skeleton_images(pose, # a Pose, OpenPose JSON path or dict, skeleton image, a drawing of someone (PIL or path), or a list of them
                     width: int, height: int, # the generation's size
                     reference_pose=None, # the reference's Pose (or JSON), needed to retarget
                     retarget: bool | None = None, # redraw poses with A's proportions; default: with `reference_pose`
                     canvas: tuple[int, int] | None = None, # (width, height) of pixel JSON poses, if files don't say
+                    detector: PoseDetector | str | os.PathLike = 'parser', # finds pose B in images that are not skeletons
+                    person: int | None = None, # which person of a drawing or skeleton image to take; default the largest
                    ) -> list[Image.Image]:
     "One ControlNet skeleton image per requested pose, `width` × `height`."
     poses = list(pose) if isinstance(pose, (list, tuple)) else [pose]
@@ -96,19 +111,21 @@ def skeleton_images(pose, # a Pose, OpenPose JSON path or dict, skeleton image (
     for i, item in enumerate(poses):
         parsed = _as_pose(item, canvas)
         if parsed is None:
-            skeleton = load_image(item).resize((width, height), Image.BILINEAR)
-            if np.asarray(skeleton).max() < 16:
-                raise TransferError(f'pose {i}: the skeleton image is blank (no joints drawn)')
-            if retarget:
-                raise TransferError(f'pose {i}: cannot retarget a skeleton image; '
-                                    'give the pose as a Pose or OpenPose JSON')
-        else:
-            if parsed.visible.sum() < 2:
-                raise PoseError(f'pose {i}: {parsed!r} has no usable joints (fewer than 2 visible)')
-            if like is not None and retarget is not False: parsed = retarget_pose(parsed, like)
-            skeleton = parsed.skeleton_image(width, height)
-            if np.asarray(skeleton).max() < 16:
-                raise TransferError(f'pose {i}: {parsed!r} draws nothing: no joint falls inside its canvas')
+            picture = load_image(item)
+            if is_skeleton_image(picture) and person is None:  # ControlNet's own input: used as drawn
+                if retarget:
+                    raise TransferError(f'pose {i}: cannot retarget a skeleton image; '
+                                        'give the pose as a Pose or OpenPose JSON')
+                skeletons.append(picture.resize((width, height), Image.BILINEAR))
+                continue
+            detector = _detector(detector)  # loaded once, on the first drawing
+            parsed = read_pose_image(item if isinstance(item, (str, os.PathLike)) else picture, detector, person)
+        if parsed.visible.sum() < 2:
+            raise PoseError(f'pose {i}: {parsed!r} has no usable joints (fewer than 2 visible)')
+        if like is not None and retarget is not False: parsed = retarget_pose(parsed, like)
+        skeleton = parsed.skeleton_image(width, height)
+        if np.asarray(skeleton).max() < 16:
+            raise TransferError(f'pose {i}: {parsed!r} draws nothing: no joint falls inside its canvas')
         skeletons.append(skeleton)
     return skeletons
 
@@ -198,7 +215,7 @@ class PoseTransferPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self,
                  reference, # character A: a PIL image, path or bytes
-                 pose, # pose B: a Pose, OpenPose JSON path or dict, skeleton image, or a list of these (a sheet)
+                 pose, # pose B: a Pose, OpenPose JSON path or dict, skeleton image, drawing of someone, or a list of these (a sheet)
                  prompt: str = '', # Danbooru tags describing A, e.g. '1girl, solo, long hair'
                  negative_prompt: str = '', # tags to steer away from, e.g. 'lowres, bad anatomy'
                  num_inference_steps: int = 20,
@@ -207,6 +224,7 @@ class PoseTransferPipeline(DiffusionPipeline):
                  reference_strength: float = 1.0, # how strongly A's features are attended to; 0 ignores the reference
                  retarget: bool | None = None, # redraw poses with A's proportions (needs `reference_pose`)
                  reference_pose=None, # A's pose (Pose or OpenPose JSON), for `retarget`
+                 detector: PoseDetector | str | os.PathLike = 'parser', # finds pose B in drawings (see `load_detector`)
                  pose_canvas: tuple[int, int] | None = None, # (width, height) of pixel JSON poses, if not in files
                  height: int | None = None, width: int | None = None, # default: the UNet's native size
                  generator: torch.Generator | None = None, # seeds the initial noise
@@ -225,7 +243,7 @@ class PoseTransferPipeline(DiffusionPipeline):
                         batch_size)
         if output_type not in ('pil', 'latent'):
             raise TransferError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-        skeletons = skeleton_images(pose, width, height, reference_pose, retarget, pose_canvas)
+        skeletons = skeleton_images(pose, width, height, reference_pose, retarget, pose_canvas, detector)
         reference_image = fit_reference(reference, width, height)
         device, dtype = self._execution_device, self.unet.dtype
         text = encode_prompt(self.tokenizer, self.text_encoder, prompt, device).to(dtype)
@@ -404,7 +422,11 @@ def _add_common(parser: argparse.ArgumentParser):
                         help='identity strength; 0 ignores the reference (default 1)')
     parser.add_argument('--reference-pose', help="A's pose as OpenPose JSON, to retarget poses to A's proportions")
     parser.add_argument('--retarget', action=argparse.BooleanOptionalAction, default=None,
-                        help='retarget poses to A (default: when --reference-pose is given)')
+                        help="retarget poses to A's proportions: A's pose is --reference-pose, else found in the reference "
+                             + ('(default: on when A is found there)' if RETARGET_TO_DETECTED else '(default: only with --reference-pose)'))
+    parser.add_argument('--detector', default='parser', metavar='NAME|DIR',
+                        help='finds pose B in drawings (and A in the reference): parser (default, offline), mediapipe, openpose, '
+                             'or a folder of weights')
     parser.add_argument('--canvas', type=_canvas, metavar='WxH',
                         help='size of the image pixel-coordinate pose JSON came from, when the file does not say')
     parser.add_argument('--height', type=int, help="image height, a multiple of the VAE's scale factor: 8 for SD, "
@@ -416,14 +438,26 @@ def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument('--device', help='cpu, cuda, mps (default: the best available)')
     add_threads(parser)
 
+RETARGET_TO_DETECTED = False  # retarget to A's pose found in the reference unless --no-retarget (see the measurement below)
+
+def _reference_pose(args, reference):
+    "A's pose: --reference-pose, else found in the reference when retargeting is asked for (or on by default)."
+    if args.reference_pose is not None or args.retarget is False: return args.reference_pose
+    if not (args.retarget or RETARGET_TO_DETECTED): return None
+    found = reference_pose_from_image(reference, args.detector)
+    if found is None and args.retarget:
+        raise TransferError(f"--retarget: no person found in the reference '{args.reference}'; give A's pose with --reference-pose")
+    return found
+
 def _transfer(args, poses) -> PoseTransferOutput:
     reference, device = load_image(args.reference), check_device(args.device)  # cheap checks before the model loads
     use_threads(args.threads, small=args.model in (None, 'tiny'))  # the bundled model, or tiny untrained components
+    reference_pose = _reference_pose(args, reference)
     pipe = load_pipeline(args.model, args.controlnet, device)
     return pipe(reference, poses, prompt=args.prompt, negative_prompt=args.negative_prompt,
                 num_inference_steps=args.steps, guidance_scale=args.guidance,
                 controlnet_conditioning_scale=args.controlnet_scale, reference_strength=args.reference_strength,
-                retarget=args.retarget, reference_pose=args.reference_pose, pose_canvas=args.canvas, height=args.height,
+                retarget=args.retarget, reference_pose=reference_pose, pose_canvas=args.canvas, detector=args.detector, height=args.height,
                 width=args.width,
                 generator=torch.Generator().manual_seed(args.seed), batch_size=getattr(args, 'batch_size', None))
 
@@ -442,9 +476,10 @@ def transfer_cli(parser: argparse.ArgumentParser):
     "Add the arguments of `anime-pose transfer` to `parser`."
     parser.epilog = '''examples:
   anime-pose transfer --reference a.png --pose b.json --out a_as_b.png --model wd-pose --steps 20 --seed 1
-  anime-pose transfer --reference a.png --pose skeleton.png --out out.png     # the bundled tiny model'''
+  anime-pose transfer --reference a.png --pose skeleton.png --out out.png     # the bundled tiny model
+  anime-pose transfer --reference a.png --pose drawing.png --out out.png      # pose B found in a drawing of anyone'''
     _add_common(parser)
-    parser.add_argument('--pose', required=True, help='pose B: OpenPose JSON or a skeleton image')
+    parser.add_argument('--pose', required=True, help='pose B: OpenPose JSON, a ControlNet skeleton image, or a drawing or photo of someone in pose B')
     add_output(parser, 'IMAGE', 'output image (.png, .jpg, .webp)')
     parser.set_defaults(run=run_transfer)
 
@@ -471,7 +506,7 @@ def sheet_cli(parser: argparse.ArgumentParser):
 writes OUT/sheet.png (the grid) and OUT/NNN_<pose>.png (one image per pose)'''
     _add_common(parser)
     parser.add_argument('--poses', nargs='+', required=True,
-                        help='OpenPose JSON files, skeleton images, or directories of JSON files')
+                        help='OpenPose JSON files, skeleton images, drawings of someone, or directories of JSON files')
     add_output(parser, 'DIR', 'output directory')
     parser.add_argument('--columns', type=int, help='grid columns (default: up to 4)')
     parser.add_argument('--batch-size', type=int, help='poses denoised together (default: all)')

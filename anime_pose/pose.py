@@ -4,11 +4,12 @@
 
 # %% ../nbs/01_pose.ipynb #9e6b5562
 from __future__ import annotations
-import argparse, importlib, json, os, warnings
+import argparse, contextlib, importlib, json, os, socket, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -17,9 +18,11 @@ from .core import AnimePoseError, add_output, atomic_path, load_image
 # %% auto #0
 __all__ = ['KEYPOINT_NAMES', 'N_HAND_KEYPOINTS', 'N_FACE_KEYPOINTS', 'BODY_25_TO_COCO_18', 'RENDER_THRESHOLDS', 'DEFAULT_CANVAS',
            'MAX_COORDINATE', 'NORMALISED_LIMIT', 'LIMBS', 'MIRRORED', 'OKS_SIGMAS', 'OPENPOSE_FILES', 'OPENPOSE_HUB_ID',
-           'PoseError', 'Pose', 'pose_from_joints', 'read_poses', 'draw_skeletons', 'poses_to_openpose', 'save_poses',
-           'bone_lengths', 'retarget', 'body_size', 'pck', 'oks', 'mean_joint_error', 'keypoint_heatmaps',
-           'PoseDetector', 'OpenPoseDetector', 'detect_pose', 'pose_cli']
+           'JOINT_COLOURS', 'LIMB_COLOURS', 'COLOUR_TOLERANCE', 'PoseError', 'Pose', 'pose_from_joints', 'read_poses',
+           'draw_skeletons', 'poses_to_openpose', 'save_poses', 'bone_lengths', 'retarget', 'body_size', 'pck', 'oks',
+           'mean_joint_error', 'keypoint_heatmaps', 'PoseDetector', 'hub_reachable', 'OpenPoseDetector', 'detect_pose',
+           'is_skeleton_image', 'skeleton_to_pose', 'MediaPipeDetector', 'find_poses', 'read_pose_image',
+           'add_pose_actions']
 
 # %% ../nbs/01_pose.ipynb #2ed21d07
 KEYPOINT_NAMES = ['nose', 'neck', 'right_shoulder', 'right_elbow', 'right_wrist', 'left_shoulder', 'left_elbow',
@@ -576,9 +579,15 @@ OPENPOSE_HUB_ID = 'lllyasviel/Annotators'  # where those files are published
 _GET_WEIGHTS = (f'get them with: huggingface-cli download {OPENPOSE_HUB_ID} ' + ' '.join(OPENPOSE_FILES)
                 + f' --local-dir DIR (or from https://huggingface.co/{OPENPOSE_HUB_ID}), then pass that DIR')
 
+def hub_reachable(timeout: float = 2.0) -> bool:
+    "Whether the Hugging Face hub can be reached now: not HF_HUB_OFFLINE, and a socket connects within `timeout` seconds."
+    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on'): return False
+    try:
+        with socket.create_connection(('huggingface.co', 443), timeout=timeout): return True
+    except OSError: return False
+
 def _load_openpose(annotator: str | os.PathLike):
     "controlnet_aux's `OpenposeDetector` from a local directory or a hub id, or a `PoseError` saying what is missing."
-    OpenposeDetector = _openpose_module().OpenposeDetector
     path = Path(annotator)
     is_hub_id = not path.exists() and str(annotator).count('/') == 1 and not str(annotator).startswith(('.', '/', '~'))
     if not is_hub_id:
@@ -589,6 +598,9 @@ def _load_openpose(annotator: str | os.PathLike):
         if missing:
             raise PoseError(f"'{annotator}': missing OpenPose weights {', '.join(missing)} "
                             f"(expected {', '.join(OPENPOSE_FILES)}); {_GET_WEIGHTS}")
+    elif not hub_reachable():  # one quick check instead of the hub client's half-minute of retries
+        raise PoseError(f"'{annotator}': the Hugging Face hub cannot be reached (offline); {_GET_WEIGHTS}")
+    OpenposeDetector = _openpose_module().OpenposeDetector  # imported only once the weights can be had
     try: return OpenposeDetector.from_pretrained(str(annotator))
     # no network, unknown repository, not OpenPose weights: all mean "these are not usable weights"
     except Exception as e:
@@ -650,6 +662,152 @@ def detect_pose(image, # a path, bytes or PIL image
         raise PoseError(f'{name}: person {person} requested but {len(poses)} were found')
     return poses[person]
 
+# %% ../nbs/01_pose.ipynb #5091179b
+JOINT_COLOURS = np.array([[255, 0, 0], [255, 85, 0], [255, 170, 0], [255, 255, 0], [170, 255, 0], [85, 255, 0], [0, 255, 0],
+                          [0, 255, 85], [0, 255, 170], [0, 255, 255], [0, 170, 255], [0, 85, 255], [0, 0, 255], [85, 0, 255],
+                          [170, 0, 255], [255, 0, 255], [255, 0, 170], [255, 0, 85]])  # ControlNet's colour of each COCO-18 joint
+LIMB_COLOURS = (JOINT_COLOURS[:len(LIMBS)] * 0.6).astype(int)  # limb i of `LIMBS` is drawn at 0.6 of joint colour i
+COLOUR_TOLERANCE = 48  # the largest RGB distance at which a pixel still counts as a palette colour (resizing, JPEG)
+
+def _pixels_rgb(image, longest: int = 1024) -> np.ndarray:
+    "`image` as an int16 (H, W, 3) array, shrunk by whole factors (nearest, colours kept) to at most `longest`."
+    image = load_image(image)
+    factor = -(-max(image.size) // longest)
+    if factor > 1: image = image.resize((image.width // factor, image.height // factor), Image.NEAREST)
+    return np.asarray(image, np.int16)
+
+def _palette_labels(array: np.ndarray) -> np.ndarray:
+    "Per pixel: the index of the nearest ControlNet colour (joints 0-17, then limbs 18-34), -1 where none is within `COLOUR_TOLERANCE`."
+    palette = np.concatenate([JOINT_COLOURS, LIMB_COLOURS])
+    labels = np.full(array.shape[:2], -1, np.int16)
+    lit = array.max(-1) >= 60
+    distance = np.abs(array[lit][:, None].astype(np.int32) - palette[None]).sum(-1)  # L1 is enough to tell these colours apart
+    labels[lit] = np.where(distance.min(1) <= COLOUR_TOLERANCE, distance.argmin(1), -1)
+    return labels
+
+def _joined_limbs(labels: np.ndarray) -> float:
+    "The share of limb-coloured pixels (`_palette_labels`) in limbs that touch the dots of both their joints; 0 with none."
+    touching, drawn = 0, 0
+    for i, (a, b) in enumerate(LIMBS):
+        limb = labels == len(JOINT_COLOURS) + i
+        pixels = int(limb.sum())
+        if pixels == 0: continue
+        near = labels[cv2.dilate(limb.astype(np.uint8), np.ones((11, 11), np.uint8)) > 0]  # a joint dot covers the end of its limb
+        drawn += pixels
+        touching += pixels * bool((near == a).sum() >= 2 and (near == b).sum() >= 2)
+    return touching / drawn if drawn else 0.0
+
+def is_skeleton_image(image, # a path, bytes or PIL image
+                      min_dark: float = 0.6, # the least share of near-black pixels
+                      min_palette: float = 0.4, # the least share of bright pixels that are ControlNet joint or limb colours
+                     ) -> bool:
+    "Whether `image` is a ControlNet OpenPose skeleton: mostly black, its bright pixels in ControlNet's joint and limb colours."
+    array = _pixels_rgb(image)
+    value = array.max(-1)
+    bright = value >= 100
+    if (value < 40).mean() < min_dark or bright.sum() < 12: return False
+    labels = _palette_labels(array)
+    return bool((labels[bright] >= 0).mean() >= min_palette and _joined_limbs(labels) >= 0.5)
+
+# %% ../nbs/01_pose.ipynb #077b1c11
+def _limb_support(limbs: np.ndarray, joint: int, box: tuple[int, int, int, int]) -> int:
+    "How many pixels of the limbs that end at `joint` lie in `box` (left, top, width, height, grown by the box size)."
+    x, y, w, h = box
+    grow = max(w, h)
+    window = (slice(max(y - grow, 0), y + h + grow), slice(max(x - grow, 0), x + w + grow))
+    return int(sum(limbs[i][window].sum() for i, limb in enumerate(LIMBS) if joint in limb))
+
+def skeleton_to_pose(image, # a ControlNet OpenPose skeleton image (see `is_skeleton_image`)
+                    ) -> list[Pose]:
+    "The people drawn in a skeleton image, read back by colour, largest first; empty when none is readable."
+    source = load_image(image)
+    array = _pixels_rgb(source)
+    height, width = array.shape[:2]
+    labels = _palette_labels(array)
+    joints = [labels == i for i in range(len(JOINT_COLOURS))]
+    limbs = [labels == len(JOINT_COLOURS) + i for i in range(len(LIMB_COLOURS))]
+    ink = cv2.dilate((labels >= 0).astype(np.uint8), np.ones((5, 5), np.uint8))
+    count, people = cv2.connectedComponents(ink)
+    keypoints = np.zeros((count, len(KEYPOINT_NAMES), 3), np.float32)
+    support = np.zeros((count, len(KEYPOINT_NAMES)))
+    for joint, mask in enumerate(joints):
+        blobs, blob_labels, stats, centres = cv2.connectedComponentsWithStats(mask.astype(np.uint8))
+        for blob in range(1, blobs):
+            x, y, w, h, area = stats[blob]
+            if area < 4 or area < 0.3 * w * h or max(w, h) > 4 * min(w, h): continue  # joints are dots; hand lines share their colours
+            score = _limb_support(limbs, joint, tuple(stats[blob, :4])) + 1e-3 * area
+            person = people[blob_labels == blob][0]
+            if score > support[person, joint]:
+                support[person, joint] = score
+                keypoints[person, joint] = ((centres[blob][0] + 0.5) / width, (centres[blob][1] + 0.5) / height, 1)
+    poses = [Pose(points, source.width, source.height) for points in keypoints[1:] if (points[:, 2] > 0).sum() >= 2]
+    return sorted(poses, key=_area, reverse=True)
+
+# %% ../nbs/01_pose.ipynb #90567b03
+@contextlib.contextmanager
+def _quiet_native_logs():
+    "Send what native code writes to stderr (TensorFlow Lite's start-up lines) to /dev/null meanwhile."
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try: yield
+    finally: os.dup2(saved, 2); os.close(saved); os.close(null)
+
+class MediaPipeDetector:
+    "Google's BlazePose (mediapipe 0.10.14, whose wheel carries the model), its 33 landmarks mapped to COCO-18; one person."
+    COCO_FROM_BLAZEPOSE = [0, None, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7]  # BlazePose index of each COCO-18 joint; the neck is mid-shoulders
+    def __init__(self, min_visibility: float = 0.5, # landmarks less visible than this are missing joints
+                 model_complexity: int = 1, # 0 lite, 1 full (the two the wheel ships)
+                ):
+        try: import mediapipe as mp
+        except ImportError:
+            raise PoseError('the mediapipe detector needs the optional mediapipe 0.10.14: '
+                            'pip install mediapipe==0.10.14 (or anime_pose[mediapipe])') from None
+        with _quiet_native_logs(): self.model = mp.solutions.pose.Pose(static_image_mode=True, model_complexity=model_complexity)
+        self.min_visibility = min_visibility
+
+    def detect(self, image) -> list[Pose]:
+        "The one person BlazePose finds, or nobody."
+        image = load_image(image)
+        with _quiet_native_logs(): result = self.model.process(np.asarray(image))
+        if result.pose_landmarks is None: return []
+        marks = np.array([(m.x, m.y, m.visibility) for m in result.pose_landmarks.landmark], np.float32)
+        marks[:, 2] = np.where((marks[:, 2] >= self.min_visibility) & (np.abs(marks[:, :2] - 0.5) <= 0.5).all(1), marks[:, 2], 0)
+        keypoints = np.array([marks[i] if i is not None else np.zeros(3, np.float32) for i in self.COCO_FROM_BLAZEPOSE])
+        if marks[[11, 12], 2].all(): keypoints[1] = (*marks[[11, 12], :2].mean(0), marks[[11, 12], 2].min())
+        keypoints[keypoints[:, 2] <= 0] = 0
+        return [Pose(keypoints, image.width, image.height)] if (keypoints[:, 2] > 0).sum() >= 2 else []
+
+    def __repr__(self): return f'MediaPipeDetector(min_visibility={self.min_visibility})'
+
+# %% ../nbs/01_pose.ipynb #de269b33
+def _image_name(image) -> str: return f"'{image}'" if isinstance(image, (str, os.PathLike)) else f'<{type(image).__name__}>'
+
+def find_poses(image, # a path, bytes or PIL image: a ControlNet skeleton image, or a drawing or photo of someone
+               detector: PoseDetector, # used when `image` is not a skeleton image
+               name: str | None = None, # what to call the image in errors; default its path
+              ) -> list[Pose]:
+    "Everyone in `image`, largest first: read back by colour from a skeleton image, else found by `detector`; a `PoseError` when nobody is."
+    name = _image_name(image) if name is None else f"'{name}'"
+    picture = load_image(image)
+    skeleton = is_skeleton_image(picture)
+    poses = skeleton_to_pose(picture) if skeleton else sorted(detector.detect(picture), key=_area, reverse=True)
+    if not poses:
+        raise PoseError(f'no person found in {name}'
+                        + (' (a skeleton image with no readable joints)' if skeleton else f' by {detector!r}'))
+    return poses
+
+def read_pose_image(image, # a path, bytes or PIL image: a ControlNet skeleton image, or a drawing or photo of someone
+                    detector: PoseDetector, # used when `image` is not a skeleton image
+                    person: int | None = None, # which person, largest first; default the largest
+                    name: str | None = None, # what to call the image in errors; default its path
+                   ) -> Pose:
+    "One person's pose from an image (see `find_poses`)."
+    poses = find_poses(image, detector, name)
+    index = 0 if person is None else person
+    if not -len(poses) <= index < len(poses):
+        raise PoseError(f"{_image_name(image) if name is None else repr(name)}: person {index} requested, {len(poses)} found")
+    return poses[index]
+
 # %% ../nbs/01_pose.ipynb #14c7622f
 def _size(text: str) -> tuple[int, int]:
     "Parse `WxH` (e.g. 512x768) for argparse."
@@ -671,6 +829,11 @@ def _read_one(source, args) -> Pose:
     "One person of `source`, read as --person, --canvas, --min-confidence and --frame say."
     return Pose.from_openpose(source, person=args.person, canvas=args.canvas, min_confidence=args.min_confidence,
                               frame=args.frame)
+
+class _Found:
+    "Poses already found, as a `PoseDetector`."
+    def __init__(self, poses): self.poses = poses
+    def detect(self, image): return self.poses
 
 def _draw(args):
     path = _image_path(args.out)
@@ -695,11 +858,11 @@ def _retarget(args):
     print(f'{args.out}: {args.pose} with the proportions of {args.like}')
 
 def _detect(args):
-    detector = OpenPoseDetector.load(args.detector, detect_resolution=args.resolution, hands=args.hands, face=args.face)
-    poses = detector.detect(args.image)
-    if not poses:
-        raise PoseError(f"'{args.image}': OpenPose found no person; nothing written "
-                        "(OpenPose often misses anime bodies)")
+    detector = args.load_detector(args.detector)
+    if isinstance(detector, OpenPoseDetector):
+        detector.detect_resolution, detector.hands, detector.face = args.resolution, args.hands, args.face
+    poses = find_poses(args.image, detector)
+    if args.person is not None: poses = [read_pose_image(args.image, _Found(poses), args.person)]
     save_poses(poses, args.out)
     print(f'{args.out}: {len(poses)} {"person" if len(poses) == 1 else "people"} found in {args.image}')
 
@@ -709,7 +872,8 @@ _POSE_EXAMPLES = '''examples:
   anime-pose pose draw openpose_keypoints.json --canvas 1920x1080 --size 768x432 --out skeleton.png
   anime-pose pose convert openpose_keypoints.json controlnet.json --canvas 1920x1080
   anime-pose pose retarget tall_pose.json --like chibi_reference.json --out chibi_pose.json
-  anime-pose pose detect photo.png --detector ./annotators --out pose.json
+  anime-pose pose detect drawing.png --out pose.json                # the bundled anime parser, offline
+  anime-pose pose detect photo.png --detector ./annotators --out pose.json   # OpenPose weights in a folder
 
 Pixel files without a canvas size (OpenPose's own --write_json) need --canvas: the size of the
 image the pose was detected on. Points less confident than --min-confidence are dropped
@@ -724,7 +888,9 @@ def _add_reading(parser, person_help='which person (0-based); default the larges
     parser.add_argument('--frame', type=int, default=0, metavar='F',
                         help='which frame of a ComfyUI list of frames (default 0)')
 
-def pose_cli(parser):
+def add_pose_actions(parser,
+                     load_detector=OpenPoseDetector.load, # name or folder -> detector (`parser.pose_cli` knows all)
+                    ):
     "Add the `pose` actions (draw, convert, retarget, detect) to the `anime-pose pose` parser."
     parser.epilog, parser.formatter_class = _POSE_EXAMPLES, argparse.RawDescriptionHelpFormatter
     actions = parser.add_subparsers(dest='action', metavar='ACTION')
@@ -753,13 +919,15 @@ def pose_cli(parser):
                                  help="the reference's canvas, for pixel files that do not give one")
     _add_reading(retarget_parser)
     retarget_parser.set_defaults(run=_retarget)
-    detect = add('detect', 'find people in an image with OpenPose and write their poses (nothing if nobody is found)')
+    detect = add('detect', 'find people in an image (a drawing, a photo or a skeleton image) and write their poses '
+                           '(nothing if nobody is found)')
     detect.add_argument('image', metavar='IMAGE')
     add_output(detect, 'POSE.json', 'the detected poses')
-    detect.add_argument('--detector', default=OPENPOSE_HUB_ID, metavar='DIR',
-                        help=f'annotator directory with {", ".join(OPENPOSE_FILES)}, '
-                             f'or a hub id (default {OPENPOSE_HUB_ID})')
-    detect.add_argument('--resolution', type=int, default=512, help='detect resolution: the shorter side (default 512)')
+    detect.add_argument('--detector', default='parser', metavar='NAME|DIR',
+                        help='parser (default: the bundled anime parser, offline), mediapipe (optional extra), '
+                             f'openpose (hub weights, online), a parser folder, or a folder with {", ".join(OPENPOSE_FILES)}')
+    detect.add_argument('--person', type=int, metavar='N', help='keep only this person, largest first (default: everyone found)')
+    detect.add_argument('--resolution', type=int, default=512, help='OpenPose detect resolution: the shorter side (default 512)')
     detect.add_argument('--hands', action='store_true', help='also detect hands')
     detect.add_argument('--face', action='store_true', help='also detect the face')
-    detect.set_defaults(run=_detect)
+    detect.set_defaults(run=_detect, load_detector=load_detector)

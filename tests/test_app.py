@@ -59,7 +59,7 @@ def test_read_pose_file_json_skeleton_and_detection():
     assert detected.source is from_json.pose and detected.image.size == (8, 12)
     class Blind:
         def detect(self, image): return []
-    with pytest.raises(PoseError, match='found no person'): read_pose_file('photo.jpg', png_bytes(Image.new('RGB', (8, 8))), Blind())
+    with pytest.raises(PoseError, match='no person found'): read_pose_file('photo.jpg', png_bytes(Image.new('RGB', (8, 8))), Blind())
 
 
 @pytest.mark.parametrize('name, content, message', [
@@ -183,9 +183,12 @@ def test_app_uploads_and_user_errors_in_the_status_bar(pipe, tmp_path):
     assert ui.reference.size == (30, 40) and ui.reference_pose is None
     assert ui._report(ui.upload_reference, upload(('me.png', b'junk'))) is False and 'not an image' in ui.status.value
     ui.pose_choice.value = ()
-    ui.pose_upload.value = upload(('p.json', pose_json()), ('s.png', png_bytes(Image.new('RGB', (64, 64), 'white'))))  # through the widget's callback
+    skeleton = png_bytes(pose_from_joints(JOINTS, 64, 96, normalised=True).skeleton_image())
+    ui.pose_upload.value = upload(('p.json', pose_json()), ('s.png', skeleton))  # through the widget's callback
     ui.sheet_mode.value = 'pose sheet'
     assert [p.name for p in ui.chosen_poses()] == ['p.json', 's.png'] and len(ui.pose_view.children) == 2
+    assert ui._report(ui.upload_poses, upload(('white.png', png_bytes(Image.new('RGB', (64, 64), 'white'))))) is False
+    assert "no person found in &#x27;white.png&#x27;" in ui.status.value  # a blank picture is no pose
     ui.pose_upload.value = ()  # an empty upload clears the uploaded poses
     assert ui.chosen_poses() == []
     ui.generate_button.click()

@@ -132,7 +132,7 @@ def test_bad_requests_fail_before_running(pipe, reference, poses, tmp_path):
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message): pipe(reference, poses[0], **kwargs)
     with pytest.raises(PoseError, match='no usable joints'): pipe(reference, Pose(np.zeros((18, 3), np.float32), 64, 64))
-    with pytest.raises(TransferError, match='skeleton image is blank'): pipe(reference, Image.new('RGB', (64, 64)))
+    with pytest.raises(PoseError, match='no person found'): pipe(reference, Image.new('RGB', (64, 64)))
     with pytest.raises(TransferError, match='no pose given'): pipe(reference, [])
     with pytest.raises(ImageError, match='no such file'): pipe(tmp_path / 'missing.png', poses[0])
     (tmp_path / 'empty.json').write_text('{"people": []}')
