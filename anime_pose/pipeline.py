@@ -339,7 +339,8 @@ def check_model_dir(path: Path, controlnet_given: bool = False) -> Path:
     folders = [*LAYOUT, *([] if controlnet_given else ['controlnet'])]
     missing = [f'{name}/' for name in folders if not (path / name).is_dir()]
     missing += ['model_index.json'] if not (path / 'model_index.json').is_file() else []
-    for name, weights in LAYOUT.items():
+    weighted = {**LAYOUT, 'controlnet': 'diffusion_pytorch_model', 'reference_net': 'diffusion_pytorch_model'}
+    for name, weights in weighted.items():  # safetensors only: a .bin beside (or instead) is never unpickled
         if weights and (path / name).is_dir() and not any((path / name).glob(f'{weights}*.safetensors')):
             missing.append(f'{name}/{weights}.safetensors')
     if missing: raise ModelError(f"'{path}': missing {', '.join(missing)} ({expected})")
