@@ -11,7 +11,7 @@ from fastcore.xtras import working_directory
 
 SKIP_FLAGS = {'slow', 'gpu'}
 MAX_BYTES = 400 * 1024
-MAX_WIDTH = 720  # pixels: wide enough to read on GitHub, small enough to commit
+MAX_WIDTH = 600  # pixels: wide enough to read on GitHub, small enough to commit
 
 def _small_png(data: str) -> str:
     "A base64 PNG at most `MAX_WIDTH` wide with an adaptive 256-colour palette (plots and grids lose nothing visible)."
@@ -37,7 +37,8 @@ def execute(path: Path) -> float:
     os.environ['IN_TEST'] = '1'
     shell = CaptureShell(path)
     with working_directory(path.parent): shell.run_all(nb, exc_stop=True, preproc=_skip)
-    for cell in nb.cells:
+    for cell in nb.cells:  # progress bars and library warnings (stderr) are noise in a book
+        cell['outputs'] = [o for o in cell.get('outputs', []) if not (o.get('output_type') == 'stream' and o.get('name') == 'stderr')]
         for output in cell.get('outputs', []):
             if 'image/png' in output.get('data', {}): output['data']['image/png'] = _small_png(output['data']['image/png'])
     write_nb(nb, path)

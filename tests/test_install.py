@@ -34,7 +34,8 @@ def imported_distributions() -> set[str]:
 
 def test_runtime_requirements_are_what_the_library_imports():
     runtime, dev = names(settings()['requirements']), names(settings()['dev_requirements'])
-    optional = {'bitsandbytes', 'tensorboard', 'wandb', 'tensorboardx'}  # imported only when a setting asks for them
+    optional = {'bitsandbytes', 'tensorboard', 'wandb', 'tensorboardx',  # imported only when a setting asks for them
+                'mediapipe', 'opencv-contrib-python'}  # the mediapipe extra (its wheel brings its own cv2)
     missing = imported_distributions() - runtime - optional
     assert not missing, f'imported but not in requirements: {missing}'
     assert not runtime & {'nbdev', 'execnb', 'ghapi', 'fastcore', 'pytest', 'pytest-xdist', 'build'}
