@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = ['MAX_IMAGE_PIXELS', 'N_BODY_KEYPOINTS', 'AnimePoseError', 'ImageError', 'to_rgb', 'load_image', 'image_grid',
            'show_images', 'images_to_tensor', 'tensor_to_images', 'seed_everything', 'default_device', 'default_dtype',
            'DeviceError', 'check_device', 'triple_features', 'tags_prompt', 'bundled_path', 'OutputError',
-           'check_output', 'add_output', 'add_threads', 'use_threads', 'atomic_path']
+           'check_output', 'add_output', 'add_threads', 'use_threads', 'atomic_path', 'remove_partial_writes']
 
 # %% ../nbs/00_core.ipynb #503cae92
 class AnimePoseError(ValueError):
@@ -285,3 +285,10 @@ def atomic_path(path: str | os.PathLike, # the final file or directory
         if is_dir and path.exists(): path.rename(temporary / 'replaced')  # kept until the new one is in place
         os.replace(target, path)
     finally: shutil.rmtree(temporary, ignore_errors=True)
+
+# %% ../nbs/00_core.ipynb #f2a4b6c8
+def remove_partial_writes(folder: str | os.PathLike) -> list[Path]:
+    "Delete the temporaries `atomic_path` left in `folder` when its process was killed; return what was removed."
+    found = [p for p in Path(folder).glob('.*.tmp') if p.is_dir() and len(p.name.split('.')) >= 4]
+    for path in found: shutil.rmtree(path, ignore_errors=True)
+    return found

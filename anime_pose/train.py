@@ -4,16 +4,18 @@
 
 # %% ../nbs/08_train.ipynb #ccecead7
 from __future__ import annotations
-import contextlib, csv, dataclasses, functools, importlib, json, math, os, re, shutil, time, typing
+import contextlib, csv, dataclasses, functools, importlib, json, math, os, re, shutil, sys, time, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import AnimePoseError, atomic_path, image_grid, images_to_tensor, load_image, seed_everything, tags_prompt
+from .core import (AnimePoseError, atomic_path, image_grid, images_to_tensor, load_image,
+                             remove_partial_writes, seed_everything, tags_prompt)
 from .pose import Pose
 from .synthetic import synthetic_dataset
 from .diffusion import LOSSES, prediction_loss
@@ -24,10 +26,10 @@ from .pipeline import PoseTransferPipeline, check_model_dir, encode_images
 
 # %% auto #0
 __all__ = ['LR_SCHEDULES', 'MIXED_PRECISION', 'OPTIMIZERS', 'REPORT_TO', 'PRESETS', 'METHODS', 'CHECKPOINT_PATTERN', 'OOM_ADVICE',
-           'LAUNCH_ADVICE', 'WEIGHT_DTYPES', 'IN_MEMORY_CACHE_BYTES', 'ConfigError', 'TrainConfig', 'override_config',
-           'load_config', 'make_optimizer', 'TrainMethod', 'register_method', 'load_method', 'ToyMethod',
-           'batch_indices', 'seed_step', 'list_checkpoints', 'save_checkpoint', 'load_checkpoint', 'LossLog',
-           'read_losses', 'plot_losses', 'TrainingDiverged', 'OutOfMemory', 'train', 'training_triples',
+           'LAUNCH_ADVICE', 'DAMAGE', 'WEIGHT_DTYPES', 'IN_MEMORY_CACHE_BYTES', 'ConfigError', 'TrainConfig',
+           'override_config', 'load_config', 'make_optimizer', 'TrainMethod', 'register_method', 'load_method',
+           'ToyMethod', 'batch_indices', 'seed_step', 'list_checkpoints', 'save_checkpoint', 'load_checkpoint',
+           'LossLog', 'read_losses', 'plot_losses', 'TrainingDiverged', 'OutOfMemory', 'train', 'training_triples',
            'held_out_split', 'load_base', 'cache_features', 'build_cache', 'min_snr_weights', 'DiffusionMethod']
 
 # %% ../nbs/08_train.ipynb #4b257873
@@ -495,6 +497,7 @@ def _start_checkpoint(out: Path, resume: bool) -> Path | None:
     if not resume and (checkpoints or (out / 'final').exists() or (out / 'losses.csv').exists()):
         raise AnimePoseError(f"'{out}': already holds a training run; "
                              'pass --resume to continue it, or choose another --out')
+    if resume: remove_partial_writes(out)  # what a killed run was writing when it died
     return checkpoints[-1] if resume and checkpoints else None
 
 # %% ../nbs/08_train.ipynb #b9fc447c
@@ -570,10 +573,29 @@ def _build(method_class: type[TrainMethod], config: TrainConfig, accelerator, ou
         method.ema = EMAModel(method.ema_parameters, decay=config.ema_decay)
     return method, schedulers
 
+DAMAGE = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)  # how a truncated or corrupt file fails to load
+
+def _step_of(checkpoint: Path) -> int: return int(CHECKPOINT_PATTERN.search(checkpoint.name).group(1))
+
+def _load_intact(method: TrainMethod, schedulers: dict, newest: Path) -> dict:
+    "Load the newest checkpoint up to `newest` that loads whole, saying which damaged ones it passed over."
+    candidates = [c for c in reversed(list_checkpoints(newest.parent)) if _step_of(c) <= _step_of(newest)]
+    damaged = []
+    for checkpoint in candidates:
+        try: state = load_checkpoint(checkpoint, method.modules(), method.optimizers, schedulers, method.ema)
+        except DAMAGE as e:
+            damaged.append(f'{checkpoint.name} ({type(e).__name__}: {str(e).splitlines()[0][:80]})')
+            continue
+        if damaged and method.accelerator.is_main_process:
+            print(f"warning: damaged {', '.join(damaged)}; resuming from {checkpoint.name} (kept as they are)",
+                  file=sys.stderr)
+        return state
+    raise AnimePoseError(f"'{newest.parent}': no intact checkpoint to resume from: {'; '.join(damaged)}")
+
 def _resume(method: TrainMethod, schedulers: dict, checkpoint: Path | None) -> int:
-    "Restore `checkpoint` (if any) into the method's modules, optimizers and schedules; return its step."
+    "Restore `checkpoint` (or the newest intact one before it) into the method's modules, optimizers, schedules."
     if checkpoint is None: return 0
-    state = load_checkpoint(checkpoint, method.modules(), method.optimizers, schedulers, method.ema)
+    state = _load_intact(method, schedulers, checkpoint)
     world = method.accelerator.num_processes
     if state.get('world_size', world) != world and method.accelerator.is_main_process:
         print(f"warning: {checkpoint} was written by {state['world_size']} processes and resumes on {world}: "

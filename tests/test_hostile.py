@@ -75,7 +75,7 @@ def _copy_model(folder: Path) -> Path:
     shutil.copytree(bundled_path('model'), model)
     return model
 
-def _truncate(path: Path): path.write_bytes(path.read_bytes()[:5000])
+def _truncate(path: Path): path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
 DAMAGE = {
     'a truncated UNet': lambda m: _truncate(m / 'unet' / WEIGHTS),
@@ -111,3 +111,35 @@ def test_an_unusable_device_is_one_line(inputs, device, words):
 def test_a_read_only_folder_is_one_line(inputs):
     (inputs / 'locked').mkdir(); (inputs / 'locked').chmod(0o555)
     one_line_error(anime_pose('pose', 'draw', 'pose.json', '--out', 'locked/skeleton.png', cwd=inputs), 'locked')
+
+
+def _toy_run(out: Path, *extra):
+    return ['train', '--method', 'toy', '--out', str(out), '--checkpoint-every', '2', '--seed', '3',
+            '--set', 'keep_checkpoints=3', *extra]
+
+def _final_weights(run: Path) -> bytes:
+    return b''.join(p.read_bytes() for p in sorted((run / 'final').rglob('*.safetensors')))
+
+@pytest.mark.parametrize('damage', ['truncated weights', 'corrupt trainer_state.json', 'zero-byte optimizer'])
+def test_resume_passes_over_a_damaged_checkpoint_to_the_newest_intact_one(tmp_path, damage):
+    straight = anime_pose(*_toy_run(tmp_path / 'straight', '--max-steps', '8'), cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    killed = anime_pose(*_toy_run(tmp_path / 'run', '--max-steps', '7'), cwd=tmp_path)  # as if killed after step 7
+    assert killed.returncode == 0, killed.stderr
+    shutil.rmtree(tmp_path / 'run' / 'final')
+    newest = tmp_path / 'run' / 'checkpoint-6'
+    if damage == 'truncated weights': _truncate(newest / 'model.safetensors')
+    elif damage == 'corrupt trainer_state.json': (newest / 'trainer_state.json').write_text('{"step": ')
+    else: (newest / 'optimizer-main.safetensors').write_bytes(b'')
+    resumed = anime_pose('train', '--out', 'run', '--resume', '--max-steps', '8', cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert 'damaged checkpoint-6' in resumed.stderr and 'resuming from checkpoint-4' in resumed.stderr
+    assert newest.exists()  # nothing the user trained is deleted by the resume
+    assert _final_weights(tmp_path / 'run') == _final_weights(tmp_path / 'straight')
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_line(tmp_path):
+    assert anime_pose(*_toy_run(tmp_path / 'run', '--max-steps', '5'), cwd=tmp_path).returncode == 0
+    for checkpoint in (tmp_path / 'run').glob('checkpoint-*'): (checkpoint / 'model.safetensors').write_bytes(b'')
+    one_line_error(anime_pose('train', '--out', 'run', '--resume', '--max-steps', '6', cwd=tmp_path),
+                   'no intact checkpoint', 'checkpoint-4', 'checkpoint-2')
