@@ -1,5 +1,5 @@
 "Bad input, damaged files and a hostile file system through the real command line: one line, exit 1, nothing lost."
-import json, os, shutil, subprocess, sys
+import errno, json, os, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +143,26 @@ def test_resume_with_every_checkpoint_damaged_is_one_line(tmp_path):
     for checkpoint in (tmp_path / 'run').glob('checkpoint-*'): (checkpoint / 'model.safetensors').write_bytes(b'')
     one_line_error(anime_pose('train', '--out', 'run', '--resume', '--max-steps', '6', cwd=tmp_path),
                    'no intact checkpoint', 'checkpoint-4', 'checkpoint-2')
+
+
+@pytest.mark.parametrize('code', [errno.ENOSPC, errno.EROFS, errno.EDQUOT])
+def test_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(inputs, monkeypatch, capsys, code):
+    from anime_pose import core
+    from anime_pose.cli import main
+    def refuse(source, target): raise OSError(code, os.strerror(code), str(target))
+    monkeypatch.setattr(core.os, 'replace', refuse)  # the moment the finished output would appear
+    monkeypatch.chdir(inputs)
+    assert main(['pose', 'draw', 'pose.json', '--out', 'skeleton.png']) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and os.strerror(code).lower() in lines[0] and 'skeleton.png' in lines[0], lines
+    assert not (inputs / 'skeleton.png').exists() and not list(inputs.glob('.*.tmp'))
+
+
+def test_a_missing_reference_is_refused_before_the_model_loads(inputs, monkeypatch, capsys):
+    from anime_pose import pipeline
+    from anime_pose.cli import main
+    def never(*args, **kwargs): raise AssertionError('the model was loaded before the inputs were checked')
+    monkeypatch.setattr(pipeline, 'load_pipeline', never)
+    monkeypatch.chdir(inputs)
+    assert main(['transfer', '--reference', 'missing.png', '--pose', 'pose.json', '--out', 'out.png']) == 1
+    assert "'missing.png': no such file" in capsys.readouterr().err
