@@ -53,6 +53,7 @@ setuptools.setup(
     entry_points={
         'console_scripts': cfg.get('console_scripts', '').split(),
         'anime_pose.subcommands': cfg.get('subcommands', '').split(),  # `anime-pose SUBCOMMAND`: name=module:function
+        'anime_pose.methods': cfg.get('methods', '').split(),  # `anime-pose train --method NAME`: name=module:Class
         'nbdev': [f'{cfg.get("lib_path")}={cfg.get("lib_path")}._modidx:d'],
     },
     **setup_cfg)

@@ -12,6 +12,7 @@ from .core import AnimePoseError, add_output, add_threads, atomic_path, bundled_
 from .evaluate import _learned, _learned_flags, _print_metrics, evaluate_models
 from .metrics import LearnedMetrics
 from .parser import train_parser
+from .finetune import DiffusionMethod  # registers 'diffusion' (the recipes' method) without entry points
 from .train import TrainConfig, override_config, train
 
 # %% auto #0

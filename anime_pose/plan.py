@@ -15,9 +15,11 @@ from .controlnet import ModelError, controlnet_from_unet, downsampling
 from .reference import REFERENCE_LORA_TARGETS
 from .tiny import TINY_SHAPES, tiny_components
 from .diffusion import LOSSES
-from .train import (PRESETS, REPORT_TO, WEIGHT_DTYPES, ConfigError, DiffusionMethod, METHODS, TrainConfig, load_config,
-                              load_method, override_config, train)
+from .train import (PRESETS, REPORT_TO, WEIGHT_DTYPES, ConfigError, METHODS, TrainConfig,
+                              load_config, load_method, override_config, train)
+from .finetune import DiffusionMethod
 from .gan import GANMethod  # imported so that `@register_method('gan')` makes `--method gan` known
+# (installed, both are also found by name through the `anime_pose.methods` entry points; see `load_method`)
 
 # %% auto #0
 __all__ = ['SD_SHAPES', 'GiB', 'CUDA_OVERHEAD', 'TRAIN_EXAMPLES', 'meta_components', 'estimate_memory', 'format_plan',

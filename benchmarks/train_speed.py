@@ -81,7 +81,8 @@ def diffusers_reference_steps(components: dict, triples, steps: int, batch_size:
 
 def our_steps(out: Path, steps: int, batch_size: int, **overrides) -> dict:
     "Steps/s of `anime_pose.train.train` on a CPU-sized base (`base_model` in overrides), and the seconds spent building the caches."
-    from anime_pose.train import DiffusionMethod, load_config, override_config, train
+    from anime_pose.finetune import DiffusionMethod
+    from anime_pose.train import load_config, override_config, train
     config = override_config(load_config('tiny'), dict(max_steps=steps + 2, batch_size=batch_size, base_steps=0, validate_every=0,
                                                         sample_every=0, checkpoint_every=0, synthetic_characters=8, **overrides))
     clock = {}

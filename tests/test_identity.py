@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from anime_pose.train import DiffusionMethod, TrainConfig, list_checkpoints, override_config, train
+from anime_pose.finetune import DiffusionMethod
+from anime_pose.train import TrainConfig, list_checkpoints, override_config, train
 from anime_pose.plan import estimate_memory
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from anime_pose.cli import main
+import anime_pose.finetune  # registers 'diffusion' for the runs below that name it (installed: an entry point too)
 from anime_pose.train import (ConfigError, ToyMethod, TrainConfig, TrainingDiverged, batch_indices, list_checkpoints,
                               load_config, load_method, override_config, read_losses, save_checkpoint, train)
 
@@ -63,7 +64,8 @@ def test_bad_config_files(tmp_path):
 
 
 def test_methods_are_registered_by_name_or_found_by_module_path():
-    from anime_pose.train import METHODS, DiffusionMethod
+    from anime_pose.train import METHODS
+    from anime_pose.finetune import DiffusionMethod
     assert METHODS['diffusion'] is DiffusionMethod and 'gan' not in METHODS or METHODS['gan'].__module__ == 'anime_pose.gan'
     assert load_method('toy') is ToyMethod
     assert load_method('anime_pose.train:ToyMethod') is ToyMethod
@@ -71,7 +73,26 @@ def test_methods_are_registered_by_name_or_found_by_module_path():
     with pytest.raises(ConfigError, match='cannot import'): load_method('no_such_package.x:Y')
     with pytest.raises(ConfigError, match='no TrainMethod subclass called Nope'): load_method('anime_pose.train:Nope')
     source = (Path(__file__).parents[1] / 'anime_pose' / 'train.py').read_text()
-    assert 'anime_pose.gan' not in [line.split()[1] for line in source.splitlines() if line.startswith(('import ', 'from '))]
+    imported = [line.split()[1] for line in source.splitlines() if line.startswith(('import ', 'from '))]
+    assert not {'.gan', '.finetune', 'anime_pose.gan', 'anime_pose.finetune'} & set(imported)
+
+
+def test_methods_are_found_through_the_entry_points_settings_declares(monkeypatch):
+    "settings.ini's `methods` (the `anime_pose.methods` entry points setup.py installs) name both built-in methods."
+    import configparser
+    from importlib.metadata import EntryPoint
+    import anime_pose.train as train_module
+    from anime_pose.finetune import DiffusionMethod
+    from anime_pose.gan import GANMethod
+    settings = configparser.ConfigParser()
+    settings.read(Path(__file__).parents[1] / 'settings.ini', encoding='utf-8')
+    specs = settings['DEFAULT']['methods'].split()
+    points = [EntryPoint(*spec.split('=', 1), group=train_module.METHOD_GROUP) for spec in specs]
+    assert {point.name: point.load() for point in points} == {'diffusion': DiffusionMethod, 'gan': GANMethod}
+    monkeypatch.setattr(train_module, 'METHODS', {})  # as in a process that imported only anime_pose.train
+    monkeypatch.setattr(train_module, 'entry_points', lambda group: [p for p in points if p.group == group])
+    assert load_method('diffusion') is DiffusionMethod and load_method('gan') is GANMethod
+    with pytest.raises(ConfigError, match="expected one of diffusion, gan or"): load_method('nope')
 
 
 # ---- data order ----
@@ -289,7 +310,7 @@ def trained(run: Path, name: str) -> dict:
 
 
 def test_diffusion_killed_and_resumed_equals_uninterrupted(tmp_path):
-    from anime_pose.train import DiffusionMethod
+    from anime_pose.finetune import DiffusionMethod
     class Crashing(DiffusionMethod):
         calls = 0
         def training_step(self, batch):
@@ -312,7 +333,7 @@ def test_diffusion_killed_and_resumed_equals_uninterrupted(tmp_path):
 
 def test_cache_holds_what_the_uncached_path_computes(tmp_path):
     from accelerate import Accelerator
-    from anime_pose.train import DiffusionMethod
+    from anime_pose.finetune import DiffusionMethod
     methods = {}
     for cache in (True, False):
         method = DiffusionMethod(tiny_diffusion(cache=cache), Accelerator(cpu=True))
@@ -351,7 +372,7 @@ def test_base_pretraining_schedule_runs_for_any_number_of_steps():
 
 def test_losses_and_min_snr():
     from anime_pose.diffusion import DiffusionError, prediction_loss
-    from anime_pose.train import min_snr_weights
+    from anime_pose.finetune import min_snr_weights
     x, y = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
     assert prediction_loss(x, 3 * y, 'l1') == 3 and prediction_loss(x, 3 * y, 'l2') == 9
     assert prediction_loss(x, 3 * y, 'huber', huber_delta=1.0) == 2.5
@@ -363,7 +384,8 @@ def test_losses_and_min_snr():
 
 
 def test_bad_data_and_base_model_are_named(tmp_path):
-    from anime_pose.train import DiffusionMethod, load_base, training_triples
+    from anime_pose.finetune import DiffusionMethod, load_base
+    from anime_pose.train import training_triples
     with pytest.raises(ConfigError, match='no such directory'): training_triples(tiny_diffusion(data=str(tmp_path / 'none')))
     with pytest.raises(ConfigError, match='not a saved DatasetDict'): training_triples(tiny_diffusion(data=str(tmp_path)))
     with pytest.raises(ConfigError.__mro__[1], match='model_index.json, unet/, vae/'):
