@@ -47,6 +47,9 @@ def snapshot(folder: Path) -> dict:
     ['demo', '--out', 'mine'],
     ['data', 'filter', '--metadata', 'pose.json', '--out', 'mine'],
     ['data', 'budget', '--pairs', 'pose.json', '--out', 'mine'],
+    ['data', 'load', '--manifest', 'pose.json', '--image-root', '.', '--out', 'mine'],
+    ['data', 'build', '--metadata', 'pose.json', '--out', 'mine'],
+    ['synth', '--out', 'mine', '--characters', '3', '--poses-per-character', '2'],
 ])
 def test_an_existing_folder_is_refused_and_kept(inputs, command):
     (inputs / 'mine').mkdir(); (inputs / 'mine' / 'drawing.png').write_text('years of work')
