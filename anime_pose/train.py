@@ -584,6 +584,7 @@ def _load_intact(method: TrainMethod, schedulers: dict, newest: Path) -> dict:
     for checkpoint in candidates:
         try: state = load_checkpoint(checkpoint, method.modules(), method.optimizers, schedulers, method.ema)
         except DAMAGE as e:
+            if isinstance(e, AnimePoseError): raise  # a refusal (e.g. EMA asked of a run without it), not damage
             damaged.append(f'{checkpoint.name} ({type(e).__name__}: {str(e).splitlines()[0][:80]})')
             continue
         if damaged and method.accelerator.is_main_process:
