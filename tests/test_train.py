@@ -309,7 +309,8 @@ def trained(run: Path, name: str) -> dict:
     return load_file(run / 'final' / name / 'diffusion_pytorch_model.safetensors')
 
 
-def test_diffusion_killed_and_resumed_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize('train_unet', [False, True])
+def test_diffusion_killed_and_resumed_equals_uninterrupted(tmp_path, train_unet):
     from anime_pose.finetune import DiffusionMethod
     class Crashing(DiffusionMethod):
         calls = 0
@@ -317,18 +318,37 @@ def test_diffusion_killed_and_resumed_equals_uninterrupted(tmp_path):
             Crashing.calls += 1
             if Crashing.calls == 3: raise Crash('killed in step 3')
             return super().training_step(batch)
-    config = tiny_diffusion()
+    config = tiny_diffusion(train_unet=train_unet, unet_learning_rate=1e-3)
     train(config, tmp_path / 'straight', progress=False)
     with pytest.raises(Crash): train(config, tmp_path / 'killed', method=Crashing, progress=False)
     assert [p.name for p in list_checkpoints(tmp_path / 'killed')] == ['checkpoint-2']
     train(config, tmp_path / 'killed', resume=True, progress=False)
-    for name in ('controlnet', 'reference_net'):
+    for name in ('unet', 'controlnet', 'reference_net'):
         assert_same_weights(trained(tmp_path / 'killed', name), trained(tmp_path / 'straight', name))
     assert read_losses(tmp_path / 'killed') == read_losses(tmp_path / 'straight')
-    untouched = load_file(tmp_path / 'straight' / 'base' / 'unet' / 'diffusion_pytorch_model.safetensors')
-    assert_same_weights(trained(tmp_path / 'straight', 'unet'), untouched)  # the base UNet stays frozen
+    base = load_file(tmp_path / 'straight' / 'base' / 'unet' / 'diffusion_pytorch_model.safetensors')
+    final = trained(tmp_path / 'straight', 'unet')
+    changed = any(not torch.equal(base[k], final[k]) for k in base)
+    assert changed == train_unet  # the base UNet stays frozen unless train_unet
     from anime_pose.pipeline import PoseTransferPipeline
     assert PoseTransferPipeline.from_pretrained(tmp_path / 'straight' / 'final').reference_net is not None
+
+
+def test_the_denoiser_has_its_own_learning_rate():
+    from anime_pose.finetune import DiffusionMethod
+    method = DiffusionMethod(tiny_diffusion(train_unet=True, learning_rate=1e-3, unet_learning_rate=1e-5), accelerator=None)
+    method.controlnet, method.reference_net, method.unet = (torch.nn.Linear(2, 2) for _ in range(3))
+    method.trainable = ('controlnet', 'reference_net', 'unet')
+    groups = method.configure_optimizers()['main'].param_groups
+    assert [(len(g['params']), g['lr']) for g in groups] == [(4, 1e-3), (2, 1e-5)]
+
+
+def test_the_plan_counts_a_trained_unet():
+    from anime_pose.plan import estimate_memory
+    frozen, planned = estimate_memory(tiny_diffusion()), estimate_memory(tiny_diffusion(train_unet=True))
+    unet = planned['parameters']['unet']
+    assert planned['trainable_parameters'] == frozen['trainable_parameters'] + unet
+    assert planned['memory']['optimizer_state'] > frozen['memory']['optimizer_state']
 
 
 def test_cache_holds_what_the_uncached_path_computes(tmp_path):
