@@ -681,6 +681,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                     'anime_pose.prompts.encode_tokens': ('weighted_prompts.html#encode_tokens', 'anime_pose/prompts.py'),
                                     'anime_pose.prompts.encode_weighted_prompt': ( 'weighted_prompts.html#encode_weighted_prompt',
                                                                                    'anime_pose/prompts.py'),
+                                    'anime_pose.prompts.escape_prompt': ('weighted_prompts.html#escape_prompt', 'anime_pose/prompts.py'),
                                     'anime_pose.prompts.pad_chunks': ('weighted_prompts.html#pad_chunks', 'anime_pose/prompts.py'),
                                     'anime_pose.prompts.parse_prompt_attention': ( 'weighted_prompts.html#parse_prompt_attention',
                                                                                    'anime_pose/prompts.py'),

@@ -12,8 +12,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .core import AnimePoseError
 
 # %% auto #0
-__all__ = ['BREAK', 'PromptError', 'parse_prompt_attention', 'tokenize_prompt', 'check_clip_skip', 'encode_tokens', 'emphasize',
-           'encode_weighted_prompt', 'pad_chunks', 'encode_prompt_pair']
+__all__ = ['BREAK', 'PromptError', 'parse_prompt_attention', 'escape_prompt', 'tokenize_prompt', 'check_clip_skip',
+           'encode_tokens', 'emphasize', 'encode_weighted_prompt', 'pad_chunks', 'encode_prompt_pair']
 
 # %% ../nbs/07_weighted_prompts.ipynb #331241a9
 class PromptError(AnimePoseError):
@@ -48,7 +48,12 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         else: merged.append([part, weight])
     return [tuple(fragment) for fragment in merged]
 
-# %% ../nbs/07_weighted_prompts.ipynb #877994af
+# %% ../nbs/07_weighted_prompts.ipynb #ff2f6504
+def escape_prompt(text: str) -> str:
+    "`text` with its brackets and backslashes escaped, so that A1111's parser reads it literally at weight 1."
+    return re.sub(r'([\\()\[\]])', r'\\\1', text)
+
+# %% ../nbs/07_weighted_prompts.ipynb #95af4c65
 def _chunks(tokens: list[tuple[int | None, float]], length: int, comma: int, backtrack: int) -> list[list]:
     "A1111's cut of (token, weight) pairs into chunks of `length`; a None token is a BREAK."
     chunks, chunk, last_comma = [], [], -1
@@ -82,7 +87,7 @@ def tokenize_prompt(tokenizer: CLIPTokenizer, prompt: str,
         weights.append([1.0, *(w for _, w in chunk), 1.0] + [1.0] * padding)
     return torch.tensor(ids), torch.tensor(weights)
 
-# %% ../nbs/07_weighted_prompts.ipynb #42d60baa
+# %% ../nbs/07_weighted_prompts.ipynb #42ac030c
 def check_clip_skip(text_encoder: CLIPTextModel, clip_skip: int | None):
     "Raise a `PromptError` unless `clip_skip` is None or a number of layers `text_encoder` can skip."
     layers = text_encoder.config.num_hidden_layers
@@ -100,7 +105,7 @@ def encode_tokens(text_encoder: CLIPTextModel, ids: torch.Tensor, # token ids, (
     hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
     return getattr(text_encoder, 'text_model', text_encoder).final_layer_norm(hidden)  # transformers 4 nests it
 
-# %% ../nbs/07_weighted_prompts.ipynb #69701591
+# %% ../nbs/07_weighted_prompts.ipynb #f7cf5a6c
 def emphasize(embeddings: torch.Tensor, # one chunk per row: (chunks, 77, width)
               weights: torch.Tensor, # per token: (chunks, 77)
              ) -> torch.Tensor:
@@ -110,7 +115,7 @@ def emphasize(embeddings: torch.Tensor, # one chunk per row: (chunks, 77, width)
     weighted = embeddings * weights[..., None].to(embeddings)
     return weighted * (mean / weighted.mean(dim=(1, 2), keepdim=True))
 
-# %% ../nbs/07_weighted_prompts.ipynb #4495ce11
+# %% ../nbs/07_weighted_prompts.ipynb #1b8e8d8d
 @torch.no_grad()
 def encode_weighted_prompt(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
                            prompt: str, # A1111 syntax: (tag:1.2), (tag), [tag], BREAK; any length
@@ -122,7 +127,7 @@ def encode_weighted_prompt(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel
     chunks = emphasize(encode_tokens(text_encoder, ids.to(device or text_encoder.device), clip_skip), weights)
     return chunks.reshape(1, -1, chunks.shape[-1])
 
-# %% ../nbs/07_weighted_prompts.ipynb #5353f361
+# %% ../nbs/07_weighted_prompts.ipynb #4fa1f5f5
 def pad_chunks(positive: torch.Tensor, negative: torch.Tensor, # embeddings, (1, tokens, width)
                empty: torch.Tensor, # the empty prompt's embeddings: one chunk
               ) -> tuple[torch.Tensor, torch.Tensor]:

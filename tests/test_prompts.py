@@ -7,7 +7,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from anime_pose.controlnet import zero_convolutions
 from anime_pose.pipeline import PoseTransferPipeline, TransferError
 from anime_pose.pose import pose_from_joints
-from anime_pose.prompts import BREAK, PromptError, encode_weighted_prompt, encode_tokens, parse_prompt_attention, tokenize_prompt
+from anime_pose.prompts import (BREAK, PromptError, encode_tokens, encode_weighted_prompt, escape_prompt, parse_prompt_attention,
+                                tokenize_prompt)
 from anime_pose.tiny import encode_prompt, tiny_components, tiny_text_encoder, tiny_tokenizer
 
 STANDING = {'nose': (32, 10), 'neck': (32, 18), 'right_shoulder': (26, 18), 'right_elbow': (22, 28), 'right_wrist': (20, 38),
@@ -64,6 +65,13 @@ def test_weighted_tag_changes_embeddings_and_weight_one_is_the_plain_tag(tokeniz
 def test_plain_short_prompts_encode_as_before(tokenizer, text_encoder):
     for prompt in ('', '1girl, solo, long hair', 'lowres, bad anatomy, worst quality'):
         assert torch.equal(encode_weighted_prompt(tokenizer, text_encoder, prompt), encode_prompt(tokenizer, text_encoder, prompt))
+
+
+def test_escaped_tags_encode_as_training_encodes_them(tokenizer, text_encoder):
+    tags = 'ganyu (genshin impact), [sketch], 1girl'  # Danbooru's series qualifiers are in brackets
+    assert parse_prompt_attention(escape_prompt(tags)) == [(tags, 1.0)]
+    assert torch.equal(encode_weighted_prompt(tokenizer, text_encoder, escape_prompt(tags)), encode_prompt(tokenizer, text_encoder, tags))
+    assert not torch.equal(encode_weighted_prompt(tokenizer, text_encoder, tags), encode_prompt(tokenizer, text_encoder, tags))
 
 
 def test_long_prompt_is_two_chunks_cut_at_a_comma(tokenizer, text_encoder):
