@@ -11,10 +11,9 @@ cannot be installed offline: the `quarto-cli` package on PyPI is a source archiv
 binary from GitHub. So the usual path is the renderer below: one HTML page per notebook (named as quarto names it,
 `output-file` from nbdev's front matter), a sidebar in nbdev's order, figures as files beside each page.
 
-Usage: python .ci/make_docs.py [NOTEBOOK ...] [--out DIR]
-Run from a folder with an nbdev settings.ini (the repository root); NOTEBOOK names under nbs/ build only those pages.
+Usage: python .ci/make_docs.py [NOTEBOOK ...] [--out DIR]   (from the repository root; NOTEBOOKs of nbs/: only those pages)
 """
-import base64, html, importlib, importlib.util, json, re, shutil, sys
+import argparse, base64, html, importlib, importlib.util, json, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 import mistune, yaml
@@ -26,7 +25,7 @@ from execnb.nbio import read_nb, write_nb
 from nbdev.config import get_config
 from nbdev.process import Processor
 from nbdev.processors import FilterDefaults, exec_show_docs
-from nbdev.quarto import nbdev_sidebar, refresh_quarto_yml
+from nbdev.quarto import _nbdev_yml, nbdev_sidebar
 from nbdev.showdoc import show_doc
 
 markdown = mistune.create_markdown(escape=False, plugins=['table', 'strikethrough', 'url'])
@@ -162,9 +161,9 @@ def process_notebooks(nbs: Path, cache: Path, names: list[str], lib: str) -> Pat
         write_nb(notebook, cache / name)
     return cache
 
-def render_site(cache: Path, out: Path, wanted: list[str], site_title: str, baseurl: str):
+def render_site(cache: Path, out: Path, site_title: str, baseurl: str):
     "Render the processed notebooks in `cache` into `out`, with the stylesheet and the images they use."
-    names = [name for name in sidebar_order(cache) if not wanted or name in wanted]
+    names = sidebar_order(cache)
     metas = {name: front_matter(json.loads((cache / name).read_text(encoding='utf-8'))) for name in names}
     items = ''.join(f'<li><a href="{metas[n].get("output-file", Path(n).stem + ".html")}">'
                     f'{html.escape(metas[n].get("title", Path(n).stem))}</a></li>' for n in names)
@@ -176,24 +175,28 @@ def render_site(cache: Path, out: Path, wanted: list[str], site_title: str, base
     for name in names: print(f'  {name} -> {render_page(cache / name, out, sidebar, site_title, baseurl).name}')
 
 def main(argv: list[str]):
-    out_arg = argv[argv.index('--out') + 1] if '--out' in argv else None
-    wanted = [a for i, a in enumerate(argv) if not a.startswith('--') and (i == 0 or argv[i - 1] != '--out')]
+    parser = argparse.ArgumentParser(description='Build the docs site from the notebooks (see the top of this file).')
+    parser.add_argument('notebooks', nargs='*', help='only these notebooks of nbs/ (default: all)')
+    parser.add_argument('--out', help="the site's folder (default: settings.ini's doc_path, _docs/)")
+    args = parser.parse_args(argv)
     cfg = get_config()
-    nbs, out = cfg.nbs_path, Path(out_arg).resolve() if out_arg else cfg.doc_path
-    missing = [name for name in wanted if not (nbs / name).exists()]
+    nbs, out = cfg.nbs_path, Path(args.out).resolve() if args.out else cfg.doc_path
+    missing = [name for name in args.notebooks if not (nbs / name).is_file()]
     if missing: sys.exit(f'make_docs: no such notebook in {nbs}: {", ".join(missing)}')
-    refresh_quarto_yml()  # nbs/nbdev.yml from settings.ini (the project's own nbs/_quarto.yml is kept)
-    nbdev_sidebar.__wrapped__(path=nbs)  # nbs/sidebar.yml, every notebook in order
-    cache = process_notebooks(nbs, cfg.config_path / '_proc', wanted or sorted(p.name for p in nbs.glob('*.ipynb')),
-                              cfg.lib_name)
+    names = args.notebooks or sorted(p.name for p in nbs.glob('*.ipynb'))
     tmp = out.with_name(out.name + '.tmp')
     shutil.rmtree(tmp, ignore_errors=True)
-    if shutil.which('quarto'):
-        import subprocess
-        subprocess.run(['quarto', 'render', str(cache), '--no-cache', '--no-execute', '--output-dir', str(tmp)], check=True)
-    else:
-        print(f'quarto is not installed: rendering {len(wanted) or "every"} notebook(s) from their stored outputs')
-        render_site(cache, tmp, wanted, cfg.get('title', cfg.lib_name), cfg.get('doc_baseurl', '/'))
+    with tempfile.TemporaryDirectory() as folder:
+        cache = process_notebooks(nbs, Path(folder) / '_proc', names, cfg.lib_name)  # what quarto would be given
+        nbdev_sidebar.__wrapped__(path=cache, force=True)  # sidebar.yml: these notebooks in nbdev's order
+        (cache / 'nbdev.yml').write_text(_nbdev_yml.format(doc_path=out.name, **{k: cfg.get(k, '') for k in
+                                         ('title', 'description', 'branch', 'git_url', 'doc_host', 'doc_baseurl')}))
+        if shutil.which('quarto'):
+            subprocess.run(['quarto', 'render', str(cache), '--no-cache', '--no-execute', '--output-dir', str(tmp)],
+                           check=True)
+        else:
+            print(f'quarto is not installed: rendering {len(names)} notebooks from their stored outputs')
+            render_site(cache, tmp, cfg.get('title', cfg.lib_name), cfg.get('doc_baseurl', '/'))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(f'docs: {out}/index.html ({sum(1 for _ in out.glob("*.html"))} pages)')
