@@ -117,7 +117,7 @@ def test_app_in_voila_generates_in_chromium(tmp_path):
     from anime_pose.synthetic import character_renderings, render_character
     render_character(character_renderings(0, 3, 1, 128)[0], 'standing', 128).image.save(tmp_path / 'reference.png')
     (tmp_path / 'pose.json').write_text(json.dumps(synthetic_poses(128)['waving'].pose.to_openpose()))
-    port, started = free_port(), time.monotonic()
+    port = free_port()
     origin = f'http://127.0.0.1:{port}/'
     jupyter = {name: str(tmp_path / 'jupyter' / name) for name in ('JUPYTER_CONFIG_DIR', 'JUPYTER_DATA_DIR', 'JUPYTER_RUNTIME_DIR')}
     env = {**os.environ, **jupyter, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))}
@@ -142,7 +142,6 @@ def test_app_in_voila_generates_in_chromium(tmp_path):
         assert loaded_images(page)[-1] == [64, 64]  # the bundled model draws 64 x 64
         assert local_errors(page) == [], page.errors
         page.screenshot(path=tmp_path / 'app.png', full_page=True)
-    assert time.monotonic() - started < 120
     if os.environ.get('ANIME_POSE_APP_SCREENSHOT'):  # the docs' picture: at most 600 px wide, 256 colours
         shot = Image.open(tmp_path / 'app.png').convert('RGB')
         shot.thumbnail((600, 10_000))
