@@ -139,6 +139,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                      'anime_pose.danbooru.read_jsonl': ('danbooru.html#read_jsonl', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru.read_posts': ('danbooru.html#read_posts', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru.rule_flags': ('danbooru.html#rule_flags', 'anime_pose/danbooru.py'),
+                                     'anime_pose.danbooru.rule_scanner': ('danbooru.html#rule_scanner', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru.save_spec': ('danbooru.html#save_spec', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru.scan_chunk': ('danbooru.html#scan_chunk', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru.scan_metadata': ('danbooru.html#scan_metadata', 'anime_pose/danbooru.py'),
