@@ -120,6 +120,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                      'anime_pose.danbooru._legacy_tags': ('danbooru.html#_legacy_tags', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru._line_chunks': ('danbooru.html#_line_chunks', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru._lines': ('danbooru.html#_lines', 'anime_pose/danbooru.py'),
+                                     'anime_pose.danbooru._read_into_buffer': ('danbooru.html#_read_into_buffer', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru._reason_kind': ('danbooru.html#_reason_kind', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru._scan_task': ('danbooru.html#_scan_task', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru._sure_extension': ('danbooru.html#_sure_extension', 'anime_pose/danbooru.py'),

@@ -457,19 +457,19 @@ def rule_flags(spec: FilterSpec) -> Callable[[_RuleFields], tuple]:
     return flags
 
 # %% ../nbs/03_danbooru.ipynb #b2e4d3f1
-def rule_scanner(spec: FilterSpec) -> Callable[[bytes], tuple[dict, list, int]]:
-    "`rule_flags` over a buffer of JSON lines: (rejected posts counted by flags, [(number, line)] for the full path, lines)."
+def rule_scanner(spec: FilterSpec) -> Callable[[bytes, int | None], tuple[dict, list, int]]:
+    "`rule_flags` over `data[:end]`, JSON lines: (rejected posts counted by flags, [(number, line)] for the full path, lines)."
     ratings, file_exts = frozenset(spec.ratings), frozenset(spec.file_exts)
     required, excluded = frozenset(spec.required_tags), frozenset(spec.excluded_tags)
     wanted, (low, high), min_side, min_score = required | excluded, spec.aspect_range, spec.min_side, spec.min_score
     drop_deleted, drop_banned, one_character = spec.drop_deleted, spec.drop_banned, spec.one_character
     numbers, extensions, flag_strings, decode, int64 = {}, {}, _FLAG_STRINGS, rule_fields, _INT64
 
-    def scan(data: bytes) -> tuple[dict, list, int]:
+    def scan(data: bytes | bytearray, end: int | None = None) -> tuple[dict, list, int]:
         counts, rest, view, find = {}, [], memoryview(data), data.find
-        check_utf8, number, pos, end = not data.isascii(), -1, 0, len(data)
+        check_utf8, number, pos, end = not data.isascii(), -1, 0, len(data) if end is None else end  # (all of `data`)
         while pos < end:  # the lines of `_lines`, as slices of `data`
-            stop = find(b'\n', pos)
+            stop = find(b'\n', pos, end)
             if stop < 0: stop = end
             line, number, pos = view[pos:stop], number + 1, stop + 1
             try:  # `rule_flags`, inlined
@@ -552,6 +552,17 @@ def _lines(path: str | os.PathLike, start: int, end: int) -> Iterator[bytes]:
             pos = stop + 1
 
 # %% ../nbs/03_danbooru.ipynb #f8cd09ce
+_buffer = bytearray()  # one per process, reused: a fresh 32 MB buffer per chunk costs the kernel a page fault per 4 kB
+
+def _read_into_buffer(path: str | os.PathLike, start: int, end: int) -> bytearray:
+    "`path[start:end]` read into the first `end - start` bytes of this process's reusable buffer."
+    global _buffer
+    if len(_buffer) < end - start: _buffer = bytearray(end - start)
+    with open(path, 'rb') as f:
+        f.seek(start)
+        if f.readinto(memoryview(_buffer)[:end - start]) != end - start: raise MetadataError(f"'{path}' changed while read")
+    return _buffer
+
 def scan_chunk(path: str | os.PathLike, # the metadata file
                start: int, end: int, # byte range of whole lines
                spec: FilterSpec | None, # the rules; None keeps every well-formed post
@@ -563,9 +574,7 @@ def scan_chunk(path: str | os.PathLike, # the metadata file
     gc.disable()  # nothing here makes a reference cycle: the collector would only walk the kept lines again and again
     try:
         if spec and fast:  # the rejected posts counted by their flags; the rest (numbered lines) for the full path
-            with open(path, 'rb') as f:
-                f.seek(start)
-                rejected_flags, lines, result.n_lines = rule_scanner(spec)(f.read(end - start))
+            rejected_flags, lines, result.n_lines = rule_scanner(spec)(_read_into_buffer(path, start, end), end - start)
         else: rejected_flags, lines = {}, enumerate(_lines(path, start, end))
         number = -1
         for number, line in lines:
