@@ -882,4 +882,12 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                   'anime_pose.train.save_checkpoint': ('train.html#save_checkpoint', 'anime_pose/train.py'),
                                   'anime_pose.train.seed_step': ('train.html#seed_step', 'anime_pose/train.py'),
                                   'anime_pose.train.train': ('train.html#train', 'anime_pose/train.py'),
-                                  'anime_pose.train.training_triples': ('train.html#training_triples', 'anime_pose/train.py')}}}
+                                  'anime_pose.train.training_triples': ('train.html#training_triples', 'anime_pose/train.py')},
+            'anime_pose.warp': { 'anime_pose.warp.WarpedReference': ('warp.html#warpedreference', 'anime_pose/warp.py'),
+                                 'anime_pose.warp.WarpedReference.covered': ('warp.html#warpedreference.covered', 'anime_pose/warp.py'),
+                                 'anime_pose.warp._pixels': ('warp.html#_pixels', 'anime_pose/warp.py'),
+                                 'anime_pose.warp._segment_distance': ('warp.html#_segment_distance', 'anime_pose/warp.py'),
+                                 'anime_pose.warp.foreground_mask': ('warp.html#foreground_mask', 'anime_pose/warp.py'),
+                                 'anime_pose.warp.part_transforms': ('warp.html#part_transforms', 'anime_pose/warp.py'),
+                                 'anime_pose.warp.similarity_transform': ('warp.html#similarity_transform', 'anime_pose/warp.py'),
+                                 'anime_pose.warp.warp_reference': ('warp.html#warp_reference', 'anime_pose/warp.py')}}}
