@@ -95,14 +95,14 @@ def controlled_prediction(unet: UNet2DConditionModel, controlnet: ControlNetMode
     "The UNet's prediction (noise or velocity) for `latents`, steered by `controlnet` on `condition`."
     if controlnet is None or condition is None or conditioning_scale == 0:
         return unet(latents, timesteps, encoder_hidden_states=text_embeddings).sample
-    down, mid = controlnet(latents, timesteps, encoder_hidden_states=text_embeddings,
+    down, mid = controlnet(latents[:, :controlnet.config.in_channels], timesteps, encoder_hidden_states=text_embeddings,
                            controlnet_cond=condition.to(latents), conditioning_scale=conditioning_scale,
                            return_dict=False)
     return unet(latents, timesteps, encoder_hidden_states=text_embeddings,
                 down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
 # %% ../nbs/05_controlnet.ipynb #c198250a
-_MATCHING = ('block_out_channels', 'cross_attention_dim', 'in_channels', 'layers_per_block', 'down_block_types')
+_MATCHING = ('block_out_channels', 'cross_attention_dim', 'layers_per_block', 'down_block_types')
 
 def check_controlnet(unet: UNet2DConditionModel, controlnet: ControlNetModel):
     "Raise a `ModelError` naming every setting in which `controlnet` does not fit `unet`."
@@ -112,6 +112,8 @@ def check_controlnet(unet: UNet2DConditionModel, controlnet: ControlNetModel):
                 and tuple(np.atleast_1d(unet.config[key])) != tuple(np.atleast_1d(controlnet.config[key]))]
     if list(unet.config.down_block_types) != controlnet_types:
         problems.append(f'down_block_types: UNet {list(unet.config.down_block_types)} vs ControlNet {controlnet_types}')
+    if controlnet.config.in_channels > unet.config.in_channels:  # fewer: it reads the first ones (the noisy latents)
+        problems.append(f'in_channels: UNet {unet.config.in_channels} vs ControlNet {controlnet.config.in_channels}')
     if problems: raise ModelError('the ControlNet does not fit the UNet (' + '; '.join(problems) + ')')
 
 # %% ../nbs/05_controlnet.ipynb #622a6683

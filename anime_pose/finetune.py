@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -17,13 +18,16 @@ from .pose import Pose
 from .diffusion import prediction_loss
 from .controlnet import ModelError, controlled_prediction, downsampling
 from .reference import ReferenceAttention, add_reference_lora, make_reference_net
+from .warp import reads_warped_reference, warp_reference, widen_input
+from .parser import load_detector
 from .tiny import TINY_SHAPES, encode_prompt, noise_scheduler, pretrain_tiny_base
 from .pipeline import PoseTransferPipeline, check_model_dir, encode_images
 from .train import (PRESETS, WEIGHT_DTYPES, ConfigError, TrainConfig, TrainMethod, held_out_split,
                               make_optimizer, register_method, training_triples)
 
 # %% auto #0
-__all__ = ['IN_MEMORY_CACHE_BYTES', 'load_base', 'cache_features', 'build_cache', 'min_snr_weights', 'DiffusionMethod']
+__all__ = ['IN_MEMORY_CACHE_BYTES', 'load_base', 'cache_features', 'reference_poses', 'warped_references', 'build_cache',
+           'min_snr_weights', 'DiffusionMethod']
 
 # %% ../nbs/08a_finetune.ipynb #52ca1281
 def load_base(config: TrainConfig, out: Path, triples=None, progress: bool = True) -> dict:
@@ -61,20 +65,44 @@ def _wait_for_everyone():
 # %% ../nbs/08a_finetune.ipynb #36f3d4b9
 def cache_features(resolution: int, latent_channels: int, text_shape: tuple[int, int],
                    vae_scale_factor: int = 8, # pixels per latent
+                   warped: bool = False, # also the latents of the reference warped to the target pose
                   ):
     "The `datasets.Features` of a cache: latents, text embeddings and skeletons of each triple."
     import datasets
     side = resolution // vae_scale_factor
     return datasets.Features({
+        **({'warped_latents': datasets.Array3D((latent_channels, side, side), 'float32')} if warped else {}),
         'target_latents': datasets.Array3D((latent_channels, side, side), 'float32'),
         'reference_latents': datasets.Array3D((latent_channels, side, side), 'float32'),
         'text': datasets.Array2D(tuple(text_shape), 'float16'),  # half precision halves the largest column
         'skeleton': datasets.Array3D((resolution, resolution, 3), 'uint8'),
     })
 
+def reference_poses(split, # a `datasets.Dataset` of triples
+                    progress: bool = True) -> list:
+    "Each triple's reference pose: its `reference_pose` column, or found by the bundled pose detector."
+    if 'reference_pose' in split.column_names: return split['reference_pose']
+    detector, found = load_detector('parser'), []
+    for image in tqdm(split['reference'], desc='finding the references\' poses', unit='image', disable=not progress):
+        poses = detector.detect(load_image(image))
+        found.append(max(poses, key=lambda p: p.visible.sum()).keypoints.tolist() if poses else None)
+    return found
+
+def warped_references(references: list, reference_keypoints: list, target_keypoints: list,
+                      resolution: int) -> list:
+    "Each reference (squashed to `resolution`, as training sees it) warped onto its target pose."
+    warped = []
+    for reference, source, target in zip(references, reference_keypoints, target_keypoints):
+        if source is None: warped.append(None); continue
+        warped.append(warp_reference(reference, Pose(np.asarray(source, np.float32), resolution, resolution),
+                                     Pose(np.asarray(target, np.float32), resolution, resolution)).image)
+    return warped
+
 def build_cache(split, # a `datasets.Dataset` of triples
                 components: dict, # vae, text_encoder, tokenizer
-                resolution: int, directory: Path, batch_size: int = 16, progress: bool = True):
+                resolution: int, directory: Path, batch_size: int = 16, progress: bool = True,
+                warped: bool = False, # also cache the latents of each reference warped onto its target pose
+               ):
     "Encode every triple of `split` once into a memory-mapped `datasets.Dataset` saved at `directory` (or reuse it)."
     import datasets
     from PIL import Image
@@ -83,7 +111,8 @@ def build_cache(split, # a `datasets.Dataset` of triples
     vae, text_encoder, tokenizer = components['vae'], components['text_encoder'], components['tokenizer']
     features = cache_features(resolution, vae.config.latent_channels,
                               (tokenizer.model_max_length, text_encoder.config.hidden_size),
-                              downsampling(vae.config.block_out_channels))
+                              downsampling(vae.config.block_out_channels), warped)
+    poses = reference_poses(split, progress) if warped else None
     def rows():
         for start in tqdm(range(0, len(split), batch_size), desc=f'caching {directory.name}', unit='batch',
                           disable=not progress):
@@ -94,10 +123,16 @@ def build_cache(split, # a `datasets.Dataset` of triples
             references = [load_image(i).resize(size, Image.BICUBIC) for i in batch['reference']]
             target_latents, reference_latents = encode_images(vae, targets), encode_images(vae, references)
             text = encode_prompt(tokenizer, text_encoder, [tags_prompt(t) for t in batch['tags']], vae.device).half()
+            if warped:
+                pictures = warped_references(references, poses[start:start + batch_size], batch['pose'], resolution)
+                warped_latents = torch.zeros_like(target_latents)
+                known = [i for i, picture in enumerate(pictures) if picture is not None]
+                if known: warped_latents[known] = encode_images(vae, [pictures[i] for i in known])
             for i, keypoints in enumerate(batch['pose']):
                 pose = Pose(np.asarray(keypoints, np.float32), resolution, resolution)
                 skeleton = np.asarray(pose.skeleton_image(resolution, resolution))
-                yield dict(target_latents=target_latents[i].float().cpu().numpy(),
+                yield dict(**({'warped_latents': warped_latents[i].float().cpu().numpy()} if warped else {}),
+                           target_latents=target_latents[i].float().cpu().numpy(),
                            reference_latents=reference_latents[i].float().cpu().numpy(),
                            text=text[i].cpu().numpy(), skeleton=skeleton)
     cache = datasets.Dataset.from_list(list(rows()), features=features)
@@ -117,6 +152,7 @@ def _cache_key(config: TrainConfig) -> str:
     "A short fingerprint of what the cached features depend on."
     import hashlib
     depends_on = [config.base_model, config.data, config.resolution, config.synthetic_characters]
+    if config.warped_reference: depends_on.append('warped')  # (keys of caches without it stay as they were)
     return hashlib.sha1(json.dumps(depends_on).encode()).hexdigest()[:10]
 
 IN_MEMORY_CACHE_BYTES = 2 * 2**30  # caches up to this size are read into memory; larger ones stay memory-mapped
@@ -143,6 +179,12 @@ class DiffusionMethod(TrainMethod):
         self.vae, self.text_encoder, self.tokenizer = parts['vae'], parts['text_encoder'], parts['tokenizer']
         self.unet, self.controlnet = parts['unet'], parts['controlnet']
         self.inference_scheduler, self.noise_scheduler = parts['scheduler'], noise_scheduler(parts['scheduler'])
+        latent_channels = self.vae.config.latent_channels
+        if config.warped_reference and not reads_warped_reference(self.unet, latent_channels):
+            widen_input(self.unet, latent_channels)  # zero-initialised: the base draws as before until trained
+        self.warped = reads_warped_reference(self.unet, latent_channels)
+        if self.warped and config.train_controlnet and self.controlnet.config.in_channels < self.unet.config.in_channels:
+            widen_input(self.controlnet, self.unet.config.in_channels - self.controlnet.config.in_channels)
         self.reference_net = make_reference_net(self.unet).to(device) if config.train_reference else None
         self.controlnet.requires_grad_(config.train_controlnet).train(config.train_controlnet)
         frozen = [self.vae, self.text_encoder, *([] if config.train_unet else [self.unet])]
@@ -178,7 +220,7 @@ class DiffusionMethod(TrainMethod):
         if self.accelerator.is_main_process:
             for split, triples in self.triples.items():
                 build_cache(triples, self.modules_for_cache(), self.config.resolution, out / 'cache' / f'{split}-{key}',
-                            progress=True)
+                            progress=True, warped=self.warped)
         self.accelerator.wait_for_everyone()
         import datasets
         for split in self.triples:
@@ -198,16 +240,37 @@ class DiffusionMethod(TrainMethod):
         rows = ({k: v[indices] for k, v in self.data[split].items()} if isinstance(self.data[split], dict)
                 else self.data[split][indices])
         if self.config.cache:
-            return dict(target_latents=rows['target_latents'].to(device),
+            return dict(**({'warped_latents': rows['warped_latents'].to(device)} if self.warped else {}),
+                        target_latents=rows['target_latents'].to(device),
                         reference_latents=rows['reference_latents'].to(device),
                         text=rows['text'].to(device, torch.float32),
                         condition=rows['skeleton'].to(device).permute(0, 3, 1, 2).float() / 255)
         skeletons = [np.asarray(Pose(np.asarray(k, np.float32), size, size).skeleton_image(size, size))
                      for k in rows['pose']]
-        return dict(target=images_to_tensor(rows['target'], size).to(device),
+        warped = {}
+        if self.warped:
+            references = [load_image(i).resize((size, size)) for i in rows['reference']]
+            if 'reference_pose' in rows: sources = rows['reference_pose']
+            else:  # found once per batch by the bundled detector (a cache finds them once per run)
+                self.detector = getattr(self, 'detector', None) or load_detector('parser')
+                found = [self.detector.detect(reference) for reference in references]
+                sources = [max(f, key=lambda p: p.visible.sum()).keypoints if f else None for f in found]
+            pictures = warped_references(references, sources, rows['pose'], size)
+            warped['warped'] = images_to_tensor([p if p is not None else Image.new('RGB', (size, size)) for p in pictures],
+                                                size).to(device)
+            warped['warped_known'] = torch.tensor([p is not None for p in pictures], device=device)
+        return dict(**warped, target=images_to_tensor(rows['target'], size).to(device),
                     reference=images_to_tensor(rows['reference'], size).to(device),
                     prompts=[tags_prompt(t) for t in rows['tags']],
                     condition=torch.from_numpy(np.stack(skeletons)).to(device).permute(0, 3, 1, 2).float() / 255)
+
+    def _warped(self, batch: dict) -> torch.Tensor | None:
+        "The warped references' latents of a batch (zeros where a reference's pose is unknown), or None."
+        if not self.warped: return None
+        if 'warped_latents' in batch: return batch['warped_latents']
+        with torch.no_grad():
+            latents = self.vae.encode(batch['warped'].to(self.weight_dtype)).latent_dist.mode() * self.vae.config.scaling_factor
+        return latents.float() * batch['warped_known'][:, None, None, None]
 
     def _encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         "Target latents, reference latents and text embeddings: from the cache, or computed now (as diffusers' does)."
@@ -231,6 +294,10 @@ class DiffusionMethod(TrainMethod):
         target = self.noise_scheduler.get_velocity(latents, noise, timesteps) if velocity else noise
         dropped = torch.rand(len(text), device=device) < dropout
         text = torch.where(dropped[:, None, None], self.empty_text.to(text), text)
+        warped = self._warped(batch)
+        if warped is not None:  # dropped like the text, so the model also draws when A's pose is unknown
+            unwarped = torch.rand(len(text), device=device) < dropout
+            noisy = torch.cat([noisy, warped * ~unwarped[:, None, None, None]], 1)
         reference_strength = 0.0 if torch.rand(()).item() < dropout else 1.0
         alphas_cumprod = self.noise_scheduler.alphas_cumprod
         weights = (min_snr_weights(alphas_cumprod, timesteps, config.min_snr_gamma, prediction_type)

@@ -22,22 +22,25 @@ from transformers.utils import logging as transformers_logging
 
 from .core import (AnimePoseError, add_output, add_threads, use_threads, atomic_path, bundled_path, check_device,
                              default_dtype, image_grid, load_image)
-from .pose import Pose, PoseDetector, PoseError, is_skeleton_image, read_pose_image, retarget as retarget_pose
+from .pose import (Pose, PoseDetector, PoseError, is_skeleton_image, read_pose_image, retarget as retarget_pose,
+                             skeleton_to_pose)
 from .parser import load_detector
 from .controlnet import (ModelError, check_controlnet, condition_tensor, controlled_prediction,
                                    controlnet_from_unet,
                                    downsampling, load_controlnet)
 from .reference import ReferenceAttention, self_attention_names
+from .warp import reads_warped_reference, warp_reference
 from .prompts import PromptError, check_clip_skip, encode_weighted_prompt, pad_chunks
 from .tiny import tiny_components
 
 # %% auto #0
 __all__ = ['DRAWING_DEFAULTS', 'LAYOUT', 'RETARGET_TO_DETECTED', 'check_components', 'TransferError', 'check_size',
-           'fit_reference', 'reference_pose_from_image', 'skeleton_images', 'PoseTransferOutput', 'encode_images',
-           'decode_latents', 'check_prompts', 'prompt_text', 'check_control_guidance', 'controlnet_keep',
-           'check_callback', 'step_end', 'PoseTransferPipeline', 'check_model_dir', 'vae_scale_factor',
-           'set_drawing_defaults', 'stored_drawing_defaults', 'model_drawing_defaults', 'bundled_model_dir',
-           'load_pipeline', 'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
+           'fit_reference', 'reference_pose_from_image', 'poses_and_skeletons', 'skeleton_images', 'PoseTransferOutput',
+           'encode_images', 'decode_latents', 'fit_pose', 'warped_reference_latents', 'check_prompts', 'prompt_text',
+           'check_control_guidance', 'controlnet_keep', 'check_callback', 'step_end', 'PoseTransferPipeline',
+           'check_model_dir', 'vae_scale_factor', 'set_drawing_defaults', 'stored_drawing_defaults',
+           'model_drawing_defaults', 'bundled_model_dir', 'load_pipeline', 'run_transfer', 'transfer_cli', 'run_sheet',
+           'sheet_cli']
 
 # %% ../nbs/07a_pipeline.ipynb #ec425759
 def check_components(vae, text_encoder, unet, controlnet, reference_net=None):
@@ -45,9 +48,9 @@ def check_components(vae, text_encoder, unet, controlnet, reference_net=None):
     if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
         raise ModelError(f'the text encoder is {text_encoder.config.hidden_size} wide but the UNet cross-attends to '
                          f'{unet.config.cross_attention_dim} (768 for SD 1.x, 1024 for SD 2.x models)')
-    if vae.config.latent_channels != unet.config.in_channels:
+    if unet.config.in_channels not in (vae.config.latent_channels, 2 * vae.config.latent_channels):
         raise ModelError(f'the VAE has {vae.config.latent_channels} latent channels '
-                         f'but the UNet takes {unet.config.in_channels}')
+                         f'but the UNet takes {unet.config.in_channels} (expected as many, or twice: a warped reference)')
     check_controlnet(unet, controlnet)
     embedded = downsampling(controlnet.config.conditioning_embedding_out_channels)
     pixels_per_latent = downsampling(vae.config.block_out_channels)
@@ -96,22 +99,22 @@ def reference_pose_from_image(reference, # character A: a PIL image, path or byt
     found = _detector(detector).detect(load_image(reference))
     return max(found, key=lambda p: p.visible.sum()) if found else None
 
-def skeleton_images(pose, # a Pose, OpenPose JSON path or dict, skeleton image, a drawing of someone (PIL or path), or a list of them
+def poses_and_skeletons(pose, # a Pose, OpenPose JSON path or dict, skeleton image, a drawing of someone (PIL or path), or a list of them
                     width: int, height: int, # the generation's size
                     reference_pose=None, # the reference's Pose (or JSON), needed to retarget
                     retarget: bool | None = None, # redraw poses with A's proportions; default: with `reference_pose`
                     canvas: tuple[int, int] | None = None, # (width, height) of pixel JSON poses, if files don't say
                     detector: PoseDetector | str | os.PathLike = 'parser', # finds pose B in images that are not skeletons
                     person: int | None = None, # which person of a drawing or skeleton image to take; default the largest
-                   ) -> list[Image.Image]:
-    "One ControlNet skeleton image per requested pose, `width` × `height`."
+                   ) -> tuple[list[Pose | None], list[Image.Image]]:
+    "Each requested pose (None where a skeleton image cannot be read back) and its ControlNet skeleton, `width` × `height`."
     poses = list(pose) if isinstance(pose, (list, tuple)) else [pose]
     if not poses: raise TransferError('no pose given')
     like = _as_pose(reference_pose, canvas) if reference_pose is not None else None
     if retarget and like is None:
         raise TransferError('retarget needs the reference pose '
                             '(reference_pose=, or `anime-pose pose detect` on the reference)')
-    skeletons = []
+    parsed_poses, skeletons = [], []
     for i, item in enumerate(poses):
         parsed = _as_pose(item, canvas)
         if parsed is None:
@@ -121,6 +124,7 @@ def skeleton_images(pose, # a Pose, OpenPose JSON path or dict, skeleton image, 
                     raise TransferError(f'pose {i}: cannot retarget a skeleton image; '
                                         'give the pose as a Pose or OpenPose JSON')
                 skeletons.append(picture.resize((width, height), Image.BILINEAR))
+                parsed_poses.append(next(iter(skeleton_to_pose(picture)), None))
                 continue
             detector = _detector(detector)  # loaded once, on the first drawing
             parsed = read_pose_image(item if isinstance(item, (str, os.PathLike)) else picture, detector, person)
@@ -130,8 +134,12 @@ def skeleton_images(pose, # a Pose, OpenPose JSON path or dict, skeleton image, 
         skeleton = parsed.skeleton_image(width, height)
         if np.asarray(skeleton).max() < 16:
             raise TransferError(f'pose {i}: {parsed!r} draws nothing: no joint falls inside its canvas')
-        skeletons.append(skeleton)
-    return skeletons
+        parsed_poses.append(parsed); skeletons.append(skeleton)
+    return parsed_poses, skeletons
+
+def skeleton_images(*args, **kwargs) -> list[Image.Image]:
+    "One ControlNet skeleton image per requested pose (the arguments of `poses_and_skeletons`)."
+    return poses_and_skeletons(*args, **kwargs)[1]
 
 # %% ../nbs/07a_pipeline.ipynb #bf6881ed
 @dataclass
@@ -170,6 +178,37 @@ def encode_images(vae: AutoencoderKL, images: list[Image.Image]) -> torch.Tensor
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> list[Image.Image]:
     "PIL images decoded from scaled VAE `latents`."
     return _to_images(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample)
+
+# %% ../nbs/07a_pipeline.ipynb #3a8f98a7
+def fit_pose(pose: Pose, # a pose in an image of `size`
+             size: tuple[int, int], # that image's (width, height)
+             width: int, height: int, # the size `fit_reference` brings the image to
+            ) -> Pose:
+    "`pose` moved as `fit_reference` moves its image: padded to the aspect of `width` × `height`, then resized."
+    image_width, image_height = size
+    scale = min(width / image_width, height / image_height)
+    canvas_width = max(round(width / scale), image_width); canvas_height = max(round(height / scale), image_height)
+    keypoints = pose.keypoints.copy()
+    keypoints[:, 0] = (keypoints[:, 0] * image_width + (canvas_width - image_width) // 2) / canvas_width
+    keypoints[:, 1] = (keypoints[:, 1] * image_height + (canvas_height - image_height) // 2) / canvas_height
+    keypoints[~pose.visible] = 0
+    return Pose(keypoints, width, height)
+
+def warped_reference_latents(vae: AutoencoderKL,
+                             reference: Image.Image, # A, already fitted to `width` × `height`
+                             reference_pose: Pose | None, # A's pose in `reference`
+                             poses: list[Pose | None], # each pose B
+                            ) -> torch.Tensor:
+    "The scaled VAE latents of `reference` warped onto each of `poses`; zeros where a pose is unknown."
+    width, height = reference.size
+    known = [i for i, pose in enumerate(poses) if pose is not None and reference_pose is not None]
+    factor = downsampling(vae.config.block_out_channels)
+    latents = torch.zeros(len(poses), vae.config.latent_channels, height // factor, width // factor,
+                          device=vae.device, dtype=vae.dtype)
+    if known:
+        warped = [warp_reference(reference, reference_pose, poses[i], width, height).image for i in known]
+        latents[known] = encode_images(vae, warped)
+    return latents
 
 # %% ../nbs/07a_pipeline.ipynb #e99cbc7f
 def _check_settings(num_inference_steps, guidance_scale, controlnet_conditioning_scale, reference_strength, batch_size):
@@ -284,7 +323,8 @@ class PoseTransferPipeline(DiffusionPipeline):
                  controlnet_conditioning_scale: float | None = None, # how strongly the skeleton steers; None: model's
                  reference_strength: float = 1.0, # how strongly A's features are attended to; 0 ignores the reference
                  retarget: bool | None = None, # redraw poses with A's proportions (needs `reference_pose`)
-                 reference_pose=None, # A's pose (Pose or OpenPose JSON), for `retarget`
+                 reference_pose=None, # A's pose in `reference` (Pose or OpenPose JSON): for `retarget`, and for the
+                                      # warp of a model that reads one (default: found by `detector`)
                  detector: PoseDetector | str | os.PathLike = 'parser', # finds pose B in drawings (see `load_detector`)
                  pose_canvas: tuple[int, int] | None = None, # (width, height) of pixel JSON poses, if not in files
                  height: int | None = None, width: int | None = None, # default: the UNet's native size
@@ -314,12 +354,14 @@ class PoseTransferPipeline(DiffusionPipeline):
         check_prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         check_control_guidance(control_guidance_start, control_guidance_end)
         tensor_inputs = check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        skeletons = skeleton_images(pose, width, height, reference_pose, retarget, pose_canvas, detector)
+        poses, skeletons = poses_and_skeletons(pose, width, height, reference_pose, retarget, pose_canvas, detector)
         reference_image = fit_reference(reference, width, height)
+        warped = (self._warped(reference, reference_image, reference_pose, pose_canvas, detector, poses)
+                  if reads_warped_reference(self.unet, self.vae.config.latent_channels) else None)
         device, dtype = self._execution_device, self.unet.dtype
         text = prompt_text(self, prompt, negative_prompt, guidance_scale > 1, clip_skip, prompt_embeds, negative_prompt_embeds)
         factor = self.vae_scale_factor
-        shape = (len(skeletons), self.unet.config.in_channels, height // factor, width // factor)
+        shape = (len(skeletons), self.vae.config.latent_channels, height // factor, width // factor)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         batch_size = batch_size or len(skeletons)
         images = []
@@ -330,6 +372,7 @@ class PoseTransferPipeline(DiffusionPipeline):
                 for start in range(0, len(skeletons), batch_size):
                     condition = condition_tensor(skeletons[start:start + batch_size], height, width).to(device, dtype)
                     latents = self._denoise(noise[start:start + batch_size], condition, text, reference_path,
+                                            None if warped is None else warped[start:start + batch_size],
                                             reference_strength > 0,
                                             num_inference_steps, guidance_scale, controlnet_conditioning_scale,
                                             generator, eta, progress, (control_guidance_start, control_guidance_end),
@@ -337,7 +380,15 @@ class PoseTransferPipeline(DiffusionPipeline):
                     images += decode_latents(self.vae, latents) if output_type == 'pil' else [latents]
         return PoseTransferOutput(images=images if output_type == 'pil' else torch.cat(images), skeletons=skeletons)
 
-    def _denoise(self, noise, condition, text, reference_path, use_reference, num_inference_steps,
+    def _warped(self, reference, fitted, reference_pose, canvas, detector, poses) -> torch.Tensor:
+        "The warped reference's latents for each pose (A's pose given, in `reference`'s coordinates, or detected)."
+        if reference_pose is not None:
+            original = load_image(reference)
+            reference_pose = fit_pose(_as_pose(reference_pose, canvas).resized(*original.size), original.size, *fitted.size)
+        else: reference_pose = reference_pose_from_image(fitted, detector)
+        return warped_reference_latents(self.vae, fitted, reference_pose, poses)
+
+    def _denoise(self, noise, condition, text, reference_path, warped, use_reference, num_inference_steps,
                  guidance_scale, controlnet_conditioning_scale, generator, eta, progress, control_guidance=(0.0, 1.0),
                  on_step_end=None):
         guided = guidance_scale > 1
@@ -351,6 +402,7 @@ class PoseTransferPipeline(DiffusionPipeline):
         keep = controlnet_keep(len(self.scheduler.timesteps), *control_guidance)
         for i, t in enumerate(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(torch.cat([latents, latents]) if guided else latents, t)
+            if warped is not None: model_input = torch.cat([model_input, torch.cat([warped, warped]) if guided else warped], 1)
             if use_reference:
                 with reference_path.read():
                     prediction = controlled_prediction(self.unet, self.controlnet, model_input, t, text, condition,

@@ -14,6 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .core import images_to_tensor, seed_everything, tags_prompt
 from .controlnet import ModelError, controlnet_from_unet, downsampling, tiny_unet
 from .reference import make_reference_net
+from .warp import widen_input
 
 # %% auto #0
 __all__ = ['DANBOORU_WORDS', 'TINY_SHAPES', 'tiny_tokenizer', 'tiny_text_encoder', 'tiny_vae', 'sd_scheduler', 'tiny_components',
@@ -104,6 +105,7 @@ def tiny_components(seed: int = 0, # seeds every random initialisation
                     cross_attention_dim: int = 32, # text width: 768 or 1024 to mimic SD 1.x / 2.x shapes
                     prediction_type: str = 'epsilon', # or 'v_prediction'
                     reference_net: bool = False, # add a trainable reference net (a copy of the UNet)
+                    warped_reference: bool = False, # the UNet and ControlNet also read a warped reference (06a_warp)
                     shape: str = 'tiny', # a key of `TINY_SHAPES`
                    ) -> dict:
     "Every component of a `PoseTransferPipeline`, small enough for a CPU, built without downloads."
@@ -114,6 +116,7 @@ def tiny_components(seed: int = 0, # seeds every random initialisation
     tokenizer = tiny_tokenizer()
     unet = tiny_unet(seed, cross_attention_dim=cross_attention_dim, sample_size=64 // factor,
                      block_out_channels=widths['unet']).eval()
+    if warped_reference: widen_input(unet, unet.config.in_channels)
     return dict(vae=tiny_vae(seed, widths['vae']), text_encoder=tiny_text_encoder(tokenizer, cross_attention_dim, seed),
                 tokenizer=tokenizer, unet=unet, controlnet=controlnet_from_unet(unet, vae_scale_factor=factor).eval(),
                 scheduler=sd_scheduler(prediction_type),
@@ -153,21 +156,23 @@ def _pretrain_vae(vae, images: torch.Tensor, steps: int, batch_size: int, genera
     vae.register_to_config(scaling_factor=float(1 / latents.std()))  # unit-variance latents, as SD's 0.18215 gives
     return latents * vae.config.scaling_factor
 
-def _pretrain_unet(unet, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor, scheduler, steps: int,
-                   batch_size: int, generator: torch.Generator, bar):
-    "Teach `unet` to predict the noise added to `latents` given their prompts `text` (10% of them dropped to `empty`)."
-    unet.train(); optimizer, schedule = _one_cycle(unet.parameters(), 1e-3, steps)
+def _pretrain_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor, scheduler,
+                   steps: int, batch_size: int, generator: torch.Generator, bar):
+    """Teach `unet` to predict the noise added to `latents` given their prompts' token `ids` (10% of them dropped to
+    `empty_ids`), training `text_encoder` with it: the base follows its tags, as a real anime model does."""
+    unet.train(); text_encoder.train()
+    optimizer, schedule = _one_cycle([*unet.parameters(), *text_encoder.parameters()], 1e-3, steps)
     for _ in range(steps):
         index = torch.randint(len(latents), (batch_size,), generator=generator)
         noise = torch.randn(latents[index].shape, generator=generator)
         t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         drop = torch.rand(batch_size, generator=generator) < 0.1
-        embeddings = torch.where(drop[:, None, None], empty, text[index])
+        embeddings = text_encoder(torch.where(drop[:, None], empty_ids, ids[index]))[0]
         prediction = unet(scheduler.add_noise(latents[index], noise, t), t, encoder_hidden_states=embeddings).sample
         loss = F.mse_loss(prediction, noise)
         loss.backward(); optimizer.step(); schedule.step(); optimizer.zero_grad()
         bar.update(); bar.set_postfix(unet=f'{loss.item():.3f}')
-    unet.eval().requires_grad_(False)
+    unet.eval().requires_grad_(False); text_encoder.eval().requires_grad_(False)
 
 # %% ../nbs/07_tiny.ipynb #3164ec9e
 def noise_scheduler(scheduler) -> DDPMScheduler:
@@ -180,7 +185,7 @@ def pretrain_tiny_base(triples, # the DatasetDict whose train split teaches the 
                        shape: str = 'tiny', # a key of `TINY_SHAPES`
                        vae_steps: int | None = None, # optimizer steps for the VAE; default `steps`
                       ) -> dict:
-    "The components of `tiny_components(seed, shape)` with the VAE and UNet trained on the synthetic characters."
+    "The components of `tiny_components(seed, shape)`, VAE, UNet and text encoder trained on the synthetic characters."
     seed_everything(seed)
     parts = tiny_components(seed, shape=shape)
     vae, unet, text_encoder, tokenizer = parts['vae'], parts['unet'], parts['text_encoder'], parts['tokenizer']
@@ -191,9 +196,9 @@ def pretrain_tiny_base(triples, # the DatasetDict whose train split teaches the 
     vae_steps = steps if vae_steps is None else vae_steps
     with tqdm(total=vae_steps + steps, desc=f'pre-training the {shape} base', unit='step', disable=not progress) as bar:
         latents = _pretrain_vae(vae, images, vae_steps, batch_size, generator, bar)
-        with torch.no_grad():
-            text = encode_prompt(tokenizer, text_encoder, [tags_prompt(t) for t in train['tags']] * 2)
-            empty = encode_prompt(tokenizer, text_encoder, '')
+        def token_ids(prompts): return tokenizer(prompts, padding='max_length', max_length=tokenizer.model_max_length,
+                                                 truncation=True, return_tensors='pt').input_ids
+        ids, empty_ids = token_ids([tags_prompt(t) for t in train['tags']] * 2), token_ids([''])
         scheduler = noise_scheduler(parts['scheduler'])
-        _pretrain_unet(unet, latents, text, empty, scheduler, steps, batch_size, generator, bar)
+        _pretrain_unet(unet, text_encoder, latents, ids, empty_ids, scheduler, steps, batch_size, generator, bar)
     return parts

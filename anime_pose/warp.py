@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 from .core import load_image
@@ -15,7 +16,8 @@ from .pose import Pose
 
 # %% auto #0
 __all__ = ['LIMB_PARTS', 'TORSO_JOINTS', 'TORSO_BONES', 'HEAD_JOINTS', 'HEAD_BONES', 'PAINT_ORDER', 'similarity_transform',
-           'foreground_mask', 'part_transforms', 'WarpedReference', 'warp_reference']
+           'foreground_mask', 'part_transforms', 'WarpedReference', 'warp_reference', 'widen_input',
+           'reads_warped_reference']
 
 # %% ../nbs/06a_warp.ipynb #2482a190
 def similarity_transform(source: np.ndarray, # (N, 2) points
@@ -123,3 +125,23 @@ def warp_reference(reference, # character A: a PIL image, path or bytes
                                 borderMode=cv2.BORDER_REPLICATE)
         out[moved] = pixels[moved]; coverage |= moved
     return WarpedReference(Image.fromarray(out), coverage)
+
+# %% ../nbs/06a_warp.ipynb #9169db86
+def widen_input(model: torch.nn.Module, # a diffusers UNet2DConditionModel or ControlNetModel
+                extra: int, # input channels to add
+               ) -> torch.nn.Module:
+    "`model` taking `extra` more input channels after its own, zero-initialised: until trained it ignores them."
+    old = model.conv_in
+    new = torch.nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding,
+                          dtype=old.weight.dtype, device=old.weight.device)
+    with torch.no_grad():
+        new.weight.zero_(); new.weight[:, :old.in_channels] = old.weight; new.bias.copy_(old.bias)
+    model.conv_in = new
+    model.register_to_config(in_channels=old.in_channels + extra)
+    return model
+
+def reads_warped_reference(unet, # the denoiser
+                           latent_channels: int, # the VAE's
+                          ) -> bool:
+    "Whether `unet` takes a warped reference's latents after the noisy ones (twice the latent channels in)."
+    return unet.config.in_channels == 2 * latent_channels

@@ -309,8 +309,8 @@ def trained(run: Path, name: str) -> dict:
     return load_file(run / 'final' / name / 'diffusion_pytorch_model.safetensors')
 
 
-@pytest.mark.parametrize('train_unet', [False, True])
-def test_diffusion_killed_and_resumed_equals_uninterrupted(tmp_path, train_unet):
+@pytest.mark.parametrize('train_unet, warped', [(False, False), (True, False), (True, True)])
+def test_diffusion_killed_and_resumed_equals_uninterrupted(tmp_path, train_unet, warped):
     from anime_pose.finetune import DiffusionMethod
     class Crashing(DiffusionMethod):
         calls = 0
@@ -318,7 +318,7 @@ def test_diffusion_killed_and_resumed_equals_uninterrupted(tmp_path, train_unet)
             Crashing.calls += 1
             if Crashing.calls == 3: raise Crash('killed in step 3')
             return super().training_step(batch)
-    config = tiny_diffusion(train_unet=train_unet, unet_learning_rate=1e-3)
+    config = tiny_diffusion(train_unet=train_unet, unet_learning_rate=1e-3, warped_reference=warped)
     train(config, tmp_path / 'straight', progress=False)
     with pytest.raises(Crash): train(config, tmp_path / 'killed', method=Crashing, progress=False)
     assert [p.name for p in list_checkpoints(tmp_path / 'killed')] == ['checkpoint-2']
@@ -331,7 +331,29 @@ def test_diffusion_killed_and_resumed_equals_uninterrupted(tmp_path, train_unet)
     changed = any(not torch.equal(base[k], final[k]) for k in base)
     assert changed == train_unet  # the base UNet stays frozen unless train_unet
     from anime_pose.pipeline import PoseTransferPipeline
-    assert PoseTransferPipeline.from_pretrained(tmp_path / 'straight' / 'final').reference_net is not None
+    pipe = PoseTransferPipeline.from_pretrained(tmp_path / 'straight' / 'final')
+    assert pipe.reference_net is not None
+    assert (pipe.unet.config.in_channels, pipe.controlnet.config.in_channels) == ((8, 8) if warped else (4, 4))
+    if warped:  # the warp channels were opened by training
+        assert final['conv_in.weight'][:, 4:].abs().sum() > 0
+
+
+def test_warped_training_reads_the_same_warps_with_and_without_a_cache(tmp_path):
+    "The cache stores the warps the uncached path computes each step."
+    from anime_pose.finetune import DiffusionMethod
+    warps = []
+    for cache in (True, False):
+        method = DiffusionMethod(tiny_diffusion(warped_reference=True, train_unet=True, cache=cache), accelerator=None)
+        method.out = tmp_path / f'cache-{cache}'
+        from accelerate import Accelerator
+        method.accelerator = Accelerator(cpu=True, project_dir=str(method.out))
+        method.build()
+        batch = method.get_batch('train', [0, 1])
+        torch.manual_seed(0)
+        warped = method._warped(batch)
+        assert warped.shape == (2, 4, 8, 8) and warped.abs().sum() > 0
+        warps.append(warped)
+    torch.testing.assert_close(warps[0], warps[1], atol=1e-4, rtol=1e-4)
 
 
 def test_the_denoiser_has_its_own_learning_rate():
