@@ -249,11 +249,12 @@ def save_single_file(components: dict, # a pipeline's components: unet, vae, tex
 LDM_HINT_CHANNELS = (16, 32, 96, 256)  # the original ControlNet's fixed hint-encoder widths
 
 def controlnet_config_from_unet(unet_config: dict, # the config of the UNet the ControlNet controls
+                                hint_channels: tuple[int, ...] = LDM_HINT_CHANNELS, # the hint encoder's widths
                                ) -> dict:
-    "The config of a ControlNet in the original layout (as lllyasviel's) for a UNet with `unet_config`."
+    "The config of a ControlNet (by default in the original layout, as lllyasviel's) for a UNet with `unet_config`."
     with torch.device('meta'):
         unet = UNet2DConditionModel.from_config(unet_config)
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=LDM_HINT_CHANNELS,
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(hint_channels),
                                                load_weights_from_unet=False)
     return {k: v for k, v in controlnet.config.items() if not k.startswith('_')}
 
@@ -273,17 +274,28 @@ def _text_width(checkpoint: dict) -> int | None:
             return tensor.shape[1]
     return None
 
+def _hint_channels(checkpoint: dict) -> tuple[int, ...]:
+    "The widths of a ControlNet's hint encoder, read from its convolutions (original or diffusers names)."
+    convs = {}
+    for key, tensor in checkpoint.items():
+        parts = key.removeprefix(CONTROLNET_PREFIX).split('.')
+        if parts[0] == 'input_hint_block' and parts[-1] == 'weight' and parts[1] != '14': convs[int(parts[1])] = tensor
+        if parts[:2] == ['controlnet_cond_embedding', 'conv_in'] and parts[-1] == 'weight': convs[-1] = tensor
+        if parts[:2] == ['controlnet_cond_embedding', 'blocks'] and parts[-1] == 'weight': convs[int(parts[2])] = tensor
+    return tuple(convs[i].shape[0] for i in sorted(convs))[::2] or LDM_HINT_CHANNELS
+
 def _controlnet_config(checkpoint: dict, path, unet_config: dict | None) -> dict:
     "The ControlNet's config: stored in the file, else shaped like the UNet, else SD1.5's or SD2.1's by text width."
     stored = stored_controlnet_config(path)
     if stored is not None: return stored
-    if unet_config is not None: return controlnet_config_from_unet(unet_config)
+    if unet_config is not None: return controlnet_config_from_unet(unet_config, _hint_channels(checkpoint))
     width = _text_width(checkpoint)
     family = {768: 'sd15', 1024: 'sd21'}.get(width)
     if family is None:
         what = 'an SDXL ControlNet' if width == 2048 else f'text width {width}' if width else 'no cross-attention found'
         raise ModelError(f"'{path}': not an SD1.x/SD2.x ControlNet ({what}); give the model it belongs to")
-    return controlnet_config_from_unet(UNet2DConditionModel.load_config(single_file_config_dir(family), subfolder='unet'))
+    unet_config = UNet2DConditionModel.load_config(single_file_config_dir(family), subfolder='unet')
+    return controlnet_config_from_unet(unet_config, _hint_channels(checkpoint))
 
 def load_single_file_controlnet(path: str | os.PathLike, # a ControlNet .safetensors: original, ComfyUI or diffusers layout
                                 unet_config: dict | None = None, # the config of the UNet it controls: shapes its own
