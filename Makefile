@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install demo test export clean-nbs readme wheel
+.PHONY: install demo test export clean-nbs readme wheel docs
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ export:
 
 readme:
 	$(BIN)/python .ci/make_readme.py
+
+# _docs/index.html: the book as a website, every chapter with its stored outputs (no notebook is run; quarto renders it
+# when installed, else .ci/make_docs.py does). Not nbdev_docs: without quarto that one runs `pip install -e` here.
+docs: install
+	$(BIN)/python .ci/make_docs.py
 
 # dist/anime_pose-VERSION-py3-none-any.whl (and the sdist): `pip install dist/anime_pose-*.whl` anywhere,
 # e.g. upload it to Colab and point the first cell of a notebook at it

@@ -28,6 +28,7 @@ lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 tensorboard_requirements = shlex.split(cfg.get('tensorboard_requirements', ''))
 mediapipe_requirements = shlex.split(cfg.get('mediapipe_requirements', ''))
+app_requirements = shlex.split(cfg.get('app_requirements', ''))
 
 package_data = {cfg['lib_name']: ['assets/*', 'assets/**/*']}
 
@@ -44,7 +45,8 @@ setuptools.setup(
     include_package_data=True,
     package_data=package_data,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements, 'tensorboard': tensorboard_requirements, 'mediapipe': mediapipe_requirements},
+    extras_require={'dev': dev_requirements, 'tensorboard': tensorboard_requirements, 'mediapipe': mediapipe_requirements,
+                    'app': app_requirements},
     dependency_links=cfg.get('dep_links', '').split(),
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),

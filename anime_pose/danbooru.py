@@ -21,8 +21,8 @@ from .core import AnimePoseError, atomic_path
 # %% auto #0
 __all__ = ['RATINGS', 'TAG_CATEGORIES', 'NULL_TIME', 'FILE_EXT', 'RULE_NAMES', 'rule_fields', 'MetadataError', 'MalformedPost',
            'Post', 'parse_post', 'parse_line', 'fake_metadata', 'FilterSpec', 'save_spec', 'load_spec', 'spec_rules',
-           'first_failed_rule', 'rule_flags', 'ChunkResult', 'scan_chunk', 'metadata_files', 'scan_metadata',
-           'filter_metadata', 'plot_filter_report', 'read_jsonl', 'write_jsonl', 'read_posts']
+           'first_failed_rule', 'rule_flags', 'rule_scanner', 'ChunkResult', 'scan_chunk', 'metadata_files',
+           'scan_metadata', 'filter_metadata', 'plot_filter_report', 'read_jsonl', 'write_jsonl', 'read_posts']
 
 # %% ../nbs/03_danbooru.ipynb #75cbe5f4
 class MetadataError(AnimePoseError):
@@ -456,6 +456,62 @@ def rule_flags(spec: FilterSpec) -> Callable[[_RuleFields], tuple]:
                 one_character and n_characters != 1, not required <= present, not excluded.isdisjoint(present))
     return flags
 
+# %% ../nbs/03_danbooru.ipynb #b2e4d3f1
+def rule_scanner(spec: FilterSpec) -> Callable[[bytes, int | None], tuple[dict, list, int]]:
+    "`rule_flags` over `data[:end]`, JSON lines: (rejected posts counted by flags, [(number, line)] for the full path, lines)."
+    ratings, file_exts = frozenset(spec.ratings), frozenset(spec.file_exts)
+    required, excluded = frozenset(spec.required_tags), frozenset(spec.excluded_tags)
+    wanted, (low, high), min_side, min_score = required | excluded, spec.aspect_range, spec.min_side, spec.min_score
+    drop_deleted, drop_banned, one_character = spec.drop_deleted, spec.drop_banned, spec.one_character
+    numbers, extensions, flag_strings, decode, int64 = {}, {}, _FLAG_STRINGS, rule_fields, _INT64
+
+    def scan(data: bytes | bytearray, end: int | None = None) -> tuple[dict, list, int]:
+        counts, rest, view, find = {}, [], memoryview(data), data.find
+        check_utf8, number, pos, end = not data.isascii(), -1, 0, len(data) if end is None else end  # (all of `data`)
+        while pos < end:  # the lines of `_lines`, as slices of `data`
+            stop = find(b'\n', pos, end)
+            if stop < 0: stop = end
+            line, number, pos = view[pos:stop], number + 1, stop + 1
+            try:  # `rule_flags`, inlined
+                if check_utf8: str(line, 'utf-8')  # msgspec does not check the UTF-8 of fields it skips; orjson does
+                r = decode(line)
+                ident, width, height, size = r.id, r.image_width, r.image_height, r.file_size
+                if type(width) is str:  # legacy and BigQuery rows write them as strings of digits
+                    digits = ident + width + height + size  # TypeError unless all four are strings
+                    if not (digits.isascii() and digits.isdigit() and ident and width and height and size): raise ValueError
+                    ident, width, height = int(ident), int(width), int(height)
+                elif not type(ident) is type(width) is type(height) is type(size) is int: raise TypeError
+                elif not (ident < int64 and width < int64 and height < int64 and -int64 <= size < int64): raise ValueError
+                if ident <= 0 or width <= 0 or height <= 0 or (rating := r.rating) is None: raise ValueError
+                file_ext = extensions.get(r.file_ext) or _sure_extension(r.file_ext, extensions)
+                score = numbers.get(s) if type(s := r.score) is str else s if type(s) is int and -int64 <= s < int64 else None
+                if score is None: score = _sure_integer(s, 0, numbers)
+                if not ((f := r.fav_count) is None or f in numbers): _sure_integer(f, 0, numbers)
+                if not ((q := r.parent_id) is None or q in numbers): _sure_integer(q, 0, numbers)
+                deleted = d if type(d := r.is_deleted) is bool else flag_strings[d]  # KeyError unless None, 'true', 'false'
+                banned = b if type(b := r.is_banned) is bool else flag_strings[b]
+                if (tags := r.tags) is None:  # API record: all five strings (TypeError unless all five are strings)
+                    character = r.tag_string_character
+                    present = wanted.intersection(' '.join((r.tag_string_general, character, r.tag_string_copyright,
+                                                            r.tag_string_artist, r.tag_string_meta)).split())
+                    n_characters = len(character.split())
+                else:
+                    n_characters, found = 0, []
+                    for tag in tags:
+                        if tag.category == '4': n_characters += 1
+                        if tag.name in wanted: found.append(tag.name)
+                    present = set(found)
+            except Exception:  # not JSON, or not sure: the full path decides
+                rest.append((number, bytes(line)))
+                continue
+            key = (drop_deleted and deleted, drop_banned and banned, rating not in ratings, file_ext not in file_exts,
+                   width < min_side or height < min_side, not low <= width / height <= high, score < min_score,
+                   one_character and n_characters != 1, not required <= present, not excluded.isdisjoint(present))
+            if True in key: counts[key] = counts.get(key, 0) + 1
+            else: rest.append((number, bytes(line)))
+        return counts, rest, number + 1
+    return scan
+
 # %% ../nbs/03_danbooru.ipynb #82575a1a
 def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, int]]:
     "Byte ranges [start, end) of `path`, about `chunk_bytes` long, each ending at a line end."
@@ -496,27 +552,32 @@ def _lines(path: str | os.PathLike, start: int, end: int) -> Iterator[bytes]:
             pos = stop + 1
 
 # %% ../nbs/03_danbooru.ipynb #f8cd09ce
+_buffer = bytearray()  # one per process, reused: a fresh 32 MB buffer per chunk costs the kernel a page fault per 4 kB
+
+def _read_into_buffer(path: str | os.PathLike, start: int, end: int) -> bytearray:
+    "`path[start:end]` read into the first `end - start` bytes of this process's reusable buffer."
+    global _buffer
+    if len(_buffer) < end - start: _buffer = bytearray(end - start)
+    with open(path, 'rb') as f:
+        f.seek(start)
+        if f.readinto(memoryview(_buffer)[:end - start]) != end - start: raise MetadataError(f"'{path}' changed while read")
+    return _buffer
+
 def scan_chunk(path: str | os.PathLike, # the metadata file
                start: int, end: int, # byte range of whole lines
                spec: FilterSpec | None, # the rules; None keeps every well-formed post
-               fast: bool = True, # decide rejected posts on the line's `rule_fields` (`rule_flags`); False builds every `Post`
+               fast: bool = True, # decide rejected posts on the line's `rule_fields` (`rule_scanner`); False builds every `Post`
               ) -> ChunkResult:
     "Parse the lines of `path[start:end]` and filter them by `spec`."
-    result, rules, number = ChunkResult(str(path)), spec_rules(spec) if spec else [], -1
-    flags = rule_flags(spec) if spec and fast else None
-    rejected_flags = Counter()  # posts rejected on the fast path, by flags
+    result, rules = ChunkResult(str(path)), spec_rules(spec) if spec else []
     collecting = gc.isenabled()
     gc.disable()  # nothing here makes a reference cycle: the collector would only walk the kept lines again and again
     try:
-        for number, line in enumerate(_lines(path, start, end)):
-            if flags:
-                try:
-                    if not line.isascii(): line.decode()  # msgspec does not check the UTF-8 of fields it skips; orjson does
-                    key = flags(rule_fields(line))
-                    if True in key:
-                        rejected_flags[key] += 1
-                        continue
-                except Exception: pass  # not JSON, or not sure: the full path decides
+        if spec and fast:  # the rejected posts counted by their flags; the rest (numbered lines) for the full path
+            rejected_flags, lines, result.n_lines = rule_scanner(spec)(_read_into_buffer(path, start, end), end - start)
+        else: rejected_flags, lines = {}, enumerate(_lines(path, start, end))
+        number = -1
+        for number, line in lines:
             if not line or line.isspace(): continue
             try: post = parse_line(line)
             except MalformedPost as e:
@@ -528,6 +589,7 @@ def scan_chunk(path: str | os.PathLike, # the metadata file
             else:
                 result.rejected[failed[0]] += 1
                 result.failing.update(failed)
+        if not (spec and fast): result.n_lines = number + 1
     finally:
         if collecting: gc.enable()
     for key, count in rejected_flags.items():
@@ -535,7 +597,6 @@ def scan_chunk(path: str | os.PathLike, # the metadata file
         result.read += count
         result.rejected[failed[0]] += count
         for name in failed: result.failing[name] += count
-    result.n_lines = number + 1
     return result
 
 def _scan_task(task: tuple) -> ChunkResult: return scan_chunk(*task)

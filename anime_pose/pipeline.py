@@ -6,12 +6,14 @@
 from __future__ import annotations
 import argparse, inspect, json, os, sys, warnings
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput, logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -28,15 +30,17 @@ from .controlnet import (ModelError, check_controlnet, condition_tensor, control
 from .reference import ReferenceAttention, self_attention_names
 from .single_file import (PREDICTION_TYPES, is_single_file, load_single_file_components,
                                    load_single_file_controlnet)
-from .tiny import encode_prompt, tiny_components
+from .prompts import PromptError, check_clip_skip, encode_weighted_prompt, pad_chunks
+from .tiny import tiny_components
 
 # %% auto #0
 __all__ = ['DRAWING_DEFAULTS', 'DIFFUSERS_ENTRY', 'SAVED_README', 'LAYOUT', 'RETARGET_TO_DETECTED', 'check_components',
            'TransferError', 'check_size', 'fit_reference', 'reference_pose_from_image', 'skeleton_images',
-           'PoseTransferOutput', 'encode_images', 'decode_latents', 'load_any_controlnet', 'describe_saved_pipeline',
-           'PoseTransferPipeline', 'check_model_dir', 'vae_scale_factor', 'set_drawing_defaults',
-           'stored_drawing_defaults', 'model_drawing_defaults', 'load_single_file_pipeline', 'bundled_model_dir',
-           'load_pipeline', 'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
+           'PoseTransferOutput', 'encode_images', 'decode_latents', 'check_prompts', 'prompt_text',
+           'check_control_guidance', 'controlnet_keep', 'check_callback', 'step_end', 'load_any_controlnet',
+           'describe_saved_pipeline', 'PoseTransferPipeline', 'check_model_dir', 'vae_scale_factor',
+           'set_drawing_defaults', 'stored_drawing_defaults', 'model_drawing_defaults', 'load_single_file_pipeline',
+           'bundled_model_dir', 'load_pipeline', 'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
 
 # %% ../nbs/07a_pipeline.ipynb #ec425759
 def check_components(vae, text_encoder, unet, controlnet, reference_net=None):
@@ -182,6 +186,62 @@ def _check_settings(num_inference_steps, guidance_scale, controlnet_conditioning
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise TransferError(f'batch_size must be a positive integer, got {batch_size!r}')
 
+# %% ../nbs/07a_pipeline.ipynb #2d8641a1
+def check_prompts(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip):
+    "Raise a `TransferError` or `PromptError` for prompt settings that cannot be used (together)."
+    check_clip_skip(pipe.text_encoder, clip_skip)
+    width = pipe.unet.config.cross_attention_dim
+    for name, text, embeds in (('prompt', prompt, prompt_embeds), ('negative_prompt', negative_prompt, negative_prompt_embeds)):
+        if embeds is None: continue
+        if text: raise TransferError(f'give {name} or {name}_embeds, not both')
+        if not (isinstance(embeds, torch.Tensor) and embeds.ndim == 3 and embeds.shape[0] == 1 and embeds.shape[2] == width):
+            raise TransferError(f'{name}_embeds must be a tensor of shape (1, tokens, {width}), '
+                                f'got {tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__}')
+
+def prompt_text(pipe, prompt: str, negative_prompt: str,
+                guided: bool, # also encode the negative prompt, for classifier-free guidance
+                clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None) -> torch.Tensor:
+    "What the UNet attends to: the prompt's embeddings, after the negative prompt's when `guided`: (1 or 2, tokens, width)."
+    device, dtype = pipe._execution_device, pipe.unet.dtype
+    encode = partial(encode_weighted_prompt, pipe.tokenizer, pipe.text_encoder, clip_skip=clip_skip, device=device)
+    positive = encode(prompt) if prompt_embeds is None else prompt_embeds.to(device)
+    if not guided: return positive.to(dtype)
+    negative = encode(negative_prompt) if negative_prompt_embeds is None else negative_prompt_embeds.to(device)
+    if positive.shape[1] != negative.shape[1]: positive, negative = pad_chunks(positive, negative, encode(''))
+    return torch.cat([negative, positive]).to(dtype)
+
+# %% ../nbs/07a_pipeline.ipynb #753f52e9
+def check_control_guidance(start: float, end: float):
+    "Raise a `TransferError` unless 0 <= `start` <= `end` <= 1."
+    for name, value in (('control_guidance_start', start), ('control_guidance_end', end)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise TransferError(f'{name} must be a number from 0 to 1 (a fraction of the steps), got {value!r}')
+    if start > end: raise TransferError(f'control_guidance_start ({start}) must not be after control_guidance_end ({end})')
+
+def controlnet_keep(steps: int, start: float = 0.0, end: float = 1.0) -> list[float]:
+    "For each of `steps`: 1.0 where the ControlNet acts, else 0.0 (diffusers' `controlnet_keep`)."
+    return [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
+
+# %% ../nbs/07a_pipeline.ipynb #8142650d
+def check_callback(callback, # None, a function (pipe, step, timestep, tensors) -> dict, or a diffusers PipelineCallback
+                   tensor_inputs, # names of the tensors it receives
+                   allowed, # the names the pipeline can pass
+                  ) -> tuple[str, ...]:
+    "The names of the tensors `callback` receives, checked against `allowed`."
+    if callback is None: return ()
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)): tensor_inputs = callback.tensor_inputs
+    elif not callable(callback): raise TransferError(f'callback_on_step_end must be callable, got {type(callback).__name__}')
+    if isinstance(tensor_inputs, str) or any(name not in allowed for name in tensor_inputs):
+        raise TransferError(f'callback_on_step_end_tensor_inputs must name some of {list(allowed)}, got {tensor_inputs!r}')
+    return tuple(tensor_inputs)
+
+def step_end(pipe, callback, tensor_inputs: tuple[str, ...], step: int, timestep, latents: torch.Tensor) -> torch.Tensor:
+    "Call `callback` after `step` as diffusers does, and return the latents it hands back (or the same ones)."
+    changed = callback(pipe, step, timestep, {name: {'latents': latents}[name] for name in tensor_inputs})
+    if not isinstance(changed, dict):
+        raise TransferError(f'callback_on_step_end must return a dict of the tensors it changes, got {type(changed).__name__}')
+    return changed.pop('latents', latents)
+
 # %% ../nbs/07a_pipeline.ipynb #ebca4de0
 def load_any_controlnet(controlnet: str | os.PathLike, # a ControlNet folder (diffusers layout) or .safetensors file
                         unet_config: dict | None = None, # the config of the UNet it will steer: shapes a bare file's
@@ -238,6 +298,7 @@ class PoseTransferPipeline(DiffusionPipeline):
     "Character A from a reference image in pose B: Stable Diffusion + ControlNet (pose) + reference attention."
     model_cpu_offload_seq = 'text_encoder->reference_net->controlnet->unet->vae'
     _optional_components = ['reference_net']
+    _callback_tensor_inputs = ['latents']  # what `callback_on_step_end` can read and replace
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  unet: UNet2DConditionModel,
@@ -274,6 +335,13 @@ class PoseTransferPipeline(DiffusionPipeline):
                  batch_size: int | None = None, # poses denoised together; default all
                  eta: float = 0.0, # DDIM's eta (0: deterministic)
                  output_type: str = 'pil', # 'pil', or 'latent' for the final latents (one tensor)
+                 clip_skip: int | None = None, # CLIP layers skipped before the last; A1111's 'clip skip 2' is 1
+                 prompt_embeds: torch.Tensor | None = None, # (1, tokens, width), instead of `prompt`
+                 negative_prompt_embeds: torch.Tensor | None = None, # instead of `negative_prompt`
+                 control_guidance_start: float = 0.0, # fraction of the steps before the ControlNet starts acting
+                 control_guidance_end: float = 1.0, # fraction of the steps after which it stops
+                 callback_on_step_end=None, # f(pipe, step, timestep, tensors) -> dict of changed tensors, after each step
+                 callback_on_step_end_tensor_inputs: list[str] = ('latents',), # tensors passed to it
                 ) -> PoseTransferOutput:
         "Draw the character of `reference` in every pose of `pose`."
         native = self.unet.config.sample_size * self.vae_scale_factor
@@ -286,14 +354,13 @@ class PoseTransferPipeline(DiffusionPipeline):
                         batch_size)
         if output_type not in ('pil', 'latent'):
             raise TransferError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        check_prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        check_control_guidance(control_guidance_start, control_guidance_end)
+        tensor_inputs = check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         skeletons = skeleton_images(pose, width, height, reference_pose, retarget, pose_canvas, detector)
         reference_image = fit_reference(reference, width, height)
         device, dtype = self._execution_device, self.unet.dtype
-        text = encode_prompt(self.tokenizer, self.text_encoder, prompt, device).to(dtype)
-        guided = guidance_scale > 1
-        if guided:
-            negative = encode_prompt(self.tokenizer, self.text_encoder, negative_prompt, device).to(dtype)
-            text = torch.cat([negative, text])
+        text = prompt_text(self, prompt, negative_prompt, guidance_scale > 1, clip_skip, prompt_embeds, negative_prompt_embeds)
         factor = self.vae_scale_factor
         shape = (len(skeletons), self.unet.config.in_channels, height // factor, width // factor)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -308,12 +375,14 @@ class PoseTransferPipeline(DiffusionPipeline):
                     latents = self._denoise(noise[start:start + batch_size], condition, text, reference_path,
                                             reference_strength > 0,
                                             num_inference_steps, guidance_scale, controlnet_conditioning_scale,
-                                            generator, eta, progress)
+                                            generator, eta, progress, (control_guidance_start, control_guidance_end),
+                                            callback_on_step_end and partial(step_end, self, callback_on_step_end, tensor_inputs))
                     images += decode_latents(self.vae, latents) if output_type == 'pil' else [latents]
         return PoseTransferOutput(images=images if output_type == 'pil' else torch.cat(images), skeletons=skeletons)
 
     def _denoise(self, noise, condition, text, reference_path, use_reference, num_inference_steps,
-                 guidance_scale, controlnet_conditioning_scale, generator, eta, progress):
+                 guidance_scale, controlnet_conditioning_scale, generator, eta, progress, control_guidance=(0.0, 1.0),
+                 on_step_end=None):
         guided = guidance_scale > 1
         batch = noise.shape[0]
         text = text.repeat_interleave(batch, dim=0)  # (negative × batch, positive × batch)
@@ -322,18 +391,20 @@ class PoseTransferPipeline(DiffusionPipeline):
         latents = noise * self.scheduler.init_noise_sigma
         accepted = inspect.signature(self.scheduler.step).parameters  # DDIM takes eta, ancestral samplers a generator
         extra = {k: v for k, v in (('eta', eta), ('generator', generator)) if k in accepted}
-        for t in self.scheduler.timesteps:
+        keep = controlnet_keep(len(self.scheduler.timesteps), *control_guidance)
+        for i, t in enumerate(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(torch.cat([latents, latents]) if guided else latents, t)
             if use_reference:
                 with reference_path.read():
                     prediction = controlled_prediction(self.unet, self.controlnet, model_input, t, text, condition,
-                                                       controlnet_conditioning_scale)
+                                                       controlnet_conditioning_scale * keep[i])
             else: prediction = controlled_prediction(self.unet, self.controlnet, model_input, t, text, condition,
-                                                     controlnet_conditioning_scale)
+                                                     controlnet_conditioning_scale * keep[i])
             if guided:
                 negative, positive = prediction.chunk(2)
                 prediction = negative + guidance_scale * (positive - negative)
             latents = self.scheduler.step(prediction, t, latents, **extra).prev_sample
+            if on_step_end: latents = on_step_end(i, t, latents)
             progress.update()
         return latents
 
@@ -494,13 +565,20 @@ def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument('--reference-only', action='store_true',
                         help="training-free identity: the UNet's own weights encode the reference (always so for a "
                              'single-file --model; with a trained model this ignores its reference net)')
-    parser.add_argument('--prompt', default='', help="Danbooru tags describing A, e.g. '1girl, solo, long hair'")
+    parser.add_argument('--prompt', default='', help="Danbooru tags describing A, e.g. '1girl, solo, (long hair:1.2)': "
+                                                   "any length, weighted as in A1111 ((tag), [tag], (tag:w), BREAK)")
     parser.add_argument('--negative-prompt', default='lowres, bad anatomy, worst quality', help='tags to avoid')
+    parser.add_argument('--clip-skip', type=int, help="CLIP layers to skip before the last, as diffusers counts them: "
+                                                      "A1111's 'clip skip 2' of anime SD 1.x checkpoints is --clip-skip 1 (default 0)")
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
     parser.add_argument('--guidance', type=float,
                         help="classifier-free guidance scale (default: the model's calibrated guidance, else 5)")
     parser.add_argument('--controlnet-scale', type=float,
                         help="pose conditioning strength (default: the model's calibrated scale, else 1)")
+    parser.add_argument('--control-start', type=float, default=0.0,
+                        help='fraction of the steps before the pose ControlNet starts acting (default 0)')
+    parser.add_argument('--control-end', type=float, default=1.0,
+                        help='fraction of the steps after which the pose ControlNet stops acting (default 1)')
     parser.add_argument('--reference-strength', type=float, default=1.0,
                         help='identity strength; 0 ignores the reference (default 1)')
     parser.add_argument('--reference-pose', help="A's pose as OpenPose JSON, to retarget poses to A's proportions")
@@ -534,6 +612,8 @@ def _reference_pose(args, reference):
 
 def _transfer(args, poses) -> PoseTransferOutput:
     reference, device = load_image(args.reference), check_device(args.device)  # cheap checks before the model loads
+    check_control_guidance(args.control_start, args.control_end)
+    if args.clip_skip is not None and args.clip_skip < 0: raise TransferError(f'--clip-skip must be >= 0, got {args.clip_skip}')
     use_threads(args.threads, small=args.model in (None, 'tiny'))  # the bundled model, or tiny untrained components
     reference_pose = _reference_pose(args, reference)
     if is_single_file(args.model) and args.controlnet is None:
@@ -545,7 +625,8 @@ def _transfer(args, poses) -> PoseTransferOutput:
                 controlnet_conditioning_scale=args.controlnet_scale, reference_strength=args.reference_strength,
                 retarget=args.retarget, reference_pose=reference_pose, pose_canvas=args.canvas, detector=args.detector, height=args.height,
                 width=args.width,
-                generator=torch.Generator().manual_seed(args.seed), batch_size=getattr(args, 'batch_size', None))
+                generator=torch.Generator().manual_seed(args.seed), batch_size=getattr(args, 'batch_size', None),
+                clip_skip=args.clip_skip, control_guidance_start=args.control_start, control_guidance_end=args.control_end)
 
 # %% ../nbs/07a_pipeline.ipynb #5ecf93d1
 def run_transfer(args) -> int:

@@ -120,6 +120,13 @@ def main(argv=None):
             cli_wall.append(wall), cli_cpu.append(cpu)
             cli_kept = json.loads((folder / 'out' / 'report.json').read_text())['kept']
             assert plain_kept == cli_kept, f'the plain loop kept {plain_kept} posts, the CLI {cli_kept}'
+            if run == 0:  # the same posts, not only as many
+                plain_ids = [int(json.loads(line)['id']) for line in open(folder / 'plain.jsonl')]
+                cli_ids = [json.loads(line)['id'] for line in open(folder / 'out' / 'posts.jsonl')]
+                assert plain_ids == cli_ids, 'the plain loop and the CLI kept different posts'
+                report = json.loads((folder / 'out' / 'report.json').read_text())
+                say(f"same kept posts, in the same order ({len(cli_ids):,} ids compared); the CLI reported "
+                    f"{report['malformed']:,} malformed lines ({dict(report['malformed_reasons'])}) in malformed.tsv")
             ratios.append(plain_wall[-1] / cli_wall[-1])
             say(f'pair {run + 1}: plain {plain_wall[-1]:.2f} s wall ({plain_cpu[-1]:.2f} CPU s), '
                 f'cli {cli_wall[-1]:.2f} s wall ({cli_cpu[-1]:.2f} CPU s), plain/cli {ratios[-1]:.2f}x; both kept {cli_kept:,}')

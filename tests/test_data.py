@@ -293,7 +293,11 @@ def hostile_lines(line: bytes) -> list[bytes]:
             line[:-1] + b',"deep":' + b'[' * 1100 + b']' * 1100 + b'}',  # nested deeper than orjson takes
             line[:-1] + b',"x":NaN}', line[:-1] + b',}', line + b' x', b'\xef\xbb\xbf' + line,
             json.dumps(big).encode(), json.dumps({**record, 'id': 2**63}).encode(), orjson.dumps({**record, 'image_width': 1e3}),
-            line.replace(b'"rating"', b'"rating":"s","rating"')]  # a repeated key: the last one counts, in both
+            line.replace(b'"rating"', b'"rating":"s","rating"'),  # a repeated key: the last one counts, in both
+            line.replace(b'"source":"', b'"source":"' + b'x' * 300_000),  # a huge line, longer than a chunk: still decided fast
+            line.replace(b'"source":"', b'"source":"' + b'\xc3\xa9' * 100_000),  # huge and not ASCII
+            line[:-1] + b',"huge":"' + b'y' * 300_000,  # huge and cut off: invalid JSON
+            line.replace(b'"md5":"', b'"md5":"\xff')]  # not UTF-8 in a field the full path reads
 
 
 REAL_SAMPLES = Path('/work/shared/realworld/danbooru')
