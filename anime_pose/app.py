@@ -150,11 +150,13 @@ def generate(pipe, # a `PoseTransferPipeline`
                     reference_pose=reference_pose, generator=torch.Generator().manual_seed(settings.seed))
 
 # %% ../nbs/11_app.ipynb #dfb5853d
-def load_model(model: str | os.PathLike | None = None, # a model directory; None: bundled, else the tiny components
+def load_model(model: str | os.PathLike | None = None, # a model directory or .safetensors checkpoint; None: bundled
                device: str | None = None, # default: the best available
+               controlnet: str | os.PathLike | None = None, # a ControlNet folder or file, for a model without one
+               **options, # prediction_type, model_config, reference_only: see `load_pipeline`
               ):
     "The `PoseTransferPipeline` the app draws with."
-    return load_pipeline(model, device=device)
+    return load_pipeline(model, controlnet, device, **options)
 
 def drawing_defaults(pipe=None, # a `PoseTransferPipeline`; None: the model `load_model()` would load
                     ) -> dict[str, float]:

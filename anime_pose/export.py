@@ -8,20 +8,23 @@ import argparse, json, os, tempfile
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .core import AnimePoseError, atomic_path, bundled_path
+from .single_file import (CONTROLNET_CONFIG_METADATA, LDM_HINT_CHANNELS, controlnet_config_from_unet,
+                                    single_file_config_dir)
 from .pipeline import stored_drawing_defaults
 
 # %% auto #0
-__all__ = ['LDM_HINT_CHANNELS', 'LDM_PREFIX', 'EXPORT_EXAMPLES', 'ExportError', 'ldm_key', 'check_exportable', 'base_model_name',
-           'single_file_loaders', 'controlnet_to_ldm', 'default_export_name', 'check_export_name',
-           'load_controlnet_weights', 'export_controlnet', 'exported_config', 'load_exported', 'export_difference',
-           'bundled_controlnet_dir', 'export_cli', 'run_export']
+__all__ = ['LDM_PREFIX', 'UI_TARGETS', 'EXPORT_EXAMPLES', 'ExportError', 'ldm_key', 'check_exportable', 'base_model_name',
+           'single_file_loaders', 'controlnet_to_ldm', 'target_config', 'ui_target', 'ldm_layout', 'check_ldm_layout',
+           'file_shapes', 'default_export_name', 'check_export_name', 'load_controlnet_weights', 'export_controlnet',
+           'exported_config', 'load_exported', 'export_difference', 'bundled_controlnet_dir', 'export_cli',
+           'run_export']
 
 # %% ../nbs/10_export.ipynb #8d9f0993
 class ExportError(AnimePoseError):
@@ -57,8 +60,6 @@ def ldm_key(key: str, # a parameter name of a diffusers `ControlNetModel`
     raise ExportError(f'{key}: this weight has no place in the original ControlNet layout')
 
 # %% ../nbs/10_export.ipynb #caf72b90
-LDM_HINT_CHANNELS = (16, 32, 96, 256)  # the original ControlNet's fixed hint-encoder widths
-
 def check_exportable(config: dict, # a diffusers `ControlNetModel` config
                     ) -> None:
     "Raise an `ExportError` if the original ControlNet layout cannot hold a ControlNet with `config`."
@@ -129,6 +130,55 @@ def controlnet_to_ldm(state_dict: dict[str, torch.Tensor], # the weights of a di
         count = len(lost) or len(back) - len(state_dict)
         raise ExportError(f'diffusers does not read {count} exported weights back (e.g. {lost[:3]}); not exported')
     return ldm
+
+# %% ../nbs/10_export.ipynb #1d63ff90
+UI_TARGETS = ('sd15', 'sd21')  # the ControlNet layouts AUTOMATIC1111 and ComfyUI build
+_BEHAVIOUR = ('in_channels', 'conditioning_channels', 'block_out_channels', 'layers_per_block', 'down_block_types',
+              'cross_attention_dim', 'use_linear_projection', 'norm_num_groups', 'conditioning_embedding_out_channels',
+              'only_cross_attention', 'upcast_attention', 'resnet_time_scale_shift', 'class_embed_type',
+              'addition_embed_type', 'global_pool_conditions', 'controlnet_conditioning_channel_order')
+
+def target_config(target: str) -> dict:
+    "The diffusers config of the ControlNet the UIs build for `target` ('sd15' or 'sd21')."
+    unet = UNet2DConditionModel.load_config(single_file_config_dir(target), subfolder='unet')
+    return controlnet_config_from_unet(unet)
+
+def _setting(config: dict, name: str):
+    value = config.get(name)
+    if name == 'heads':  # one number means the same at every level
+        value = config.get('num_attention_heads') or config.get('attention_head_dim')
+        if isinstance(value, int): value = [value] * len(config['block_out_channels'])
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+def ui_target(config: dict, # a diffusers `ControlNetModel` config
+             ) -> str | None:
+    "'sd15' or 'sd21' when the UIs build exactly the ControlNet of `config`, else None."
+    for target in UI_TARGETS:
+        expected = target_config(target)
+        if all(_setting(config, n) == _setting(expected, n) for n in (*_BEHAVIOUR, 'heads')): return target
+    return None
+
+# %% ../nbs/10_export.ipynb #a1f52a1f
+def ldm_layout(config: dict, # a diffusers `ControlNetModel` config
+              ) -> dict[str, tuple[int, ...]]:
+    "Every `control_model.*` name and shape of a ControlNet with `config` in the original layout (built on meta)."
+    with torch.device('meta'): model = ControlNetModel.from_config(config)
+    return {LDM_PREFIX + ldm_key(k, config['layers_per_block']): tuple(v.shape) for k, v in model.state_dict().items()}
+
+def check_ldm_layout(shapes: dict[str, tuple[int, ...]], # name -> shape of the tensors a file holds
+                     target: str | dict, # 'sd15', 'sd21', or the config of a custom-architecture file
+                     name: str = 'file', # how errors name it
+                    ) -> None:
+    "Raise an `ExportError` unless `shapes` are exactly the original-layout ControlNet of `target`."
+    expected = ldm_layout(target_config(target) if isinstance(target, str) else target)
+    wrong = sorted(k for k in expected.keys() | shapes.keys() if tuple(shapes.get(k, ())) != expected.get(k))
+    if wrong:
+        what = f'the {target} ControlNet layout A1111/ComfyUI expect' if isinstance(target, str) else 'its own config'
+        raise ExportError(f"'{name}': {len(wrong)} tensors missing, extra or misshapen for {what} (e.g. {wrong[:3]})")
+
+def file_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    "The name and shape of every tensor in the safetensors file `path`, read without loading them."
+    with safe_open(str(path), 'pt') as f: return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 # %% ../nbs/10_export.ipynb #7625e789
 def default_export_name(config: dict, # the ControlNet's config
@@ -203,20 +253,33 @@ def _export_path(out: str | os.PathLike | None, config: dict, fp16: bool) -> Pat
 def export_controlnet(controlnet: str | os.PathLike | torch.nn.Module, # a ControlNet folder or `ControlNetModel`
                       out: str | os.PathLike | None = None, # the `.safetensors` file or a folder for it; None: here
                       fp16: bool = False, # store the weights in float16
+                      allow_custom: bool = False, # write a ControlNet the UIs cannot build (only diffusers loads it)
                      ) -> Path:
     "Write `controlnet` as one safetensors file in the original layout that A1111, ComfyUI and diffusers load."
     if not _is_folder(out): check_export_name(out)  # before reading a large model
     if isinstance(controlnet, torch.nn.Module): config, state_dict = dict(controlnet.config), controlnet.state_dict()
     else: config, state_dict = load_controlnet_weights(controlnet)
     out = check_export_name(_export_path(out, config, fp16))
+    check_exportable(config)  # what the original layout cannot hold at all, named first
+    target = ui_target(config)
+    if target is None and not allow_custom:
+        shape = base_model_name(config)
+        why = (f"its weights have {shape}'s shapes but other heads or norms" if shape else
+               f"widths {tuple(config['block_out_channels'])}, text width {config['cross_attention_dim']}")
+        raise ExportError(f'AUTOMATIC1111 and ComfyUI cannot load this ControlNet faithfully ({why}; they build '
+                          'SD1.5/SD2.1 ControlNets); '
+                          '--allow-custom writes it anyway as a custom-architecture file that diffusers/anime_pose load')
     ldm = controlnet_to_ldm(state_dict, config)
+    check_ldm_layout({k: tuple(v.shape) for k, v in ldm.items()}, target or config, str(out))
     ldm = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for k, v in ldm.items()}
     public = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith('_')}
-    metadata = {'format': 'pt', 'anime_pose.version': __version__, 'anime_pose.controlnet_config': json.dumps(public)}
+    metadata = {'format': 'pt', 'anime_pose.version': __version__, CONTROLNET_CONFIG_METADATA: json.dumps(public)}
     from_folder = not isinstance(controlnet, torch.nn.Module)
     scale = stored_drawing_defaults(controlnet).get('controlnet_conditioning_scale') if from_folder else None
     if scale is not None: metadata['anime_pose.controlnet_conditioning_scale'] = f'{scale:g}'  # the UIs' control weight
-    with atomic_path(out) as tmp: save_file(ldm, tmp, metadata=metadata)
+    with atomic_path(out) as tmp:
+        save_file(ldm, tmp, metadata=metadata)
+        check_ldm_layout(file_shapes(tmp), target or config, str(out))  # the file as written
     return out
 
 # %% ../nbs/10_export.ipynb #7ffab64b
@@ -224,7 +287,7 @@ def exported_config(path: str | os.PathLike, # an exported `.safetensors` file
                    ) -> dict:
     "The diffusers config `export_controlnet` stored in the metadata of `path`."
     try:
-        with safe_open(str(path), 'pt') as f: stored = (f.metadata() or {}).get('anime_pose.controlnet_config')
+        with safe_open(str(path), 'pt') as f: stored = (f.metadata() or {}).get(CONTROLNET_CONFIG_METADATA)
     except (SafetensorError, OSError) as e: raise ExportError(f"'{path}': unreadable safetensors file ({e})") from None
     if stored is None:
         raise ExportError(f"'{path}': no ControlNet config in the file's metadata; "
@@ -266,7 +329,7 @@ EXPORT_EXAMPLES = '''examples:
   anime-pose export --format a1111 --controlnet runs/wd15/controlnet --fp16
       writes control_animepose_sd21_openpose_fp16.safetensors here
   anime-pose export --format a1111 --controlnet runs/sd15/controlnet --out ~/webui/models/ControlNet/
-  anime-pose export --format a1111 --controlnet runs/tiny --out tiny_openpose.safetensors --verify
+  anime-pose export --format a1111 --controlnet runs/tiny --out tiny_openpose.safetensors --verify --allow-custom
 
 where the file goes:
   AUTOMATIC1111  stable-diffusion-webui/models/ControlNet/  (SD1.x/SD2.x-shaped ControlNets)
@@ -286,6 +349,9 @@ def export_cli(parser: argparse.ArgumentParser, # the `export` subcommand's pars
     parser.add_argument('--out', metavar='FILE',
                         help='the .safetensors file, or a folder for the default name '
                              '(default: control_animepose_<sd15|sd21|tiny>_openpose[_fp16].safetensors here)')
+    parser.add_argument('--allow-custom', action='store_true',
+                        help='write a ControlNet that is not SD1.5/SD2.1-shaped (A1111/ComfyUI cannot load it '
+                             'faithfully; diffusers and anime_pose --controlnet FILE can); refused without this flag')
     parser.add_argument('--fp16', action='store_true', help='store the weights in float16 (half the size)')
     parser.add_argument('--verify', action='store_true',
                         help="load the file back with diffusers' single-file loader and compare every weight")
@@ -295,9 +361,12 @@ def export_cli(parser: argparse.ArgumentParser, # the `export` subcommand's pars
 def run_export(args: argparse.Namespace) -> int:
     "Run `anime-pose export` with parsed `args`."
     source = Path(args.controlnet) if args.controlnet else bundled_controlnet_dir()
-    out = export_controlnet(source, args.out, fp16=args.fp16)
+    out = export_controlnet(source, args.out, fp16=args.fp16, allow_custom=args.allow_custom)
     size = out.stat().st_size / 2**20
     print(f'wrote {out} ({size:.1f} MiB, original ControlNet layout{", float16" if args.fp16 else ""})')
+    target = ui_target(exported_config(out))
+    print(f'layout check: the {target} ControlNet layout A1111/ComfyUI load' if target else
+          'layout check: its own config (custom architecture, stored in the file; not for A1111/ComfyUI)')
     scale = stored_drawing_defaults(source).get('controlnet_conditioning_scale')
     if scale is not None:
         print(f'calibrated ControlNet scale {scale:g}: '

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from .core import AnimePoseError, atomic_path, image_grid, images_to_tensor, load_image, tags_prompt
 from .pose import Pose
 from .diffusion import prediction_loss
-from .controlnet import ModelError, controlled_prediction, downsampling
+from .controlnet import ModelError, controlled_prediction, controlnet_from_unet, downsampling
+from .single_file import is_single_file, load_single_file_components
 from .reference import ReferenceAttention, add_reference_lora, make_reference_net
 from .warp import reads_warped_reference, warp_reference, widen_input
 from .parser import load_detector
@@ -34,7 +35,7 @@ def load_base(config: TrainConfig, out: Path, triples=None, progress: bool = Tru
     "The base components (vae, text_encoder, tokenizer, unet, scheduler, and controlnet when the directory has one)."
     if config.base_model in PRESETS and config.base_model not in TINY_SHAPES:  # the sd15/sd21 shapes
         raise ConfigError(f"base_model='{config.base_model}' is a shape for --dry-run; "
-                          'to train, set base_model to a local diffusers directory')
+                          'to train, set base_model to a local diffusers directory or .safetensors checkpoint')
     if config.base_model in TINY_SHAPES:
         if triples is None: triples = training_triples(config)
         path = Path(out) / 'base'
@@ -45,6 +46,10 @@ def load_base(config: TrainConfig, out: Path, triples=None, progress: bool = Tru
             with atomic_path(path, is_dir=True) as tmp:
                 PoseTransferPipeline(**parts).save_pretrained(tmp, safe_serialization=True)
         _wait_for_everyone()
+    elif is_single_file(config.base_model):  # an artist's A1111-layout checkpoint: a fresh ControlNet for its UNet
+        parts = load_single_file_components(config.base_model)
+        return parts | dict(controlnet=controlnet_from_unet(parts['unet'], vae_scale_factor=downsampling(
+            parts['vae'].config.block_out_channels)), reference_net=None)
     else: path = Path(config.base_model)
     has_controlnet = (path / 'controlnet').is_dir()
     check_model_dir(path, controlnet_given=not has_controlnet)

@@ -30,17 +30,20 @@ from .controlnet import (ModelError, check_controlnet, condition_tensor, control
                                    downsampling, load_controlnet)
 from .reference import ReferenceAttention, self_attention_names
 from .warp import reads_warped_reference, warp_reference
+from .single_file import (PREDICTION_TYPES, is_single_file, load_single_file_components,
+                                   load_single_file_controlnet)
 from .prompts import PromptError, check_clip_skip, encode_weighted_prompt, pad_chunks
 from .tiny import tiny_components
 
 # %% auto #0
-__all__ = ['DRAWING_DEFAULTS', 'LAYOUT', 'RETARGET_TO_DETECTED', 'check_components', 'TransferError', 'check_size',
-           'fit_reference', 'reference_pose_from_image', 'poses_and_skeletons', 'skeleton_images', 'PoseTransferOutput',
-           'encode_images', 'decode_latents', 'fit_pose', 'warped_reference_latents', 'check_prompts', 'prompt_text',
-           'check_control_guidance', 'controlnet_keep', 'check_callback', 'step_end', 'PoseTransferPipeline',
+__all__ = ['DRAWING_DEFAULTS', 'DIFFUSERS_ENTRY', 'SAVED_README', 'LAYOUT', 'RETARGET_TO_DETECTED', 'check_components',
+           'TransferError', 'check_size', 'fit_reference', 'reference_pose_from_image', 'poses_and_skeletons',
+           'skeleton_images', 'PoseTransferOutput', 'encode_images', 'decode_latents', 'fit_pose',
+           'warped_reference_latents', 'check_prompts', 'prompt_text', 'check_control_guidance', 'controlnet_keep',
+           'check_callback', 'step_end', 'load_any_controlnet', 'describe_saved_pipeline', 'PoseTransferPipeline',
            'check_model_dir', 'vae_scale_factor', 'set_drawing_defaults', 'stored_drawing_defaults',
-           'model_drawing_defaults', 'bundled_model_dir', 'load_pipeline', 'run_transfer', 'transfer_cli', 'run_sheet',
-           'sheet_cli']
+           'model_drawing_defaults', 'load_single_file_pipeline', 'bundled_model_dir', 'load_pipeline', 'run_transfer',
+           'transfer_cli', 'run_sheet', 'sheet_cli']
 
 # %% ../nbs/07a_pipeline.ipynb #ec425759
 def check_components(vae, text_encoder, unet, controlnet, reference_net=None):
@@ -278,6 +281,46 @@ def step_end(pipe, callback, tensor_inputs: tuple[str, ...], step: int, timestep
         raise TransferError(f'callback_on_step_end must return a dict of the tensors it changes, got {type(changed).__name__}')
     return changed.pop('latents', latents)
 
+# %% ../nbs/07a_pipeline.ipynb #ebca4de0
+def load_any_controlnet(controlnet: str | os.PathLike, # a ControlNet folder (diffusers layout) or .safetensors file
+                        unet_config: dict | None = None, # the config of the UNet it will steer: shapes a bare file's
+                        torch_dtype: torch.dtype | None = None,
+                       ) -> ControlNetModel:
+    "A ControlNet from a diffusers folder or a single file (A1111/ComfyUI/diffusers layout), loaded offline."
+    if is_single_file(controlnet): return load_single_file_controlnet(controlnet, unet_config, torch_dtype)
+    controlnet = load_controlnet(controlnet)
+    return controlnet if torch_dtype is None else controlnet.to(torch_dtype)
+
+# %% ../nbs/07a_pipeline.ipynb #19b1a2d3
+DIFFUSERS_ENTRY = '# Lets diffusers find the class that loads this folder:\n' \
+    "# DiffusionPipeline.from_pretrained(folder, custom_pipeline='pipeline', trust_remote_code=True)\n" \
+    'from anime_pose.pipeline import PoseTransferPipeline  # pip install anime_pose\n'
+SAVED_README = """# anime_pose pose-transfer model
+
+A `PoseTransferPipeline` (the `anime_pose` package): Stable Diffusion + a pose ControlNet + reference attention.
+Load it with any of:
+
+```python
+from anime_pose.pipeline import PoseTransferPipeline
+pipe = PoseTransferPipeline.from_pretrained('{name}')
+
+from diffusers import DiffusionPipeline  # diffusers' route for custom pipelines; pipeline.py only imports anime_pose
+pipe = DiffusionPipeline.from_pretrained('{name}', custom_pipeline='pipeline', trust_remote_code=True)
+```
+
+or from the command line: `anime-pose transfer --model {name} --reference a.png --pose b.json --out out.png`.
+Stock `StableDiffusionControlNetPipeline.from_pretrained('{name}')` also loads it but draws without the reference path.
+"""
+
+def describe_saved_pipeline(folder: str | os.PathLike, # a folder `save_pretrained` just wrote
+                           ) -> None:
+    "Write `pipeline.py` (for diffusers' `custom_pipeline`) and a README.md naming the class that loads `folder`."
+    folder = Path(folder)
+    entry = folder / 'pipeline.py'
+    if not entry.exists() or entry.read_text(errors='replace') == DIFFUSERS_ENTRY: entry.write_text(DIFFUSERS_ENTRY)
+    readme = folder / 'README.md'  # a model card already there is the user's: kept
+    if not readme.exists(): readme.write_text(SAVED_README.format(name=folder.name))
+
 # %% ../nbs/07a_pipeline.ipynb #bb339300
 @contextmanager
 def _quiet_loading():
@@ -417,10 +460,15 @@ class PoseTransferPipeline(DiffusionPipeline):
             progress.update()
         return latents
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        "Save as diffusers does, plus `pipeline.py` and a README.md naming the class that loads the folder."
+        super().save_pretrained(save_directory, **kwargs)
+        describe_saved_pipeline(save_directory)
+
     @classmethod
     def from_pretrained(cls,
                         path: str | os.PathLike, # a local model directory (see `check_model_dir`)
-                        # a ControlNet, its directory, 'new', or None: `path`/controlnet
+                        # a ControlNet, its directory or .safetensors file, 'new', or None: `path`/controlnet
                         controlnet: ControlNetModel | str | os.PathLike | None = None,
                         **kwargs, # passed to `DiffusionPipeline.from_pretrained` (torch_dtype, variant, ...)
                        ) -> PoseTransferPipeline:
@@ -430,7 +478,7 @@ class PoseTransferPipeline(DiffusionPipeline):
             if str(controlnet) == 'new':
                 unet = UNet2DConditionModel.from_pretrained(path, subfolder='unet', use_safetensors=True)
                 controlnet = controlnet_from_unet(unet, vae_scale_factor=vae_scale_factor(path))
-            else: controlnet = load_controlnet(controlnet)
+            else: controlnet = load_any_controlnet(controlnet, UNet2DConditionModel.load_config(path, subfolder='unet'))
         if controlnet is not None: kwargs['controlnet'] = controlnet.to(kwargs.get('torch_dtype') or controlnet.dtype)
         if not (Path(path) / 'reference_net').is_dir(): kwargs.setdefault('reference_net', None)
         try:
@@ -503,21 +551,44 @@ def model_drawing_defaults(folder: str | os.PathLike | None, # a saved pipeline 
     own = {name: inspect.signature(PoseTransferPipeline).parameters[name].default for name in DRAWING_DEFAULTS}
     return own | (stored_drawing_defaults(folder) if folder is not None else {})
 
+# %% ../nbs/07a_pipeline.ipynb #1368ec1e
+def load_single_file_pipeline(model: str | os.PathLike, # an SD1.x/SD2.x checkpoint .safetensors (A1111 layout)
+                              controlnet: str | os.PathLike, # a ControlNet .safetensors file or diffusers folder
+                              prediction_type: str | None = None, # 'epsilon' or 'v_prediction'; None: detected
+                              config: str | os.PathLike | None = None, # diffusers configs for unusual shapes; None: shipped
+                              torch_dtype: torch.dtype | None = None,
+                             ) -> PoseTransferPipeline:
+    "A training-free pose-transfer pipeline (reference-only attention) from an artist's checkpoint and ControlNet files."
+    if controlnet is None:
+        raise ModelError(f"'{model}': a single-file model has no ControlNet; give one, e.g. the stock "
+                         'control_v11p_sd15_openpose.safetensors (--controlnet)')
+    parts = load_single_file_components(model, prediction_type, config, torch_dtype)
+    controlnet = load_any_controlnet(controlnet, dict(parts['unet'].config), torch_dtype)
+    return PoseTransferPipeline(**parts, controlnet=controlnet, reference_net=None)
+
 # %% ../nbs/07a_pipeline.ipynb #2bf40fab
 def bundled_model_dir() -> Path | None:
     "The pose-transfer model bundled with anime_pose, or None if this installation has none."
     folder = bundled_path('model')
     return folder if (folder / 'model_index.json').is_file() else None
 
-def load_pipeline(model: str | os.PathLike | None = None, # a model directory, 'tiny' (untrained), None: the bundled one
-                  controlnet: str | os.PathLike | None = None, # a ControlNet directory, if `model` has none
+def load_pipeline(model: str | os.PathLike | None = None, # a model directory or .safetensors file, 'tiny', None: bundled
+                  controlnet: str | os.PathLike | None = None, # a ControlNet directory or file, if `model` has none
                   device: str | None = None, # default: the best available
+                  prediction_type: str | None = None, # 'epsilon' or 'v_prediction' to override the model's
+                  model_config: str | os.PathLike | None = None, # diffusers configs for a single file of unusual shape
+                  reference_only: bool = False, # training-free reference: the UNet's own weights, not a trained reference net
                  ) -> PoseTransferPipeline:
     "The pipeline the command line uses."
     device = check_device(device)
     model = bundled_model_dir() or 'tiny' if model is None else model
-    if str(model) == 'tiny': return PoseTransferPipeline(**tiny_components()).to(device)
-    pipe = PoseTransferPipeline.from_pretrained(model, controlnet=controlnet, torch_dtype=default_dtype(device))
+    if str(model) == 'tiny': pipe = PoseTransferPipeline(**tiny_components())
+    elif is_single_file(model):
+        pipe = load_single_file_pipeline(model, controlnet, prediction_type, model_config, default_dtype(device))
+    else: pipe = PoseTransferPipeline.from_pretrained(model, controlnet=controlnet, torch_dtype=default_dtype(device))
+    if prediction_type is not None and pipe.scheduler.config.prediction_type != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    if reference_only: pipe.register_modules(reference_net=None)
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
     return pipe.to(device)
 
@@ -532,9 +603,20 @@ def _canvas(text: str) -> tuple[int, int]:
 
 def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument('--reference', required=True, help='image of character A')
-    parser.add_argument('--model', help='diffusers model directory (waifu-diffusion layout + controlnet/); '
+    parser.add_argument('--model', help='diffusers model directory (waifu-diffusion layout + controlnet/), or an SD1.x/SD2.x '
+                                        'checkpoint .safetensors (A1111 layout: Anything, Counterfeit...; needs --controlnet); '
                                         'default: the bundled tiny model; tiny: untrained tiny components')
-    parser.add_argument('--controlnet', help='ControlNet directory (diffusers layout), when --model has no controlnet/')
+    parser.add_argument('--controlnet', help='ControlNet directory (diffusers layout) or .safetensors file (the stock '
+                                             'control_v11p_sd15_openpose, or `anime-pose export` output), when --model has no controlnet/')
+    parser.add_argument('--prediction-type', choices=PREDICTION_TYPES,
+                        help="what the model predicts (default: the model's; for a single file: its .yaml beside it, "
+                             'else detected: SD1.x epsilon, SD2.x 768-v models v_prediction)')
+    parser.add_argument('--model-config', metavar='DIR',
+                        help='diffusers configs (unet/, vae/, text_encoder/...) for a single-file --model whose shapes '
+                             'are not SD1.5/SD2.1 (default: the configs shipped with anime_pose)')
+    parser.add_argument('--reference-only', action='store_true',
+                        help="training-free identity: the UNet's own weights encode the reference (always so for a "
+                             'single-file --model; with a trained model this ignores its reference net)')
     parser.add_argument('--prompt', default='', help="Danbooru tags describing A, e.g. '1girl, solo, (long hair:1.2)': "
                                                    "any length, weighted as in A1111 ((tag), [tag], (tag:w), BREAK)")
     parser.add_argument('--negative-prompt', default='lowres, bad anatomy, worst quality', help='tags to avoid')
@@ -586,7 +668,10 @@ def _transfer(args, poses) -> PoseTransferOutput:
     if args.clip_skip is not None and args.clip_skip < 0: raise TransferError(f'--clip-skip must be >= 0, got {args.clip_skip}')
     use_threads(args.threads, small=args.model in (None, 'tiny'))  # the bundled model, or tiny untrained components
     reference_pose = _reference_pose(args, reference)
-    pipe = load_pipeline(args.model, args.controlnet, device)
+    if is_single_file(args.model) and args.controlnet is None:
+        raise TransferError(f"--model '{args.model}' is a single checkpoint file: give the ControlNet too, e.g. "
+                            '--controlnet control_v11p_sd15_openpose.safetensors')
+    pipe = load_pipeline(args.model, args.controlnet, device, args.prediction_type, args.model_config, args.reference_only)
     return pipe(reference, poses, prompt=args.prompt, negative_prompt=args.negative_prompt,
                 num_inference_steps=args.steps, guidance_scale=args.guidance,
                 controlnet_conditioning_scale=args.controlnet_scale, reference_strength=args.reference_strength,

@@ -158,7 +158,7 @@ class ReferenceAttention:
         state.clear()
         state.mode, state.stop_when_written = 'write', True
         extra = self.reference_net.config.in_channels - reference_latents.shape[1]
-        if extra > 0:  # a net that also reads a warped reference (06a_warp) gets none: the reference is its own pose
+        if extra > 0:  # a net that also reads a warped reference (06b_warp) gets none: the reference is its own pose
             reference_latents = torch.cat([reference_latents, reference_latents.new_zeros(
                 reference_latents.shape[0], extra, *reference_latents.shape[2:])], 1)
         try: self.reference_net(reference_latents, timestep, encoder_hidden_states=text_embeddings)

@@ -105,7 +105,7 @@ def tiny_components(seed: int = 0, # seeds every random initialisation
                     cross_attention_dim: int = 32, # text width: 768 or 1024 to mimic SD 1.x / 2.x shapes
                     prediction_type: str = 'epsilon', # or 'v_prediction'
                     reference_net: bool = False, # add a trainable reference net (a copy of the UNet)
-                    warped_reference: bool = False, # the UNet and ControlNet also read a warped reference (06a_warp)
+                    warped_reference: bool = False, # the UNet and ControlNet also read a warped reference (06b_warp)
                     shape: str = 'tiny', # a key of `TINY_SHAPES`
                    ) -> dict:
     "Every component of a `PoseTransferPipeline`, small enough for a CPU, built without downloads."

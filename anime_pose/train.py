@@ -59,7 +59,7 @@ class TrainConfig:
     train_reference: bool = True
     train_unet: bool = False  # fine-tune the denoising UNet too, so it learns to read the reference (issue 22's (a))
     unet_learning_rate: float = 1e-4  # the denoiser's own, lower rate when train_unet
-    # give the denoiser the reference warped to pose B (06a_warp) as extra input channels, as SD inpainting takes its image
+    # give the denoiser the reference warped to pose B (06b_warp) as extra input channels, as SD inpainting takes its image
     warped_reference: bool = False
     use_reference: bool = True  # attend to the reference while training (False: a plain ControlNet, like diffusers')
     reference_lora_rank: int = 0  # >0: train rank-r LoRA adapters on the reference net's attention, not all (peft)

@@ -92,7 +92,7 @@ def test_ldm_keys_match_the_original_architecture(tiny):
 
 def test_round_trip_through_diffusers_single_file_loader(tiny, tmp_path):
     model, folder = tiny
-    out = export_controlnet(folder, tmp_path / 'control_test_openpose.safetensors')
+    out = export_controlnet(folder, tmp_path / 'control_test_openpose.safetensors', allow_custom=True)
     with safe_open(str(out), 'pt') as f: assert all(k.startswith('control_model.') for k in f.keys())
     assert_same_weights(ControlNetModel.from_single_file(str(out), config=str(folder), local_files_only=True), model)
     assert_same_weights(load_exported(out), model)  # config from the file's own metadata
@@ -101,7 +101,7 @@ def test_round_trip_through_diffusers_single_file_loader(tiny, tmp_path):
 
 def test_fp16_round_trip_and_default_name(tiny, tmp_path):
     model, folder = tiny
-    out = export_controlnet(folder, tmp_path, fp16=True)
+    out = export_controlnet(folder, tmp_path, fp16=True, allow_custom=True)
     assert out == tmp_path / 'control_animepose_tiny_openpose_fp16.safetensors'
     assert {t.dtype for t in load_file(out).values()} == {torch.float16}
     assert_same_weights(load_exported(out), model, stored_as=torch.float16)
@@ -136,7 +136,7 @@ def test_the_pipelines_tiny_controlnet_exports_for_diffusers(tmp_path):
     components = tiny_components()
     controlnet = components['controlnet']
     PoseTransferPipeline(**components).save_pretrained(tmp_path / 'model')  # a saved pipeline: found through controlnet/
-    assert main(['export', '--controlnet', str(tmp_path / 'model'), '--out', str(tmp_path)]) == 0
+    assert main(['export', '--controlnet', str(tmp_path / 'model'), '--out', str(tmp_path), '--allow-custom']) == 0
     out = tmp_path / 'control_animepose_tiny_openpose.safetensors'
     assert_same_weights(load_exported(out), controlnet)
     loaders = single_file_loaders(exported_config(out))
@@ -212,7 +212,7 @@ def test_pipeline_folders_and_sharded_weights(tmp_path, tiny):
     assert load_controlnet_weights(tmp_path / 'pipeline')[0]['layers_per_block'] == model.config.layers_per_block
     model.save_pretrained(tmp_path / 'sharded', max_shard_size='20KB')
     assert (tmp_path / 'sharded' / 'diffusion_pytorch_model.safetensors.index.json').is_file()
-    out = export_controlnet(tmp_path / 'sharded', tmp_path / 'control_sharded_openpose.safetensors')
+    out = export_controlnet(tmp_path / 'sharded', tmp_path / 'control_sharded_openpose.safetensors', allow_custom=True)
     assert_same_weights(load_exported(out), model)
 
 
@@ -225,23 +225,25 @@ def test_a_file_without_our_metadata_needs_a_config(tmp_path):
 
 def test_cli_exports_verifies_and_reports(tmp_path, tiny, capsys):
     _, folder = tiny
-    assert main(['export', '--format', 'a1111', '--controlnet', str(folder), '--out', str(tmp_path / 'new') + '/', '--fp16', '--verify']) == 0
+    assert main(['export', '--format', 'a1111', '--controlnet', str(folder), '--out', str(tmp_path / 'new') + '/', '--fp16', '--verify', '--allow-custom']) == 0
     out = capsys.readouterr().out
     assert (tmp_path / 'new' / 'control_animepose_tiny_openpose_fp16.safetensors').is_file()
     assert 'wrote' in out and 'AUTOMATIC1111: does not load it faithfully' in out and 'diffusers: loads it' in out and 'verified' in out
-    assert main(['export', '--controlnet', str(folder), '--out', str(tmp_path / 'tiny_pose.safetensors')]) == 0
+    assert main(['export', '--controlnet', str(folder), '--out', str(tmp_path / 'tiny_pose.safetensors'), '--allow-custom']) == 0
     assert "without 'openpose' in the name" in capsys.readouterr().out
 
 
 def test_cli_default_source_is_the_bundled_model(tmp_path, tiny, monkeypatch, capsys):
     model, folder = tiny
     monkeypatch.chdir(tmp_path)
-    import importlib.resources
+    import importlib.resources, shutil
+    from anime_pose.core import bundled_path
+    shutil.copytree(bundled_path('single_file'), tmp_path / 'site' / 'anime_pose' / 'assets' / 'single_file')  # shipped configs
     monkeypatch.setattr(importlib.resources, 'files', lambda package: tmp_path / 'site' / package)
     assert main(['export']) == 1
     assert 'no bundled model in this installation' in capsys.readouterr().err
     model.save_pretrained(tmp_path / 'site' / 'anime_pose' / 'assets' / 'model' / 'controlnet')
-    assert main(['export']) == 0
+    assert main(['export', '--allow-custom']) == 0
     assert_same_weights(load_exported(tmp_path / 'control_animepose_tiny_openpose.safetensors'), model)
 
 
@@ -272,7 +274,37 @@ def test_console_script_help_has_examples_and_places():
 def test_a_calibrated_scale_travels_with_the_export(tmp_path, tiny, capsys):
     _, folder = tiny
     (folder.parent / 'model_index.json').write_text(json.dumps({'_class_name': 'PoseTransferPipeline', 'controlnet_conditioning_scale': 2.5}))
-    assert main(['export', '--controlnet', str(folder.parent), '--out', str(tmp_path / 'calibrated_openpose.safetensors')]) == 0
+    assert main(['export', '--controlnet', str(folder.parent), '--out', str(tmp_path / 'calibrated_openpose.safetensors'), '--allow-custom']) == 0
     assert 'calibrated ControlNet scale 2.5: use it as the control weight' in capsys.readouterr().out
     with safe_open(str(tmp_path / 'calibrated_openpose.safetensors'), 'pt') as f:
         assert f.metadata()['anime_pose.controlnet_conditioning_scale'] == '2.5'
+
+
+def test_controlnets_the_uis_cannot_build_are_refused_unless_asked_for(tmp_path, tiny, capsys):
+    "A tiny (not SD1.5/SD2.1-shaped) ControlNet: exit 1, one line, nothing written; --allow-custom writes a file diffusers loads."
+    model, folder = tiny
+    assert main(['export', '--controlnet', str(folder), '--out', str(tmp_path / 'out') + '/']) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'cannot load this ControlNet faithfully' in err and '--allow-custom' in err
+    assert not (tmp_path / 'out').exists() or list((tmp_path / 'out').iterdir()) == []
+    assert main(['export', '--controlnet', str(folder), '--out', str(tmp_path / 'custom_openpose.safetensors'), '--allow-custom']) == 0
+    assert 'layout check: its own config (custom architecture' in capsys.readouterr().out
+    assert_same_weights(load_exported(tmp_path / 'custom_openpose.safetensors'), model)
+
+
+def test_sd_shaped_with_other_heads_is_not_a_ui_target():
+    "Same weight shapes as SD1.5 but other attention heads: A1111 would run it wrongly, so it is not an sd15 target."
+    from anime_pose.export import target_config, ui_target
+    assert ui_target(target_config('sd15')) == 'sd15' and ui_target(target_config('sd21')) == 'sd21'
+    assert ui_target({**target_config('sd15'), 'attention_head_dim': 5}) is None
+    assert ui_target({**target_config('sd21'), 'use_linear_projection': False}) is None
+
+
+def test_layout_check_names_missing_extra_and_misshapen_tensors():
+    from anime_pose.export import check_ldm_layout, ldm_layout, target_config
+    layout = ldm_layout(target_config('sd15'))
+    check_ldm_layout(layout, 'sd15')
+    broken = {**layout, 'control_model.zero_convs.0.0.weight': (320, 320, 3, 3), 'control_model.extra': (1,)}
+    del broken['control_model.middle_block_out.0.bias']
+    with pytest.raises(ExportError, match='3 tensors missing, extra or misshapen for the sd15 ControlNet layout'):
+        check_ldm_layout(broken, 'sd15')

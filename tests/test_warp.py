@@ -1,4 +1,4 @@
-"""The warped reference (06a_warp): A's parts moved onto pose B, and the extra input channels that carry it into the denoiser."""
+"""The warped reference (06b_warp): A's parts moved onto pose B, and the extra input channels that carry it into the denoiser."""
 import numpy as np
 import pytest
 import torch
