@@ -301,6 +301,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                      'anime_pose.evaluate._print_metrics': ('evaluate.html#_print_metrics', 'anime_pose/evaluate.py'),
                                      'anime_pose.evaluate._run_evaluate': ('evaluate.html#_run_evaluate', 'anime_pose/evaluate.py'),
                                      'anime_pose.evaluate._training_run': ('evaluate.html#_training_run', 'anime_pose/evaluate.py'),
+                                     'anime_pose.evaluate._warps': ('evaluate.html#_warps', 'anime_pose/evaluate.py'),
                                      'anime_pose.evaluate.build_methods': ('evaluate.html#build_methods', 'anime_pose/evaluate.py'),
                                      'anime_pose.evaluate.copy_reference': ('evaluate.html#copy_reference', 'anime_pose/evaluate.py'),
                                      'anime_pose.evaluate.evaluate_cli': ('evaluate.html#evaluate_cli', 'anime_pose/evaluate.py'),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09a_evaluate.ipynb #5d17c73a
 from __future__ import annotations
-import argparse, json, os, sys
+import argparse, copy, json, os, sys
 from pathlib import Path
 
 import datasets
@@ -20,7 +20,9 @@ from .gan import load_gan
 from .metrics import (BOOTSTRAP, METRICS, LearnedMetrics, learned_scores, learned_truth, load_learned_metrics,
                                 score, score_real, summarize)
 from .parser import DETECTOR_HELP, SyntheticParser, load_detector, load_parser
-from .pipeline import PoseTransferPipeline, encode_images, model_drawing_defaults, stored_drawing_defaults
+from .pipeline import (PoseTransferPipeline, encode_images, model_drawing_defaults, reference_pose_from_image,
+                                 stored_drawing_defaults, warped_reference_latents)
+from .warp import reads_warped_reference
 from .pose import Pose, PoseDetector
 from .reference import ReferenceAttention
 from .synthetic import PART_LABELS
@@ -228,7 +230,11 @@ def build_methods(pipeline: str | os.PathLike, # a saved `PoseTransferPipeline` 
     "The methods of `METHODS` that these models make."
     trained = PoseTransferPipeline.from_pretrained(pipeline)
     untrained_controlnet = controlnet_from_unet(trained.unet, vae_scale_factor=trained.vae_scale_factor)
-    components = {**trained.components, 'controlnet': untrained_controlnet, 'reference_net': None}
+    unet = trained.unet
+    if reads_warped_reference(unet, trained.vae.config.latent_channels):  # its warp input closed: attention alone
+        unet = copy.deepcopy(unet)
+        with torch.no_grad(): unet.conv_in.weight[:, trained.vae.config.latent_channels:] = 0
+    components = {**trained.components, 'unet': unet, 'controlnet': untrained_controlnet, 'reference_net': None}
     untrained = PoseTransferPipeline(**components, guidance_scale=trained.config.guidance_scale)  # drawn alike
     settings = dict(num_inference_steps=num_inference_steps, seed=seed)
     methods = dict(copy_reference=copy_reference,
@@ -252,6 +258,16 @@ def _other_characters(rows: list[dict]) -> list[int]:
     return others
 
 # %% ../nbs/09a_evaluate.ipynb #883217e5
+def _warps(vae, rows: list[dict], poses: list[Pose], side: int) -> torch.Tensor:
+    "The latents of each row's reference warped onto the matching pose (A's pose: the row's, else detected)."
+    warped = []
+    for row, pose in zip(rows, poses):
+        reference = load_image(row['reference']).convert('RGB').resize((side, side), Image.BICUBIC)
+        source = (Pose(np.asarray(row['reference_pose'], np.float32), side, side) if row.get('reference_pose') is not None
+                  else reference_pose_from_image(reference))
+        warped.append(warped_reference_latents(vae, reference, source, [pose]))
+    return torch.cat(warped)
+
 @torch.no_grad()
 def reference_probe(pipe, # a `PoseTransferPipeline`
                     triples, # a `datasets.Dataset` or list of triples, of at least two characters
@@ -276,7 +292,12 @@ def reference_probe(pipe, # a `PoseTransferPipeline`
                           other=latents([rows[j]['reference'] for j in others[start:start + len(batch)]]))
         text = encode_prompt(pipe.tokenizer, pipe.text_encoder, [tags_prompt(row['tags']) for row in batch],
                              device).to(dtype)
-        skeletons = [Pose(np.asarray(row['pose'], np.float32), side, side).skeleton_image(side, side) for row in batch]
+        poses = [Pose(np.asarray(row['pose'], np.float32), side, side) for row in batch]
+        skeletons = [pose.skeleton_image(side, side) for pose in poses]
+        warps = (dict(none=torch.zeros_like(target), target=target,
+                      own=_warps(pipe.vae, batch, poses, side).to(dtype),
+                      other=_warps(pipe.vae, [rows[j] for j in others[start:start + len(batch)]], poses, side).to(dtype))
+                 if reads_warped_reference(pipe.unet, pipe.vae.config.latent_channels) else None)
         condition = condition_tensor(skeletons, side, side).to(device, dtype)
         for _ in range(draws):
             noise = torch.randn(target.shape, generator=generator).to(device, dtype)
@@ -284,8 +305,9 @@ def reference_probe(pipe, # a `PoseTransferPipeline`
             timesteps = timesteps.to(device)
             noisy = scheduler.add_noise(target, noise, timesteps)
             goal = scheduler.get_velocity(target, noise, timesteps) if velocity else noise
-            predict = lambda: controlled_prediction(pipe.unet, pipe.controlnet, noisy, timesteps, text, condition)
             for name in PROBE_REFERENCES:
+                inputs = noisy if warps is None else torch.cat([noisy, warps[name]], 1)
+                predict = lambda: controlled_prediction(pipe.unet, pipe.controlnet, inputs, timesteps, text, condition)
                 if name == 'none': prediction = predict()
                 else:
                     with ReferenceAttention(pipe.unet, pipe.reference_net, 1.0) as reference:

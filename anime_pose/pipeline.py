@@ -401,6 +401,7 @@ class PoseTransferPipeline(DiffusionPipeline):
         reference_image = fit_reference(reference, width, height)
         warped = (self._warped(reference, reference_image, reference_pose, pose_canvas, detector, poses)
                   if reads_warped_reference(self.unet, self.vae.config.latent_channels) else None)
+        if warped is not None and reference_strength == 0: warped = torch.zeros_like(warped)  # no reference at all
         device, dtype = self._execution_device, self.unet.dtype
         text = prompt_text(self, prompt, negative_prompt, guidance_scale > 1, clip_skip, prompt_embeds, negative_prompt_embeds)
         factor = self.vae_scale_factor
