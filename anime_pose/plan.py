@@ -4,30 +4,38 @@
 
 # %% ../nbs/08c_plan.ipynb #efca7b48
 from __future__ import annotations
-import argparse, json
+import argparse, contextlib, itertools, json, weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.utils.checkpoint
 from accelerate import PartialState
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .controlnet import ModelError, controlnet_from_unet, downsampling
-from .reference import REFERENCE_LORA_TARGETS
-from .tiny import TINY_SHAPES, tiny_components
+from .reference import add_reference_lora, make_reference_net
+from .tiny import TINY_SHAPES, noise_scheduler, sd_scheduler, tiny_components
 from .diffusion import LOSSES
 from .train import (PRESETS, REPORT_TO, WEIGHT_DTYPES, ConfigError, METHODS, TrainConfig,
-                              load_config, load_method, override_config, train)
+                              load_config, load_method, make_optimizer, override_config, train)
 from .finetune import DiffusionMethod
 from .gan import GANMethod  # imported so that `@register_method('gan')` makes `--method gan` known
 # (installed, both are also found by name through the `anime_pose.methods` entry points; see `load_method`)
 
 # %% auto #0
-__all__ = ['SD_SHAPES', 'GiB', 'CUDA_OVERHEAD', 'TRAIN_EXAMPLES', 'meta_components', 'estimate_memory', 'format_plan',
-           'method_plan', 'dry_run', 'config_from_args', 'train_cli']
+__all__ = ['SD_SHAPES', 'GiB', 'ATTENTION', 'CUDA_OVERHEAD', 'TRAIN_EXAMPLES', 'build_components', 'meta_components',
+           'trained_parts', 'prepare_for_training', 'slow_attention', 'activation_census', 'estimate_memory',
+           'fits_16gb', 'format_plan', 'method_plan', 'measure_peak', 'dry_run', 'config_from_args', 'train_cli']
 
 # %% ../nbs/08c_plan.ipynb #66b91fa1
 _SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=('DownEncoderBlock2D',) * 4,
                up_block_types=('UpDecoderBlock2D',) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
+_MINI_VAE = _SD_VAE | dict(block_out_channels=(32, 64, 64, 64), sample_size=64)
+_MINI_TEXT = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=2, projection_dim=64,
+                  max_position_embeddings=77, vocab_size=49408)
 SD_SHAPES = {  # Stable Diffusion 1.x (waifu-diffusion 1.3, Anything) and 2.x (waifu-diffusion 1.4) component shapes
     'sd15': dict(unet=dict(cross_attention_dim=768, attention_head_dim=8, sample_size=64), vae=_SD_VAE,
                  text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
@@ -37,6 +45,12 @@ SD_SHAPES = {  # Stable Diffusion 1.x (waifu-diffusion 1.3, Anything) and 2.x (w
                  vae=_SD_VAE,
                  text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
                            projection_dim=512, hidden_act='gelu', max_position_embeddings=77, vocab_size=49408)),
+    # the same layouts at a tenth of the widths: CPU-sized, for checking the plan against measured peaks
+    'sd15-mini': dict(unet=dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=64, attention_head_dim=8,
+                                sample_size=8), vae=_MINI_VAE, text=_MINI_TEXT | dict(hidden_act='quick_gelu')),
+    'sd21-mini': dict(unet=dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=64,
+                                attention_head_dim=(2, 4, 8, 8), use_linear_projection=True, sample_size=8),
+                      vae=_MINI_VAE, text=_MINI_TEXT | dict(hidden_act='gelu')),
 }
 
 # %% ../nbs/08c_plan.ipynb #10202073
@@ -57,91 +71,298 @@ def _component_configs(base_model: str) -> dict:
         configs[key] = {k: v for k, v in json.loads(file.read_text()).items() if not k.startswith('_')}
     return configs
 
-def meta_components(config: TrainConfig) -> dict:
-    "The training components of `config` built on the meta device: shapes and parameter counts, no memory."
-    from accelerate import init_empty_weights
+def build_components(config: TrainConfig, device='meta', seed: int = 0) -> dict:
+    "The components of `config`'s base shape with random weights on `device` (on 'meta': shapes only, no memory)."
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     configs = _component_configs(config.base_model)
-    with init_empty_weights():
+    torch.manual_seed(seed)
+    with torch.device(device):
         unet = UNet2DConditionModel.from_config(configs['unet'])
         vae_scale_factor = downsampling(configs['vae']['block_out_channels'])
-        components = dict(unet=unet, vae=AutoencoderKL.from_config(configs['vae']),
-                          text_encoder=CLIPTextModel(CLIPTextConfig(**configs['text'])),
-                          controlnet=controlnet_from_unet(unet, vae_scale_factor=vae_scale_factor))
-        if config.train_reference: components['reference_net'] = UNet2DConditionModel.from_config(configs['unet'])
-    return components
+        parts = dict(unet=unet, vae=AutoencoderKL.from_config(configs['vae']),
+                     text_encoder=CLIPTextModel(CLIPTextConfig(**configs['text'])),
+                     controlnet=controlnet_from_unet(unet, vae_scale_factor=vae_scale_factor))
+        if config.train_reference: parts['reference_net'] = make_reference_net(unet)
+    return parts
 
-# %% ../nbs/08c_plan.ipynb #dc7da16f
-def _saved_activation_bytes(components: dict, config: TrainConfig) -> int:
-    "Bytes of the tensors one training forward pass saves for backward, counted on the meta device."
+def meta_components(config: TrainConfig) -> dict:
+    "The training components of `config` built on the meta device: shapes and parameter counts, no memory."
+    return build_components(config, 'meta')
+
+# %% ../nbs/08c_plan.ipynb #1e53d5c4
+def trained_parts(config: TrainConfig) -> dict[str, int]:
+    "The modules `config` trains: name -> 0 (every weight) or a LoRA rank (adapters on a frozen copy)."
+    parts = {'controlnet': 0} if config.train_controlnet else {}
+    if config.train_reference: parts['reference_net'] = config.reference_lora_rank
+    if config.train_unet: parts['unet'] = getattr(config, 'unet_lora_rank', 0)
+    return parts
+
+def prepare_for_training(parts: dict, config: TrainConfig, trained: dict[str, int]) -> dict:
+    "Freeze, cast, adapt and checkpoint `parts` as `DiffusionMethod.build` does for `trained`; `parts` back."
     dtype = WEIGHT_DTYPES[config.mixed_precision]
-    unet, controlnet, reference_net = components['unet'], components['controlnet'], components.get('reference_net')
-    for module, trains in ((unet, config.train_unet), (controlnet, config.train_controlnet), (reference_net, True)):
-        if module is None: continue
-        nn.Module.to(module, dtype).requires_grad_(trains).train()  # nn.Module.to: diffusers' `to` warns about casts
-        if config.gradient_checkpointing: module.enable_gradient_checkpointing()
-    side, batch = config.resolution // downsampling(components['vae'].config.block_out_channels), config.batch_size
-    meta = dict(device='meta', dtype=dtype)
-    latents = torch.empty(batch, unet.config.in_channels, side, side, **meta)
-    text = torch.empty(batch, 77, unet.config.cross_attention_dim, **meta)
-    condition = torch.empty(batch, 3, config.resolution, config.resolution, **meta)
-    timesteps = torch.zeros(batch, dtype=torch.long, device='meta')
-    saved = [0]
+    for name, module in parts.items():
+        if name not in trained: nn.Module.to(module, dtype).requires_grad_(False).eval()
+        elif trained[name]:  # a frozen copy in the training precision + fp32 LoRA adapters
+            from diffusers.training_utils import cast_training_params
+            add_reference_lora(nn.Module.to(module, dtype), trained[name], adapter_name=name)
+            cast_training_params(module, dtype=torch.float32)
+        else: module.requires_grad_(True).train()
+    if config.gradient_checkpointing:
+        for name in ('unet', 'controlnet', 'reference_net'):
+            if name in parts: parts[name].enable_gradient_checkpointing()
+    return parts
+
+# %% ../nbs/08c_plan.ipynb #57a4d067
+class _FlashStore(torch.autograd.Function):
+    "Attention's output, storing for backward what flash / memory-efficient SDPA and xformers store: q, k, v, out, logsumexp."
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        ctx.save_for_backward(query, key, value, out, query.new_empty(query.shape[:-1], dtype=torch.float32))
+        return out
+    @staticmethod
+    def backward(ctx, grad): raise NotImplementedError('a stand-in for counting memory on the meta device')
+
+def slow_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    "Attention through explicit score matrices, as diffusers' `AttnProcessor` computes it (softmax upcast to fp32)."
+    scores = query @ key.transpose(-1, -2) * (scale or query.shape[-1] ** -0.5)
+    if attn_mask is not None: scores = scores + attn_mask
+    return scores.float().softmax(-1).to(value.dtype) @ value
+
+# %% ../nbs/08c_plan.ipynb #dd647b14
+_HALF_OPS = {'conv2d', 'conv_transpose2d', 'linear', 'matmul', 'bmm', 'baddbmm', 'addmm', 'mm',
+             'scaled_dot_product_attention'}  # torch.autocast's lower-precision ops (CUDA and CPU)
+_FLOAT_OPS = {'cuda': {'group_norm', 'layer_norm', 'softmax', 'log_softmax', 'mse_loss', 'l1_loss', 'smooth_l1_loss',
+                       'huber_loss'}, 'cpu': {'mse_loss', 'l1_loss', 'smooth_l1_loss', 'huber_loss'}}
+
+class _Emulation(TorchFunctionMode):
+    "Attention as `attention` stores it and, on the meta device (where torch.autocast does nothing), autocast's casts."
+    def __init__(self, attention: str = 'sdpa', # 'sdpa' (flash / memory-efficient / xformers) or 'slow'
+                 autocast: torch.dtype | None = None, # the lower precision to emulate; None: no casts
+                 device_type: str = 'cuda', # whose autocast op lists
+                 on_use=None): # called with each trained weight an op uses
+        super().__init__()
+        self.attention, self.autocast, self.float_ops, self.casts = attention, autocast, _FLOAT_OPS[device_type], {}
+        self.on_use = on_use
+
+    def _cast(self, tensor, dtype):
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()) or tensor.dtype == dtype: return tensor
+        if not (tensor.is_leaf and tensor.requires_grad): return tensor.to(dtype)
+        if id(tensor) not in self.casts: self.casts[id(tensor)] = (tensor, tensor.to(dtype))  # autocast's weight cache
+        return self.casts[id(tensor)][1]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs, name = kwargs or {}, getattr(func, '__name__', '')
+        if self.on_use is not None:
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, nn.Parameter) and a.requires_grad: self.on_use(a)
+        if self.autocast is not None and (name in _HALF_OPS or name in self.float_ops):
+            dtype = self.autocast if name in _HALF_OPS else torch.float32
+            args = tuple(self._cast(a, dtype) for a in args)
+            kwargs = {k: self._cast(v, dtype) for k, v in kwargs.items()}
+        if name == 'scaled_dot_product_attention':
+            if self.attention == 'slow': return slow_attention(*args, **kwargs)
+            if args[0].device.type == 'meta': return _FlashStore.apply(*args[:3])
+        return func(*args, **kwargs)
+
+    def cast_storages(self) -> set[int]: return {_key(cast) for _, cast in self.casts.values()}
+
+def _key(tensor: torch.Tensor) -> int: return tensor.untyped_storage()._cdata
+def _nbytes(tensor: torch.Tensor) -> int: return tensor.untyped_storage().nbytes()
+
+# %% ../nbs/08c_plan.ipynb #2edd1fc6
+def _method(parts: dict, config: TrainConfig, device) -> DiffusionMethod:
+    "A `DiffusionMethod` around `parts` (no data, one process): its `_loss` is the training forward pass."
+    method = DiffusionMethod(config, SimpleNamespace(device=torch.device(device), num_processes=1,
+                                                     unwrap_model=lambda module: module))
+    method.unet, method.controlnet, method.reference_net = parts['unet'], parts['controlnet'], parts.get('reference_net')
+    method.vae, method.text_encoder = parts['vae'], parts['text_encoder']
+    method.weight_dtype, method.noise_scheduler = WEIGHT_DTYPES[config.mixed_precision], noise_scheduler(sd_scheduler())
+    method.empty_text = torch.zeros(1, 77, parts['unet'].config.cross_attention_dim, device=device)
+    return method
+
+def _cached_batch(parts: dict, config: TrainConfig, device) -> dict:
+    "A batch as the cache serves it: target and reference latents, text embeddings, skeletons."
+    unet, side = parts['unet'], config.resolution // downsampling(parts['vae'].config.block_out_channels)
+    latents = lambda: torch.randn(config.batch_size, unet.config.in_channels, side, side, device=device)
+    return dict(target_latents=latents(), reference_latents=latents(),
+                text=torch.randn(config.batch_size, 77, unet.config.cross_attention_dim, device=device),
+                condition=torch.rand(config.batch_size, 3, config.resolution, config.resolution, device=device))
+
+# %% ../nbs/08c_plan.ipynb #b8c9cdfa
+@contextlib.contextmanager
+def _checkpoints_as(function):
+    "Within: `torch.utils.checkpoint.checkpoint` is `function` (diffusers and the reference path look it up per call)."
+    original = torch.utils.checkpoint.checkpoint
+    torch.utils.checkpoint.checkpoint = function
+    try: yield
+    finally: torch.utils.checkpoint.checkpoint = original
+
+# %% ../nbs/08c_plan.ipynb #077ed4f4
+def activation_census(parts: dict, # components prepared for training (`prepare_for_training`), on the meta device
+                      config: TrainConfig, attention: str = 'sdpa', device_type: str = 'cuda') -> dict:
+    "What one training forward keeps for backward and when gradients appear, counted on the meta device."
+    import dataclasses
+    weights = {_key(t) for m in parts.values() for t in itertools.chain(m.parameters(), m.buffers())}
+    trained = {id(p): 4 * p.numel() for m in parts.values() for p in m.parameters() if p.requires_grad}
+    events, units, current = [], [], [None]  # events: (kind, key, bytes, unit) in forward order
+    def unit(function, *args, **kwargs):  # stands in for torch.utils.checkpoint: notes each block's inputs
+        if current[0] is not None: return function(*args)
+        current[0] = len(units); units.append(function)
+        events.extend(('input', _key(a), _nbytes(a), current[0]) for a in args if isinstance(a, torch.Tensor))
+        try: return function(*args)
+        finally: current[0] = None
     def pack(tensor):
-        saved[0] += tensor.numel() * tensor.element_size()
+        if _key(tensor) not in weights: events.append(('save', _key(tensor), _nbytes(tensor), current[0]))
         return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        if reference_net is not None: reference_net(latents, timesteps, encoder_hidden_states=text)
-        down, mid = controlnet(latents, timesteps, encoder_hidden_states=text, controlnet_cond=condition,
-                               return_dict=False)
-        unet(latents, timesteps, encoder_hidden_states=text, down_block_additional_residuals=down,
-             mid_block_additional_residual=mid)
-    return saved[0]
+    plain = dataclasses.replace(config, min_snr_gamma=0.0)  # its weights need `timesteps.cpu()`: not on meta; no memory
+    method = _method(parts, plain, 'meta')
+    autocast = WEIGHT_DTYPES[config.mixed_precision] if config.mixed_precision != 'no' else None
+    emulation = _Emulation(attention, autocast, device_type, on_use=lambda p: events.append(('use', id(p), trained[id(p)], current[0])))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), emulation, _checkpoints_as(unit):
+        method._loss(_cached_batch(parts, plain, 'meta'), 0.0)
+    return _timeline(events, len(units), emulation.cast_storages(), config.gradient_checkpointing,
+                     accumulating=config.gradient_accumulation > 1)
 
-# %% ../nbs/08c_plan.ipynb #5dbb8184
+# %% ../nbs/08c_plan.ipynb #af401dde
+def _timeline(events: list, blocks: int, casts: set, checkpointing: bool, accumulating: bool) -> dict:
+    "Stored bytes, the recomputation peak, half weight copies and the highest moment of backward, from `events`."
+    first, stored, block_saved, half, last_use = set(), [], [{} for _ in range(blocks)], {}, {}
+    for position, (kind, key, size, block) in enumerate(events):
+        if kind == 'use': last_use[key] = (position, size); continue
+        if key in casts: half.setdefault(key, (position, size)); continue
+        if checkpointing and block is not None and kind == 'save': block_saved[block][key] = size; continue
+        if key not in first: first.add(key); stored.append((position, size))
+    stored_keys = {key for kind, key, _, block in events if kind == 'input' or not (checkpointing and block is not None)}
+    recompute = [sum(n for k, n in saved.items() if k not in stored_keys) for saved in block_saved]
+    block_start = {}
+    for position, (kind, _, _, block) in enumerate(events):
+        if block is not None: block_start.setdefault(block, position)
+    grads = sum(size for _, size in last_use.values())
+    # backward walks the forward in reverse: what was stored before a point is still held, gradients of weights
+    # used after it exist (all of them while accumulating), a checkpointed block's activations are rebuilt
+    points = sorted({p for p, _ in stored} | {p for p, _ in half.values()} | {p for p, _ in last_use.values()}
+                    | set(block_start.values()) | {len(events)})
+    starts = {p: b for b, p in block_start.items()}
+    import bisect
+    held_at = sorted([*stored, *half.values()])
+    held_positions, held_sums = [q for q, _ in held_at], list(itertools.accumulate(n for _, n in held_at))
+    uses = sorted(last_use.values())
+    use_positions, use_after = [q for q, _ in uses], list(itertools.accumulate((n for _, n in reversed(uses)), initial=0))[::-1]
+    backward = 0
+    for p in points:
+        i = bisect.bisect_right(held_positions, p)
+        held = held_sums[i - 1] if i else 0
+        gradients = grads if accumulating else use_after[bisect.bisect_left(use_positions, p)]
+        rebuilt = recompute[starts[p]] if checkpointing and p in starts else 0
+        backward = max(backward, held + gradients + rebuilt)
+    largest = max((size for kind, _, size, _ in events if kind == 'save'), default=0)
+    return dict(stored=sum(n for _, n in stored), recomputed=max(recompute, default=0),
+                half_copies=sum(n for _, n in half.values()), blocks=blocks, workspace=2 * largest,
+                backward=backward + 2 * largest, gradients=grads)
+
+# %% ../nbs/08c_plan.ipynb #50575752
+class _Live(TorchDispatchMode):
+    "Counts the bytes of the tensors alive at once (views share their base's) while it is active: the peak of a pass."
+    def __init__(self):
+        super().__init__()
+        self.now, self.peak, self.alive = 0, 0, set()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and not tensor._is_view() and _key(tensor) not in self.alive:
+                key, size = _key(tensor), _nbytes(tensor)
+                self.alive.add(key); self.now += size; self.peak = max(self.peak, self.now)
+                weakref.finalize(tensor, self._free, key, size)
+        return out
+    def _free(self, key, size): self.now -= size; self.alive.discard(key)
+
+def _encode_bytes(config: TrainConfig, parts: dict, attention: str = 'sdpa') -> int:
+    "Peak bytes of encoding one batch without the cache: target and reference through the VAE, prompts through CLIP."
+    dtype, size = WEIGHT_DTYPES[config.mixed_precision], config.resolution
+    with torch.no_grad(), _Emulation(attention), _Live() as live:
+        latents = [parts['vae'].encode(torch.empty(config.batch_size, 3, size, size, device='meta', dtype=dtype))
+                   .latent_dist.mode() for _ in ('target', 'reference')]
+        text = parts['text_encoder'](torch.zeros(config.batch_size, 77, dtype=torch.long, device='meta'))[0]
+    return live.peak
+
+# %% ../nbs/08c_plan.ipynb #64aaf003
 GiB = 2**30
+ATTENTION = ('sdpa', 'slow')  # how attention stores its work: fused kernels (flash / memory-efficient / xformers), or scores
+CUDA_OVERHEAD = 1.0 * GiB  # CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation: outside max_memory_allocated
 
-def _lora_parameters(unet: nn.Module, rank: int) -> int:
-    "Parameters of rank-`rank` LoRA adapters on the attention projections `add_reference_lora` adapts."
-    return sum(rank * (m.in_features + m.out_features) for name, m in unet.named_modules()
-               if isinstance(m, nn.Linear) and name.endswith(tuple('.' + t for t in REFERENCE_LORA_TARGETS))
-               and '.attn' in name)
-CUDA_OVERHEAD = 1.0 * GiB  # CUDA context, cuDNN/cuBLAS workspaces and allocator slack: about a gigabyte today
+def _bnb_state_bytes(parameter: torch.Tensor) -> int:
+    "bitsandbytes' 8-bit AdamW state: 2 bytes per value; tensors under 4,096 values keep 32-bit state (8 bytes)."
+    return parameter.numel() * (2 if parameter.numel() >= 4096 else 8)
 
-def estimate_memory(config: TrainConfig) -> dict:
-    "Parameter counts and an estimate of peak accelerator memory (bytes) for training `config`."
-    components = meta_components(config)
-    count = {name: sum(p.numel() for p in module.parameters()) for name, module in components.items()}
-    reference = count.get('reference_net', 0)
-    if reference and config.reference_lora_rank:  # rank × (inputs + outputs) per adapted projection; the copy is frozen
-        count['reference_lora'] = _lora_parameters(components['reference_net'], config.reference_lora_rank)
-        trained_reference, frozen_reference = count['reference_lora'], reference
-    else: trained_reference, frozen_reference = reference, 0
-    unet = count['unet'] if config.train_unet else 0
-    trainable = (count['controlnet'] if config.train_controlnet else 0) + trained_reference + unet
-    weight_bytes = WEIGHT_DTYPES[config.mixed_precision].itemsize
-    frozen = (count['unet'] - unet + count['vae'] + count['text_encoder'] + frozen_reference
-              + (0 if config.train_controlnet else count['controlnet']))
-    optimizer_bytes = 2 if config.optimizer == 'adamw8bit' else 8
-    memory = dict(frozen_weights=frozen * weight_bytes, trainable_weights=trainable * 4, gradients=trainable * 4,
-                  optimizer_state=trainable * optimizer_bytes, activations=_saved_activation_bytes(components, config),
-                  overhead=CUDA_OVERHEAD)
-    total = sum(n for k, n in count.items() if k != 'reference_lora')
-    return dict(parameters=count, total_parameters=total, trainable_parameters=trainable, memory=memory,
-                peak=sum(memory.values()))
+def _tensor_bytes(tensors) -> int: return sum({_key(t): _nbytes(t) for t in tensors}.values())
+
+def estimate_memory(config: TrainConfig,
+                    trained: dict[str, int] | None = None, # name -> 0 (all) or LoRA rank; default `trained_parts(config)`
+                    attention: str = 'sdpa', # see `ATTENTION`
+                    device_type: str = 'cuda', # whose autocast lists and optimizer kernels (foreach on CUDA)
+                   ) -> dict:
+    "Parameter counts and each term of peak training memory (bytes) for `config`, counted on the meta device."
+    trained = trained_parts(config) if trained is None else trained
+    parts = prepare_for_training(build_components(config, 'meta'), config, trained)
+    count = {name: sum(p.numel() for n, p in m.named_parameters() if 'lora_' not in n) for name, m in parts.items()}
+    count |= {f'{name}_lora': sum(p.numel() for n, p in parts[name].named_parameters() if 'lora_' in n)
+              for name, rank in trained.items() if rank}
+    learning = [p for m in parts.values() for p in m.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in learning)
+    frozen = _tensor_bytes(t for m in parts.values() for t in itertools.chain(m.parameters(), m.buffers())
+                           if not t.requires_grad)
+    census = activation_census(parts, config, attention, device_type)
+    eight_bit = config.optimizer == 'adamw8bit'
+    memory = dict(
+        frozen_weights=frozen, trained_weights_fp32=4 * trainable, trained_weights_half=census['half_copies'],
+        gradients=4 * trainable,
+        optimizer_states=sum(_bnb_state_bytes(p) for p in learning) if eight_bit else 8 * trainable,
+        ema=4 * trainable if config.ema_decay else 0,
+        activations=census['stored'], recomputation=census['recomputed'], backward_workspace=census['workspace'],
+        optimizer_temporaries=0 if eight_bit else (4 * trainable if device_type == 'cuda'
+                                                   else 8 * max((p.numel() for p in learning), default=0)),
+        encode=0 if config.cache else _encode_bytes(config, parts, attention))
+    return dict(parameters=count, total_parameters=sum(n for k, n in count.items() if not k.endswith('_lora')),
+                trainable_parameters=trainable, trained=trained, memory=memory, attention=attention,
+                checkpointed_blocks=census['blocks'], moments=(moments := _peak(memory, census['backward'], config.gradient_accumulation > 1)),
+                peak=max(moments.values()))
+
+def _peak(m: dict, backward: int, accumulating: bool) -> dict:
+    "Bytes at each moment that can peak: the end of forward, the highest point of backward, the optimizer step."
+    state = m['frozen_weights'] + m['trained_weights_fp32'] + m['optimizer_states'] + m['ema']
+    held = m['gradients'] if accumulating else 0  # gradients of earlier micro-batches wait for the optimizer step
+    return {'encoding': state + held + m['encode'],
+            'end of forward': state + held + m['trained_weights_half'] + m['activations'],
+            'backward': state + backward,
+            'optimizer step': state + m['gradients'] + m['optimizer_temporaries']}
+
+# %% ../nbs/08c_plan.ipynb #f8610725
+_TERMS = {'frozen_weights': 'frozen weights', 'trained_weights_fp32': 'trained weights (fp32)',
+          'trained_weights_half': 'their half copies', 'gradients': 'gradients', 'optimizer_states': 'optimizer states',
+          'optimizer_temporaries': 'optimizer step temps', 'ema': 'EMA copy', 'activations': 'stored activations',
+          'recomputation': 'recomputed block', 'backward_workspace': 'backward workspace', 'encode': 'VAE/CLIP encode'}
+
+def fits_16gb(estimate: dict) -> bool:
+    "Whether the planned peak plus `CUDA_OVERHEAD` stays within 15 GiB, what a 16 GB card offers."
+    return estimate['peak'] + CUDA_OVERHEAD <= 15 * GiB
 
 def format_plan(config: TrainConfig, estimate: dict) -> str:
-    "The `--dry-run` report of `estimate_memory`."
-    lines = [f"{name:>14}: {n / 1e6:9.1f} M parameters" for name, n in estimate['parameters'].items()]
-    lines += [f"{'total':>14}: {estimate['total_parameters'] / 1e6:9.1f} M, "
-              f"trainable {estimate['trainable_parameters'] / 1e6:.1f} M",
+    "The `--dry-run` report of `estimate_memory`: parameters, each memory term, the four moments and the peak."
+    trained = ', '.join(f'{n} (LoRA {r})' if r else n for n, r in estimate['trained'].items()) or 'nothing'
+    lines = [f"{name:>18}: {n / 1e6:9.1f} M parameters" for name, n in estimate['parameters'].items()]
+    lines += [f"{'total':>18}: {estimate['total_parameters'] / 1e6:9.1f} M, "
+              f"trainable {estimate['trainable_parameters'] / 1e6:.1f} M: {trained}",
               f"memory at {config.resolution} px, batch {config.batch_size}, precision {config.mixed_precision}, "
               f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
-              f"optimizer {config.optimizer}:"]
-    lines += [f"{name:>18}: {size / GiB:6.2f} GiB" for name, size in estimate['memory'].items()]
-    peak = estimate['peak'] / GiB
-    lines.append(f"{'estimated peak':>18}: {peak:6.2f} GiB ({'fits' if peak <= 15 else 'does not fit'} a 16 GB GPU)")
+              f"optimizer {config.optimizer}, attention {estimate['attention']}:"]
+    lines += [f"{_TERMS[name]:>22}: {size / GiB:6.2f} GiB" for name, size in estimate['memory'].items()]
+    lines += [f"{'at ' + moment:>22}: {size / GiB:6.2f} GiB" for moment, size in estimate['moments'].items()]
+    peak, fits = estimate['peak'] / GiB, fits_16gb(estimate)
+    lines.append(f"{'planned peak':>22}: {peak:6.2f} GiB allocated (torch.cuda.max_memory_allocated), "
+                 f"+ {CUDA_OVERHEAD / GiB:.1f} GiB CUDA context and slack: "
+                 f"{'fits' if fits else 'does not fit'} a 16 GB GPU")
     return '\n'.join(lines)
 
 # %% ../nbs/08c_plan.ipynb #377e7eb1
@@ -150,6 +371,55 @@ def method_plan(method: type, # a `TrainMethod` class
     "What `--dry-run` reports for `method`: the diffusion method's parameters and peak memory, else its own `plan`."
     if issubclass(method, DiffusionMethod): return format_plan(config, estimate_memory(config))
     return method.plan(config)
+
+# %% ../nbs/08c_plan.ipynb #1398da34
+def _cpu_allocated_peak(run) -> int:
+    "The highest number of bytes the CPU allocator held above its starting level while `run()` ran (torch.profiler)."
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'
+                     and e.device_type() == torch.autograd.DeviceType.CPU), key=lambda e: e.start_ns())
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+
+# %% ../nbs/08c_plan.ipynb #e8ba506d
+@contextlib.contextmanager
+def _attention_as(attention: str):
+    "Within: every `F.scaled_dot_product_attention` call computes explicit scores when `attention='slow'`."
+    import torch.nn.functional as F
+    fused = F.scaled_dot_product_attention
+    if attention == 'slow': F.scaled_dot_product_attention = slow_attention
+    try: yield
+    finally: F.scaled_dot_product_attention = fused
+
+# %% ../nbs/08c_plan.ipynb #1cf91cda
+def measure_peak(config: TrainConfig, trained: dict[str, int] | None = None, attention: str = 'sdpa',
+                 device: str = 'cpu', steps: int = 2, seed: int = 0) -> int:
+    "Peak bytes of `steps` real optimizer steps of `config` on `device` (random weights of its shape): the plan's check."
+    trained = trained_parts(config) if trained is None else trained
+    parts = prepare_for_training(build_components(config, device, seed), config, trained)
+    method, batch = _method(parts, config, device), _cached_batch(parts, config, device)
+    learning = [p for m in parts.values() for p in m.parameters() if p.requires_grad]
+    optimizer = make_optimizer(config, learning)
+    device_type = torch.device(device).type
+    half = config.mixed_precision != 'no'
+    scaler = torch.amp.GradScaler(device_type, enabled=config.mixed_precision == 'fp16')
+    def run():
+        for _ in range(steps):
+            for _ in range(config.gradient_accumulation):  # as `train`'s loop: gradients wait across micro-batches
+                with _attention_as(attention):  # also while backward recomputes checkpointed blocks
+                    with torch.autocast(device_type, WEIGHT_DTYPES[config.mixed_precision], enabled=half):
+                        loss = method._loss(batch, 0.0)
+                    scaler.scale(loss / config.gradient_accumulation).backward()
+            scaler.unscale_(optimizer)
+            if config.max_grad_norm: torch.nn.utils.clip_grad_norm_(learning, config.max_grad_norm)
+            scaler.step(optimizer); scaler.update(); optimizer.zero_grad(set_to_none=True)
+    if device_type == 'cuda':
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        run(); torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    present = _tensor_bytes(t for m in parts.values() for t in itertools.chain(m.parameters(), m.buffers()))
+    present += _tensor_bytes([*batch.values(), method.empty_text])
+    return present + _cpu_allocated_peak(run)
 
 # %% ../nbs/08c_plan.ipynb #72585c62
 def dry_run(config: TrainConfig) -> str:

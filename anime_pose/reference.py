@@ -5,10 +5,11 @@
 # %% ../nbs/06_reference.ipynb #39193e92
 from __future__ import annotations
 import copy, math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
@@ -16,8 +17,8 @@ from .controlnet import ModelError
 
 # %% auto #0
 __all__ = ['REFERENCE_LORA_TARGETS', 'ReferenceState', 'reference_bias', 'ReferenceAttnProcessor', 'self_attention_names',
-           'ReferenceAttention', 'make_reference_net', 'add_reference_lora', 'reference_trainable_parameters',
-           'time_reference_cost']
+           'reference_checkpointing', 'ReferenceAttention', 'make_reference_net', 'add_reference_lora',
+           'reference_trainable_parameters', 'time_reference_cost']
 
 # %% ../nbs/06_reference.ipynb #bbb85fe2
 class ReferenceState:
@@ -106,6 +107,29 @@ def self_attention_names(unet: UNet2DConditionModel) -> list[str]:
     "The processor names of `unet`'s self-attention (`attn1`) layers, in execution order."
     return [name for name in unet.attn_processors if name.endswith('attn1.processor')]
 
+# %% ../nbs/06_reference.ipynb #96ca12aa
+@contextmanager
+def _as_first_run(state: ReferenceState, snapshot: tuple):
+    "Within: `state` and a block's attention processors as they were when the checkpointed block first ran."
+    mode, strength, features, processors = snapshot
+    saved = state.mode, state.strength, state.features, state.stop_when_written
+    current = [(attention, attention.processor) for attention, _ in processors]
+    state.mode, state.strength, state.features, state.stop_when_written = mode, strength, dict(features), False
+    for attention, processor in processors: attention.processor = processor
+    try: yield
+    finally:
+        state.mode, state.strength, state.features, state.stop_when_written = saved
+        for attention, processor in current: attention.processor = processor
+
+def reference_checkpointing(state: ReferenceState):
+    "A diffusers `gradient_checkpointing_func` whose recomputation takes the reference path its forward took."
+    def checkpoint(block, *args):
+        snapshot = (state.mode, state.strength, dict(state.features),
+                    [(m, m.processor) for m in block.modules() if isinstance(m, Attention)])
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False,
+                                                 context_fn=lambda: (nullcontext(), _as_first_run(state, snapshot)))
+    return checkpoint
+
 # %% ../nbs/06_reference.ipynb #9df45f9f
 class ReferenceAttention:
     "The reference path on `unet`: write features with `reference_net` (default: `unet` itself), read them in `unet`."
@@ -117,7 +141,7 @@ class ReferenceAttention:
         self.names = self_attention_names(unet)
         if self_attention_names(self.reference_net) != self.names:
             raise ModelError('the reference network does not match the UNet: different self-attention layers')
-        self.state, self._saved = ReferenceState(strength), None
+        self.state, self._saved, self._checkpointing = ReferenceState(strength), None, []
         self.state.expected = len(self.names)
 
     @property
@@ -136,12 +160,16 @@ class ReferenceAttention:
             model.set_attn_processor({
                 name: ReferenceAttnProcessor(self.state, name) if name in self.names else processor
                 for name, processor in model.attn_processors.items()})
+        self._checkpointing = [(block, block._gradient_checkpointing_func) for model in models
+                               for block in model.modules() if getattr(block, 'gradient_checkpointing', False)]
+        for block, _ in self._checkpointing: block._gradient_checkpointing_func = reference_checkpointing(self.state)
         return self
 
     def detach(self):
         "Restore the processors the models had before `attach`, and forget the reference."
         for model, processors in self._saved or []: model.set_attn_processor(processors)
-        self._saved = None
+        for block, checkpoint in self._checkpointing: block._gradient_checkpointing_func = checkpoint
+        self._saved, self._checkpointing = None, []
         self.state.clear()
 
     def __enter__(self): return self.attach()

@@ -1,30 +1,39 @@
-"Estimated peak training memory (`anime-pose train --dry-run`) of SD 1.x settings at 512 px: which fit a 16 GB GPU."
+"""Planned peak training memory (`anime-pose train --dry-run`) at 512 px for the sets of trained parts issue 22 weighs.
+
+The same table as nbs/08c_plan.ipynb ("What fits a 16 GB GPU at 512 px"); a plan, not a measurement
+(benchmarks/gpu_check.sh measures it on a GPU).
+
+    python benchmarks/train_memory_plan.py          # SD 1.5 shapes
+    python benchmarks/train_memory_plan.py sd21     # SD 2.1 shapes
+"""
 import sys, torch
-from anime_pose.plan import GiB, estimate_memory
+from anime_pose.plan import GiB, estimate_memory, fits_16gb
 from anime_pose.train import load_config, override_config
 
-torch.set_num_threads(1)
-ROWS = [  # (what, overrides of the sd15 preset)
-    ('everything fp32, full reference net, AdamW', dict(mixed_precision='no', gradient_checkpointing=False, optimizer='adamw', reference_lora_rank=0)),
-    ('fp16, full reference net, AdamW', dict(gradient_checkpointing=False, optimizer='adamw', reference_lora_rank=0)),
-    ('fp16, checkpointing, full reference net, 8-bit AdamW', dict(reference_lora_rank=0)),
-    ('fp16, no checkpointing, reference LoRA 16, AdamW', dict(gradient_checkpointing=False, optimizer='adamw')),
-    ('fp16, checkpointing, reference LoRA 16, AdamW', dict(optimizer='adamw')),
-    ('preset sd15: fp16, checkpointing, reference LoRA 16, 8-bit AdamW', {}),
-    ('preset sd15 at batch 4', dict(batch_size=4, gradient_accumulation=1)),
-    ('ControlNet only (no reference path), fp16, checkpointing, 8-bit AdamW', dict(train_reference=False)),
-]
+SETS = {  # name: (overrides of the preset, trained parts when no configuration field says it yet)
+    'ControlNet only': (dict(train_reference=False), None),
+    'ControlNet + reference LoRA 16 (preset)': ({}, None),
+    'ControlNet + reference net': (dict(reference_lora_rank=0), None),
+    '+ UNet (full)': (dict(reference_lora_rank=0, train_unet=True), None),
+    '+ UNet LoRA 16': (dict(reference_lora_rank=0), {'controlnet': 0, 'reference_net': 0, 'unet': 16}),
+    'ControlNet + reference LoRA 16 + UNet (full)': (dict(train_unet=True), None),
+    'ControlNet + reference LoRA 16 + UNet LoRA 16': ({}, {'controlnet': 0, 'reference_net': 16, 'unet': 16}),
+}
+SETTINGS = [dict(gradient_checkpointing=c, mixed_precision=p, optimizer=o)
+            for c, p, o in [(True, 'fp16', 'adamw8bit'), (True, 'fp16', 'adamw'), (True, 'bf16', 'adamw'),
+                            (False, 'fp16', 'adamw'), (False, 'bf16', 'adamw8bit')]]
 
 def main(base: str = 'sd15'):
-    lines = [f'| settings ({base}, 512 px, batch 1 unless noted) | trainable (M) | weights+grads+optimizer (GiB) | activations (GiB) | peak (GiB) | 16 GB |',
-             '|---|---|---|---|---|---|']
-    for what, overrides in ROWS:
-        config = override_config(load_config(base), overrides)
-        e = estimate_memory(config)
-        m = e['memory']
-        state = (m['frozen_weights'] + m['trainable_weights'] + m['gradients'] + m['optimizer_state']) / GiB
-        lines.append(f"| {what} | {e['trainable_parameters'] / 1e6:.0f} | {state:.2f} | {m['activations'] / GiB:.2f} | "
-                     f"{e['peak'] / GiB:.2f} | {'fits' if e['peak'] <= 15 * GiB else 'no'} |")
-    print('\n'.join(lines))
+    torch.set_num_threads(1)
+    print(f'| trained ({base}, 512 px, batch 1, accumulation 4) | trainable (M) | checkpointing | precision | optimizer | '
+          'activations + recomputed (GiB) | peak moment | planned peak (GiB) | 16 GB |\n|---|---|---|---|---|---|---|---|---|')
+    for name, (overrides, trained) in SETS.items():
+        for setting in SETTINGS:
+            config = override_config(load_config(base), overrides | setting)
+            e = estimate_memory(config, trained)
+            m, moment = e['memory'], max(e['moments'], key=e['moments'].get)
+            print(f"| {name} | {e['trainable_parameters'] / 1e6:.0f} | {'on' if config.gradient_checkpointing else 'off'} | "
+                  f"{config.mixed_precision} | {config.optimizer} | {(m['activations'] + m['recomputation']) / GiB:.2f} | "
+                  f"{moment} | {e['peak'] / GiB:.2f} | {'fits' if fits_16gb(e) else 'no'} |", flush=True)
 
 if __name__ == '__main__': main(*sys.argv[1:])

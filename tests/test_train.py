@@ -370,7 +370,7 @@ def test_the_plan_counts_a_trained_unet():
     frozen, planned = estimate_memory(tiny_diffusion()), estimate_memory(tiny_diffusion(train_unet=True))
     unet = planned['parameters']['unet']
     assert planned['trainable_parameters'] == frozen['trainable_parameters'] + unet
-    assert planned['memory']['optimizer_state'] > frozen['memory']['optimizer_state']
+    assert planned['memory']['optimizer_states'] > frozen['memory']['optimizer_states']
 
 
 def test_cache_holds_what_the_uncached_path_computes(tmp_path):
