@@ -203,6 +203,11 @@ class DiffusionMethod(TrainMethod):
             from diffusers.training_utils import cast_training_params
             add_reference_lora(nn.Module.to(self.reference_net, self.weight_dtype), config.reference_lora_rank)
             cast_training_params(self.reference_net, dtype=torch.float32)
+        if config.train_unet and config.unet_lora_rank:  # a frozen denoiser + fp32 LoRA adapters
+            from diffusers.training_utils import cast_training_params
+            add_reference_lora(nn.Module.to(self.unet, self.weight_dtype), config.unet_lora_rank, adapter_name='denoiser')
+            cast_training_params(self.unet, dtype=torch.float32)
+            if self.warped: self.unet.conv_in.float().requires_grad_(True)  # the warp's input weights start at zero
         if config.gradient_checkpointing:
             for module in (self.unet, self.controlnet, self.reference_net):
                 if module is not None: module.enable_gradient_checkpointing()
@@ -215,7 +220,7 @@ class DiffusionMethod(TrainMethod):
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         "One AdamW: the ControlNet and reference net at `learning_rate`, the denoiser (if trained) at its own rate."
         groups = [{'params': [p for name in self.trainable if name != 'unet' for p in getattr(self, name).parameters()]}]
-        if self.config.train_unet: groups.append({'params': list(self.unet.parameters()),
+        if self.config.train_unet: groups.append({'params': [p for p in self.unet.parameters() if p.requires_grad],
                                                   'lr': self.config.unet_learning_rate})
         return {'main': make_optimizer(self.config, [group for group in groups if group['params']])}
 
@@ -357,9 +362,11 @@ class DiffusionMethod(TrainMethod):
     def save_final(self, directory: Path):
         "The whole pipeline in diffusers layout (safetensors): `anime-pose transfer --model DIR/final` uses it as is."
         pipe = self.pipeline()
-        if self.reference_net is not None and self.config.reference_lora_rank:  # fold the adapters into plain weights
-            import copy
-            reference_net = copy.deepcopy(pipe.reference_net)
-            reference_net.fuse_lora(); reference_net.unload_lora()
-            pipe.register_modules(reference_net=reference_net)
+        import copy
+        for name, rank in (('reference_net', self.config.reference_lora_rank),
+                           ('unet', self.config.unet_lora_rank if self.config.train_unet else 0)):
+            if rank and getattr(pipe, name) is not None:  # fold the adapters into plain weights
+                module = copy.deepcopy(getattr(pipe, name))
+                module.fuse_lora(); module.unload_lora()
+                pipe.register_modules(**{name: module})
         pipe.save_pretrained(directory, safe_serialization=True)

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .controlnet import ModelError, controlnet_from_unet, downsampling
 from .reference import add_reference_lora, make_reference_net
+from .warp import reads_warped_reference, widen_input
 from .tiny import TINY_SHAPES, noise_scheduler, sd_scheduler, tiny_components
 from .diffusion import LOSSES
 from .train import (PRESETS, REPORT_TO, WEIGHT_DTYPES, ConfigError, METHODS, TrainConfig,
@@ -79,6 +80,7 @@ def build_components(config: TrainConfig, device='meta', seed: int = 0) -> dict:
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(configs['unet'])
+        if config.warped_reference: widen_input(unet, unet.config.in_channels)  # as `DiffusionMethod.build` does
         vae_scale_factor = downsampling(configs['vae']['block_out_channels'])
         parts = dict(unet=unet, vae=AutoencoderKL.from_config(configs['vae']),
                      text_encoder=CLIPTextModel(CLIPTextConfig(**configs['text'])),
@@ -107,6 +109,7 @@ def prepare_for_training(parts: dict, config: TrainConfig, trained: dict[str, in
             from diffusers.training_utils import cast_training_params
             add_reference_lora(nn.Module.to(module, dtype), trained[name], adapter_name=name)
             cast_training_params(module, dtype=torch.float32)
+            if name == 'unet' and config.warped_reference: module.conv_in.float().requires_grad_(True)
         else: module.requires_grad_(True).train()
     if config.gradient_checkpointing:
         for name in ('unet', 'controlnet', 'reference_net'):
@@ -180,13 +183,15 @@ def _method(parts: dict, config: TrainConfig, device) -> DiffusionMethod:
     method.vae, method.text_encoder = parts['vae'], parts['text_encoder']
     method.weight_dtype, method.noise_scheduler = WEIGHT_DTYPES[config.mixed_precision], noise_scheduler(sd_scheduler())
     method.empty_text = torch.zeros(1, 77, parts['unet'].config.cross_attention_dim, device=device)
+    method.warped = reads_warped_reference(parts['unet'], parts['vae'].config.latent_channels)
     return method
 
 def _cached_batch(parts: dict, config: TrainConfig, device) -> dict:
     "A batch as the cache serves it: target and reference latents, text embeddings, skeletons."
     unet, side = parts['unet'], config.resolution // downsampling(parts['vae'].config.block_out_channels)
-    latents = lambda: torch.randn(config.batch_size, unet.config.in_channels, side, side, device=device)
-    return dict(target_latents=latents(), reference_latents=latents(),
+    latents = lambda: torch.randn(config.batch_size, parts['vae'].config.latent_channels, side, side, device=device)
+    warped = {'warped_latents': latents()} if reads_warped_reference(unet, parts['vae'].config.latent_channels) else {}
+    return dict(**warped, target_latents=latents(), reference_latents=latents(),
                 text=torch.randn(config.batch_size, 77, unet.config.cross_attention_dim, device=device),
                 condition=torch.rand(config.batch_size, 3, config.resolution, config.resolution, device=device))
 

@@ -61,6 +61,9 @@ class TrainConfig:
     unet_learning_rate: float = 1e-4  # the denoiser's own, lower rate when train_unet
     # give the denoiser the reference warped to pose B (06b_warp) as extra input channels, as SD inpainting takes its image
     warped_reference: bool = False
+    # >0 with train_unet: rank-r LoRA adapters on the denoiser's attention instead of all its weights (what keeps the
+    # 512 px plan within 16 GB); the warp's new input weights still train in full
+    unet_lora_rank: int = 0
     use_reference: bool = True  # attend to the reference while training (False: a plain ControlNet, like diffusers')
     reference_lora_rank: int = 0  # >0: train rank-r LoRA adapters on the reference net's attention, not all (peft)
     conditioning_dropout: float = 0.1  # chance of dropping the text and reference, for classifier-free guidance
@@ -100,7 +103,7 @@ def _check_config(config: TrainConfig, source: str = 'config') -> TrainConfig:
                  'validation_batches'):
         if getattr(config, name) < 1: bad(name, 'a positive integer')
     for name in ('warmup_steps', 'validate_every', 'sample_every', 'checkpoint_every', 'base_steps', 'base_vae_steps',
-                 'synthetic_characters', 'reference_lora_rank'):
+                 'synthetic_characters', 'reference_lora_rank', 'unet_lora_rank'):
         if getattr(config, name) < 0: bad(name, 'zero or more')
     if config.resolution % 8: bad('resolution', 'a multiple of 8 (the VAE downsamples by 8)')
     if not config.learning_rate > 0: bad('learning_rate', 'a positive number')
@@ -150,11 +153,13 @@ PRESETS = {  # name: overrides of the TrainConfig defaults
     'sd15': dict(base_model='sd15', resolution=512, batch_size=1, gradient_accumulation=4, learning_rate=1e-5,
                  mixed_precision='fp16', gradient_checkpointing=True, optimizer='adamw8bit', max_steps=20000,
                  validate_every=500, sample_every=1000, checkpoint_every=1000, min_snr_gamma=5.0,
-                 reference_lora_rank=16),
+                 reference_lora_rank=16, train_unet=True, unet_lora_rank=16, unet_learning_rate=1e-5,
+                 warped_reference=True),
     'sd21': dict(base_model='sd21', resolution=512, batch_size=1, gradient_accumulation=4, learning_rate=1e-5,
                  mixed_precision='fp16', gradient_checkpointing=True, optimizer='adamw8bit', max_steps=20000,
                  validate_every=500, sample_every=1000, checkpoint_every=1000, min_snr_gamma=5.0,
-                 reference_lora_rank=16),
+                 reference_lora_rank=16, train_unet=True, unet_lora_rank=16, unet_learning_rate=1e-5,
+                 warped_reference=True),
 }
 
 def load_config(source: str | os.PathLike = 'tiny', # a preset name (see `PRESETS`) or a JSON file

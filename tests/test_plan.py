@@ -39,10 +39,14 @@ def test_dry_run_prints_each_term(capsys):
 
 def test_sd15_plans_what_fits_16gb():
     sd15 = load_config('sd15')
-    assert fits_16gb(estimate_memory(sd15))  # the preset: ControlNet + reference LoRA 16, 8-bit AdamW, checkpointing
+    # the preset: ControlNet (reading the warp) + reference LoRA 16 + denoiser LoRA 16, 8-bit AdamW, checkpointing
+    assert fits_16gb(estimate_memory(sd15))
+    assert trained_parts(sd15) == {'controlnet': 0, 'reference_net': 16, 'unet': 16}
     full_reference = override_config(sd15, {'reference_lora_rank': 0})
     assert not fits_16gb(estimate_memory(full_reference))
-    assert trained_parts(override_config(sd15, {'train_unet': True})) == {'controlnet': 0, 'reference_net': 16, 'unet': 0}
+    full_unet = override_config(sd15, {'unet_lora_rank': 0})
+    assert trained_parts(full_unet) == {'controlnet': 0, 'reference_net': 16, 'unet': 0}
+    assert not fits_16gb(estimate_memory(full_unet))
 
 
 def test_training_with_gradient_checkpointing_and_the_reference_path_runs(tmp_path):

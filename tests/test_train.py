@@ -458,3 +458,18 @@ def test_accelerate_launch_diffusion_with_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / 'checkpoint-1' / 'trainer_state.json').read_text())['world_size'] == 2
     assert (out / 'final' / 'reference_net' / 'diffusion_pytorch_model.safetensors').exists()
+
+
+def test_the_denoiser_can_train_as_lora_adapters(tmp_path):
+    "unet_lora_rank: adapters on a frozen denoiser (and the warp's input weights in full), folded into plain weights."
+    config = tiny_diffusion(train_unet=True, unet_lora_rank=2, unet_learning_rate=1e-2, warped_reference=True,
+                            checkpoint_every=0, validate_every=0)
+    train(config, tmp_path / 'run', progress=False)
+    final = trained(tmp_path / 'run', 'unet')
+    base = load_file(tmp_path / 'run' / 'base' / 'unet' / 'diffusion_pytorch_model.safetensors')
+    assert not any('lora' in key for key in final) and set(final) == set(base)
+    attention = [k for k in base if k.endswith('attn1.to_q.weight')]
+    assert attention and all(not torch.equal(base[k], final[k]) for k in attention)  # adapters folded in
+    norms = [k for k in base if 'norm' in k and k.endswith('weight')]
+    assert all(torch.equal(base[k], final[k]) for k in norms)  # the rest stayed frozen
+    assert final['conv_in.weight'][:, 4:].abs().sum() > 0  # the warp's door opened
