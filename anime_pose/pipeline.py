@@ -634,7 +634,8 @@ def _add_common(parser: argparse.ArgumentParser):
                         help='fraction of the steps after which the pose ControlNet stops acting (default 1)')
     parser.add_argument('--reference-strength', type=float, default=1.0,
                         help='identity strength; 0 ignores the reference (default 1)')
-    parser.add_argument('--reference-pose', help="A's pose as OpenPose JSON, to retarget poses to A's proportions")
+    parser.add_argument('--reference-pose', help="A's pose in the reference as OpenPose JSON: where a model that reads a "
+                        "warped reference cuts A into parts (default: found by --detector), and for --retarget")
     parser.add_argument('--retarget', action=argparse.BooleanOptionalAction, default=None,
                         help="retarget poses to A's proportions: A's pose is --reference-pose, else found in the reference "
                              + ('(default: on when A is found there)' if RETARGET_TO_DETECTED else '(default: only with --reference-pose)'))
