@@ -29,11 +29,12 @@ from .reference import ReferenceAttention, self_attention_names
 from .tiny import encode_prompt, tiny_components
 
 # %% auto #0
-__all__ = ['DRAWING_DEFAULTS', 'LAYOUT', 'RETARGET_TO_DETECTED', 'check_components', 'TransferError', 'check_size',
+__all__ = ['DRAWING_DEFAULTS', 'LAYOUT', 'BATCH_SIZE', 'RETARGET_TO_DETECTED', 'check_components', 'TransferError', 'check_size',
            'fit_reference', 'reference_pose_from_image', 'skeleton_images', 'PoseTransferOutput', 'encode_images',
-           'decode_latents', 'PoseTransferPipeline', 'check_model_dir', 'vae_scale_factor', 'set_drawing_defaults',
-           'stored_drawing_defaults', 'model_drawing_defaults', 'bundled_model_dir', 'load_pipeline', 'run_transfer',
-           'transfer_cli', 'run_sheet', 'sheet_cli']
+           'decode_latents', 'per_sample', 'sample_batches', 'batch_generators', 'prompt_embeddings',
+           'PoseTransferPipeline', 'check_model_dir', 'vae_scale_factor', 'set_drawing_defaults',
+           'stored_drawing_defaults', 'model_drawing_defaults', 'bundled_model_dir', 'load_pipeline', 'add_batch_size',
+           'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
 
 # %% ../nbs/07a_pipeline.ipynb #ec425759
 def check_components(vae, text_encoder, unet, controlnet, reference_net=None):
@@ -179,6 +180,40 @@ def _check_settings(num_inference_steps, guidance_scale, controlnet_conditioning
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise TransferError(f'batch_size must be a positive integer, got {batch_size!r}')
 
+# %% ../nbs/07a_pipeline.ipynb #063f8137
+def per_sample(value, # one item shared by every sample, or a list or tuple of one item per sample
+               count: int, # the number of samples (poses)
+               name: str, # what an item is, for the error message
+              ) -> list:
+    "`value` as a list of `count` items: a list or tuple as given (checked to have `count`), anything else repeated."
+    if not isinstance(value, (list, tuple)): return [value] * count
+    if len(value) != count:
+        raise TransferError(f'{len(value)} {name}s for {count} poses: give one {name}, or one per pose')
+    return list(value)
+
+def sample_batches(count: int, # samples in all
+                   batch_size: int | None, # samples per batch; None: all in one
+                  ) -> list[slice]:
+    "Slices of at most `batch_size` consecutive samples, covering `count` in order."
+    size = batch_size or count
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+def batch_generators(generator, # None, one torch.Generator for the whole call, or a list of one per sample
+                     count: int) -> torch.Generator | list[torch.Generator] | None:
+    "`generator`, checked to be a list of `count` when it is one generator per sample."
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != count:
+            raise TransferError(f'{len(generator)} generators for {count} poses: give one generator, or one per pose')
+        return list(generator)
+    return generator
+
+def prompt_embeddings(tokenizer, text_encoder, prompts: list[str], device=None) -> torch.Tensor:
+    "The text embeddings of `prompts`, one row each, every distinct prompt encoded once: (len(prompts), tokens, width)."
+    distinct = list(dict.fromkeys(prompts))
+    embeddings = encode_prompt(tokenizer, text_encoder, distinct, device)
+    return embeddings[[distinct.index(p) for p in prompts]]
+
+
 # %% ../nbs/07a_pipeline.ipynb #bb339300
 @contextmanager
 def _quiet_loading():
@@ -214,10 +249,10 @@ class PoseTransferPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self,
-                 reference, # character A: a PIL image, path or bytes
+                 reference, # character A: a PIL image, path or bytes; or a list, one per pose (a batch of triples)
                  pose, # pose B: a Pose, OpenPose JSON path or dict, skeleton image, drawing of someone, or a list of these (a sheet)
-                 prompt: str = '', # Danbooru tags describing A, e.g. '1girl, solo, long hair'
-                 negative_prompt: str = '', # tags to steer away from, e.g. 'lowres, bad anatomy'
+                 prompt: str | list[str] = '', # Danbooru tags describing A, e.g. '1girl, solo, long hair'; or one per pose
+                 negative_prompt: str | list[str] = '', # tags to steer away from, e.g. 'lowres, bad anatomy'; or one per pose
                  num_inference_steps: int = 20,
                  guidance_scale: float | None = None, # classifier-free guidance; <= 1: off; None: the model's default
                  controlnet_conditioning_scale: float | None = None, # how strongly the skeleton steers; None: model's
@@ -227,7 +262,7 @@ class PoseTransferPipeline(DiffusionPipeline):
                  detector: PoseDetector | str | os.PathLike = 'parser', # finds pose B in drawings (see `load_detector`)
                  pose_canvas: tuple[int, int] | None = None, # (width, height) of pixel JSON poses, if not in files
                  height: int | None = None, width: int | None = None, # default: the UNet's native size
-                 generator: torch.Generator | None = None, # seeds the initial noise
+                 generator: torch.Generator | list[torch.Generator] | None = None, # seeds the noise; or one per pose
                  batch_size: int | None = None, # poses denoised together; default all
                  eta: float = 0.0, # DDIM's eta (0: deterministic)
                  output_type: str = 'pil', # 'pil', or 'latent' for the final latents (one tensor)
@@ -244,36 +279,38 @@ class PoseTransferPipeline(DiffusionPipeline):
         if output_type not in ('pil', 'latent'):
             raise TransferError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         skeletons = skeleton_images(pose, width, height, reference_pose, retarget, pose_canvas, detector)
-        reference_image = fit_reference(reference, width, height)
+        count = len(skeletons)
+        shared = not isinstance(reference, (list, tuple))  # one reference for every pose (a sheet)
+        references = [fit_reference(r, width, height)
+                      for r in ([reference] if shared else per_sample(reference, count, 'reference'))]
+        prompts, negatives = per_sample(prompt, count, 'prompt'), per_sample(negative_prompt, count, 'negative prompt')
+        generator = batch_generators(generator, count)
         device, dtype = self._execution_device, self.unet.dtype
-        text = encode_prompt(self.tokenizer, self.text_encoder, prompt, device).to(dtype)
+        embed = lambda texts: prompt_embeddings(self.tokenizer, self.text_encoder, texts, device).to(dtype)
         guided = guidance_scale > 1
-        if guided:
-            negative = encode_prompt(self.tokenizer, self.text_encoder, negative_prompt, device).to(dtype)
-            text = torch.cat([negative, text])
         factor = self.vae_scale_factor
-        shape = (len(skeletons), self.unet.config.in_channels, height // factor, width // factor)
+        shape = (count, self.unet.config.in_channels, height // factor, width // factor)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        batch_size = batch_size or len(skeletons)
+        batches = sample_batches(count, batch_size)
         images = []
         with ReferenceAttention(self.unet, self.reference_net, reference_strength) as reference_path:
-            if reference_strength > 0:
-                reference_path.write(encode_images(self.vae, [reference_image]).to(dtype), text[-1:])
-            with self.progress_bar(total=num_inference_steps * -(-len(skeletons) // batch_size)) as progress:
-                for start in range(0, len(skeletons), batch_size):
-                    condition = condition_tensor(skeletons[start:start + batch_size], height, width).to(device, dtype)
-                    latents = self._denoise(noise[start:start + batch_size], condition, text, reference_path,
-                                            reference_strength > 0,
+            with self.progress_bar(total=num_inference_steps * len(batches)) as progress:
+                for part in batches:
+                    text = embed(prompts[part])
+                    if reference_strength > 0:  # the batch's references (or the shared one) through the reference net
+                        shown = references if shared else references[part]
+                        reference_path.write(encode_images(self.vae, shown).to(dtype), text[:len(shown)])
+                    if guided: text = torch.cat([embed(negatives[part]), text])  # (negative × batch, positive × batch)
+                    condition = condition_tensor(skeletons[part], height, width).to(device, dtype)
+                    latents = self._denoise(noise[part], condition, text, reference_path, reference_strength > 0,
                                             num_inference_steps, guidance_scale, controlnet_conditioning_scale,
-                                            generator, eta, progress)
+                                            generator[part] if isinstance(generator, list) else generator, eta, progress)
                     images += decode_latents(self.vae, latents) if output_type == 'pil' else [latents]
         return PoseTransferOutput(images=images if output_type == 'pil' else torch.cat(images), skeletons=skeletons)
 
     def _denoise(self, noise, condition, text, reference_path, use_reference, num_inference_steps,
                  guidance_scale, controlnet_conditioning_scale, generator, eta, progress):
         guided = guidance_scale > 1
-        batch = noise.shape[0]
-        text = text.repeat_interleave(batch, dim=0)  # (negative × batch, positive × batch)
         if guided: condition = torch.cat([condition, condition])
         self.scheduler.set_timesteps(num_inference_steps, device=noise.device)
         latents = noise * self.scheduler.init_noise_sigma
@@ -407,6 +444,21 @@ def _canvas(text: str) -> tuple[int, int]:
     if width < 1 or height < 1: raise argparse.ArgumentTypeError(f"canvas must be at least 1x1, got '{text}'")
     return width, height
 
+BATCH_SIZE = 16  # samples denoised together by the commands that draw many (sheet, evaluate, calibrate, demo)
+
+def _batch_size(text: str) -> int:
+    "Parse --batch-size for argparse: a whole number of at least 1."
+    try: size = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if size < 1: raise argparse.ArgumentTypeError(f'--batch-size must be at least 1, got {size}')
+    return size
+
+def add_batch_size(parser: argparse.ArgumentParser, what: str = 'poses'): # what is batched, for the help
+    "Give a command `--batch-size`: samples denoised together, one UNet call per step for all of them."
+    parser.add_argument('--batch-size', type=_batch_size, default=BATCH_SIZE, metavar='N',
+                        help=f'{what} denoised together, one UNet call per step for all of them (default {BATCH_SIZE}); '
+                             'the same images at any size')
+
 def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument('--reference', required=True, help='image of character A')
     parser.add_argument('--model', help='diffusers model directory (waifu-diffusion layout + controlnet/); '
@@ -510,5 +562,5 @@ writes OUT/sheet.png (the grid) and OUT/NNN_<pose>.png (one image per pose)'''
                         help='OpenPose JSON files, skeleton images, drawings of someone, or directories of JSON files')
     add_output(parser, 'DIR', 'output directory')
     parser.add_argument('--columns', type=int, help='grid columns (default: up to 4)')
-    parser.add_argument('--batch-size', type=int, help='poses denoised together (default: all)')
+    add_batch_size(parser, 'poses')
     parser.set_defaults(run=run_sheet)
