@@ -4,7 +4,7 @@
 
 # %% ../nbs/09a_evaluate.ipynb #5d17c73a
 from __future__ import annotations
-import argparse, json, os, sys
+import argparse, json, os, statistics, sys, time
 from pathlib import Path
 
 import datasets
@@ -32,7 +32,7 @@ from .train import held_out_split, load_config, plot_losses, training_triples
 __all__ = ['METHODS', 'COLUMNS', 'LOWER_IS_BETTER', 'DECIMALS', 'PROBE_KEY', 'PROBE_REFERENCES', 'PROBE_HELP', 'TRIPLE_COLUMNS',
            'pipeline_method', 'draw_triples', 'copy_reference', 'gan_method', 'generate_images', 'evaluate_methods',
            'metrics_table', 'probe_table', 'sample_grid', 'write_report', 'held_out_triples', 'saved_triples',
-           'build_methods', 'reference_probe', 'evaluate_models', 'evaluate_cli']
+           'build_methods', 'reference_probe', 'generation_speed', 'speed_table', 'evaluate_models', 'evaluate_cli']
 
 # %% ../nbs/09a_evaluate.ipynb #6089d487
 METHODS = ('copy_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose')
@@ -327,6 +327,41 @@ def reference_probe(pipe, # a `PoseTransferPipeline`
                 errors[name].append(((prediction.float() - goal.float()) ** 2).mean((1, 2, 3)).cpu())
     means = {name: float(torch.cat(e).mean()) for name, e in errors.items()}
     return {**means, 'own_gain': (means['none'] - means['own']) / means['none']}
+
+# %% ../nbs/09a_evaluate.ipynb #2380c806
+def generation_speed(pipe, # a `PoseTransferPipeline`
+                     triples: list[dict], # drawn once per setting and round
+                     batch_sizes=(1, BATCH_SIZE), # 1: one pipeline call per triple
+                     threads=(1, 2), # torch intra-op threads
+                     rounds: int = 3,
+                     num_inference_steps: int = 20,
+                    ) -> list[dict]:
+    "Images/s (wall) and CPU s per image drawing `triples` at each thread count and batch size: medians of rounds."
+    timed = {(t, b): ([], []) for t in threads for b in batch_sizes}
+    draw = lambda size: generate_images(pipeline_method(pipe, num_inference_steps=num_inference_steps,
+                                                        batch_size=size), triples, progress=False)
+    before = torch.get_num_threads()
+    try:
+        draw(max(batch_sizes))  # warm-up
+        for round_ in range(rounds):
+            for (count, size), (walls, cpus) in list(timed.items())[::-1 if round_ % 2 else 1]:
+                torch.set_num_threads(count)
+                wall, cpu = time.perf_counter(), time.process_time()
+                draw(size)
+                walls.append(time.perf_counter() - wall); cpus.append(time.process_time() - cpu)
+    finally: torch.set_num_threads(before)
+    return [dict(threads=count, batch_size=size, images_per_s=len(triples) / statistics.median(walls),
+                 cpu_s_per_image=statistics.median(cpus) / len(triples)) for (count, size), (walls, cpus) in timed.items()]
+
+def speed_table(rows: list[dict]) -> str:
+    "`generation_speed`'s rows as a Markdown table, with each batch size's speed-up over batch size 1."
+    single = {row['threads']: row['images_per_s'] for row in rows if row['batch_size'] == 1}
+    lines = ['| threads | batch size | images/s | CPU s / image | vs one at a time |', '|---|---|---|---|---|']
+    for row in rows:
+        gain = f"{row['images_per_s'] / single[row['threads']]:.2f}×" if row['threads'] in single else '–'
+        lines.append(f"| {row['threads']} | {row['batch_size']} | {row['images_per_s']:.1f} | "
+                     f"{row['cpu_s_per_image']:.3f} | {gain} |")
+    return '\n'.join(lines)
 
 # %% ../nbs/09a_evaluate.ipynb #a2b23350
 def evaluate_models(out: str | os.PathLike, # the report directory
