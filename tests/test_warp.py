@@ -80,7 +80,7 @@ def test_the_pipeline_warps_the_reference_into_the_denoiser(triples):
     pipe.set_progress_bar_config(disable=True)
     row = triples[0]
     def draw(**kwargs):
-        return np.asarray(pipe(row['reference'], pose(row['pose']), num_inference_steps=3,
+        return np.asarray(pipe(row['reference'], pose(row['pose']), num_inference_steps=3, retarget=False,
                                generator=torch.Generator().manual_seed(0), **kwargs).images[0]).astype(int)
     given = draw(reference_pose=pose(row['reference_pose']))
     assert np.array_equal(given, draw(reference_pose=pose(row['reference_pose'])))  # deterministic
@@ -113,3 +113,30 @@ def test_a_plain_controlnet_steers_a_warped_unet():
         out = controlled_prediction(wide['unet'], plain['controlnet'], latents, 5, torch.randn(1, 77, 32),
                                     torch.rand(1, 3, 64, 64))
     assert out.shape == (1, 4, 8, 8)
+
+
+def test_strength_zero_drops_the_warp_with_the_reference(triples):
+    "pose_only (reference_strength=0) sees no reference at all: the same image as an unknown A's pose gives."
+    from anime_pose.pipeline import PoseTransferPipeline
+    from anime_pose.tiny import tiny_components
+    pipe = PoseTransferPipeline(**_opened(tiny_components(0, warped_reference=True, shape='small')))
+    pipe.set_progress_bar_config(disable=True)
+    row = triples[0]
+    def draw(**kwargs):
+        return np.asarray(pipe(row['reference'], pose(row['pose']), num_inference_steps=2, reference_strength=0.0, retarget=False,
+                               generator=torch.Generator().manual_seed(0), **kwargs).images[0])
+    nobody = Pose(np.zeros((18, 3), np.float32), 64, 64)
+    assert np.array_equal(draw(reference_pose=pose(row['reference_pose'])), draw(reference_pose=nobody))
+
+
+def test_the_probe_of_a_closed_warp_door_is_the_probe_without_it(triples):
+    "A freshly widened model computes what it did: the probe sees the same errors through the warp's channels."
+    from anime_pose.evaluate import reference_probe
+    from anime_pose.pipeline import PoseTransferPipeline
+    from anime_pose.tiny import tiny_components
+    rows = list(triples.select(range(8)))
+    plain = reference_probe(PoseTransferPipeline(**tiny_components(0, reference_net=True, shape='small')), rows, draws=1)
+    wide = reference_probe(PoseTransferPipeline(**tiny_components(0, reference_net=True, warped_reference=True,
+                                                                  shape='small')), rows, draws=1)
+    for name in ('none', 'own', 'other', 'target'):
+        assert wide[name] == pytest.approx(plain[name], rel=1e-5), name
