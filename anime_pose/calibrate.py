@@ -8,11 +8,11 @@ import argparse, os
 
 import numpy as np
 
-from .core import AnimePoseError
+from .core import AnimePoseError, add_threads, use_threads
 from .evaluate import (COLUMNS, LOWER_IS_BETTER, _training_run, evaluate_methods, held_out_triples,
                                  metrics_table, pipeline_method)
 from .parser import DETECTOR_HELP, load_detector, load_parser
-from .pipeline import PoseTransferPipeline, set_drawing_defaults
+from .pipeline import BATCH_SIZE, PoseTransferPipeline, add_batch_size, set_drawing_defaults
 from .pose import PoseDetector
 from .synthetic import PART_LABELS
 from .train import load_config
@@ -57,6 +57,7 @@ def calibrate(model: str | os.PathLike, # a saved `PoseTransferPipeline`; its mo
               parser: str | os.PathLike | None = None, # synthetic data: default the bundled parser
               detector: PoseDetector | str | os.PathLike | None = None, # data without part masks: needed for pose
               progress: bool = True,
+              batch_size: int = BATCH_SIZE, # triples drawn together
              ) -> dict:
     "Choose the ControlNet scale, then the guidance, by mean rank on the validation split; store both in `model`."
     scales, guidances = _candidates(scales, 'ControlNet scales'), _candidates(guidances, 'guidance scales')
@@ -68,7 +69,8 @@ def calibrate(model: str | os.PathLike, # a saved `PoseTransferPipeline`; its mo
         if detector is None:
             raise AnimePoseError(f'calibrating needs pose accuracy on triples without part masks: it {DETECTOR_HELP}')
     pipe = PoseTransferPipeline.from_pretrained(model)
-    draw = lambda **setting: pipeline_method(pipe, num_inference_steps=num_inference_steps, **setting)
+    draw = lambda **setting: pipeline_method(pipe, num_inference_steps=num_inference_steps, batch_size=batch_size,
+                                             **setting)
     by_scale = {f'scale {s:g}': draw(controlnet_conditioning_scale=s) for s in scales}
     metrics, _ = evaluate_methods(by_scale, triples, parser, PART_LABELS, progress, detector)
     scale, ranks = _best_setting(scales, metrics, 'scale')
@@ -85,8 +87,10 @@ def calibrate(model: str | os.PathLike, # a saved `PoseTransferPipeline`; its mo
 # %% ../nbs/09b_calibrate.ipynb #b7e04a19
 def _run_calibrate(args) -> int:
     run = _training_run(args.model)
-    result = calibrate(run / 'final', load_config(run / 'config.json'), args.scales, args.guidances, args.count,
-                       args.steps, args.parser, args.detector)
+    config = load_config(run / 'config.json')
+    use_threads(args.threads, small=config.base_model in ('tiny', 'small'))
+    result = calibrate(run / 'final', config, args.scales, args.guidances, args.count,
+                       args.steps, args.parser, args.detector, batch_size=args.batch_size)
     print(metrics_table({f"{name} (mean rank {rank:.2f})": result['metrics'][name]
                          for name, rank in result['mean_rank'].items()}))
     print(f"ControlNet scale {result['controlnet_conditioning_scale']:g} and guidance {result['guidance_scale']:g} "
@@ -114,4 +118,6 @@ def calibrate_cli(parser: argparse.ArgumentParser):
     parser.add_argument('--detector', metavar='DIR',
                         help='data without part masks: OpenPose weights or a SyntheticParser directory '
                         '(required there)')
+    add_batch_size(parser, 'triples')
+    add_threads(parser)
     parser.set_defaults(run=_run_calibrate)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09a_evaluate.ipynb #5d17c73a
 from __future__ import annotations
-import argparse, copy, json, os, sys
+import argparse, copy, json, os, statistics, sys, time
 from pathlib import Path
 
 import datasets
@@ -20,8 +20,9 @@ from .gan import load_gan
 from .metrics import (BOOTSTRAP, METRICS, LearnedMetrics, learned_scores, learned_truth, load_learned_metrics,
                                 score, score_real, summarize)
 from .parser import DETECTOR_HELP, SyntheticParser, load_detector, load_parser
-from .pipeline import (PoseTransferPipeline, encode_images, model_drawing_defaults, reference_pose_from_image,
-                                 stored_drawing_defaults, warped_reference_latents)
+from .pipeline import (BATCH_SIZE, PoseTransferPipeline, add_batch_size, encode_images, model_drawing_defaults,
+                                 reference_pose_from_image, sample_batches, stored_drawing_defaults,
+                                 warped_reference_latents)
 from .warp import reads_warped_reference
 from .pose import Pose, PoseDetector
 from .reference import ReferenceAttention
@@ -31,9 +32,9 @@ from .train import held_out_split, load_config, plot_losses, training_triples
 
 # %% auto #0
 __all__ = ['METHODS', 'COLUMNS', 'LOWER_IS_BETTER', 'DECIMALS', 'PROBE_KEY', 'PROBE_REFERENCES', 'PROBE_HELP', 'TRIPLE_COLUMNS',
-           'pipeline_method', 'copy_reference', 'gan_method', 'evaluate_methods', 'metrics_table', 'probe_table',
-           'sample_grid', 'write_report', 'held_out_triples', 'saved_triples', 'build_methods', 'reference_probe',
-           'evaluate_models', 'evaluate_cli']
+           'pipeline_method', 'draw_triples', 'copy_reference', 'gan_method', 'generate_images', 'evaluate_methods',
+           'metrics_table', 'probe_table', 'sample_grid', 'write_report', 'held_out_triples', 'saved_triples',
+           'build_methods', 'reference_probe', 'generation_speed', 'speed_table', 'evaluate_models', 'evaluate_cli']
 
 # %% ../nbs/09a_evaluate.ipynb #6089d487
 METHODS = ('copy_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose')
@@ -42,20 +43,37 @@ def pipeline_method(pipe, # a `PoseTransferPipeline`
                     reference_strength: float = 1.0, # 0 switches the reference path off
                     num_inference_steps: int = 20,
                     guidance_scale: float | None = None, # None: the model's default
-                    seed: int = 0,
+                    seed: int = 0, # every triple's noise comes from this seed, in any batch
                     controlnet_conditioning_scale: float | None = None, # None: the model's default (see `calibrate`)
+                    batch_size: int = BATCH_SIZE, # triples drawn together by the method's `batch`
                    ):
-    "A method drawing each triple's reference in its pose with `pipe`."
+    "A method drawing each triple's reference in its pose with `pipe`; its `batch` draws `batch_size` triples at once."
     pipe.set_progress_bar_config(disable=True)
-    def generate(triple: dict) -> Image.Image:
-        size = load_image(triple['target']).size
-        pose = Pose(np.asarray(triple['pose'], np.float32), *size)
-        return pipe(triple['reference'], pose, prompt=tags_prompt(triple['tags']),
-                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                    reference_strength=reference_strength, width=size[0], height=size[1],
-                    controlnet_conditioning_scale=controlnet_conditioning_scale,
-                    generator=torch.Generator().manual_seed(seed)).images[0]
+    settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                    reference_strength=reference_strength, controlnet_conditioning_scale=controlnet_conditioning_scale)
+    def generate(triple: dict) -> Image.Image: return draw_triples(pipe, [triple], **settings)[0]
+    generate.batch = lambda triples: draw_triples(pipe, triples, batch_size=batch_size, **settings)
+    generate.batch_size = batch_size
     return generate
+
+def draw_triples(pipe, # a `PoseTransferPipeline`
+                 triples: list[dict], # triples of any sizes: each size is drawn in batches of its own
+                 seed: int = 0, # each triple's generator is seeded with it, so a triple draws the same in any batch
+                 batch_size: int | None = None, # triples per UNet call; None: all of a size at once
+                 **settings, # num_inference_steps, guidance_scale, reference_strength, controlnet_conditioning_scale
+                ) -> list[Image.Image]:
+    "Each triple's reference drawn in its pose with its tags: one pipeline call per size of target."
+    sizes = [load_image(triple['target']).size for triple in triples]
+    images = [None] * len(triples)
+    for width, height in dict.fromkeys(sizes):
+        chosen = [i for i, size in enumerate(sizes) if size == (width, height)]
+        drawn = pipe([triples[i]['reference'] for i in chosen],
+                     [Pose(np.asarray(triples[i]['pose'], np.float32), width, height) for i in chosen],
+                     prompt=[tags_prompt(triples[i]['tags']) for i in chosen], width=width, height=height,
+                     generator=[torch.Generator().manual_seed(seed) for _ in chosen], batch_size=batch_size,
+                     **settings).images
+        for i, image in zip(chosen, drawn): images[i] = image
+    return images
 
 def copy_reference(triple: dict) -> Image.Image:
     "The reference image, unchanged."
@@ -66,7 +84,21 @@ def gan_method(gan) -> callable:
     return lambda triple: gan.generate(triple['reference'], np.asarray(triple['pose'], np.float32))
 
 # %% ../nbs/09a_evaluate.ipynb #3e9c7bef
-def evaluate_methods(methods: dict, # name -> function from a triple to an image
+def generate_images(method, # a function from a triple to an image; with `batch` and `batch_size`, drawn in batches
+                    rows: list[dict], # the triples
+                    progress: bool = True,
+                    desc: str = 'generating', # the progress bar's label
+                   ) -> list[Image.Image]:
+    "`method`'s image of every triple in `rows`: `batch_size` at a time through `method.batch` where it has one."
+    batched = hasattr(method, 'batch')
+    images = []
+    with tqdm(total=len(rows), desc=desc, disable=not progress) as bar:
+        for part in sample_batches(len(rows), method.batch_size if batched else 1):
+            images += method.batch(rows[part]) if batched else [method(row) for row in rows[part]]
+            bar.update(part.stop - part.start)
+    return images
+
+def evaluate_methods(methods: dict, # name -> function from a triple to an image (see `generate_images`)
                      triples, # a `datasets.Dataset` (or list of rows) of triples
                      parser: SyntheticParser | None = None, # synthetic triples (with masks): reads pose and silhouette
                      part_labels: dict[str, int] | None = None, # label of each part in the masks (with `parser`)
@@ -84,7 +116,7 @@ def evaluate_methods(methods: dict, # name -> function from a triple to an image
     truth = learned_truth(rows, learned) if learned else None
     metrics, images = {}, {}
     for name, method in methods.items():
-        images[name] = [method(row) for row in tqdm(rows, desc=f'generating: {name}', disable=not progress)]
+        images[name] = generate_images(method, rows, progress, f'generating: {name}')
         if parser is not None: per_image = score(images[name], rows, parser, part_labels)
         else: per_image = score_real(images[name], rows, detector)
         metrics[name] = summarize(per_image, intervals)
@@ -226,6 +258,7 @@ def build_methods(pipeline: str | os.PathLike, # a saved `PoseTransferPipeline` 
                   gan: str | os.PathLike | None = None, # a GAN run or generator directory; None leaves the GAN out
                   num_inference_steps: int = 20,
                   seed: int = 0,
+                  batch_size: int = BATCH_SIZE, # triples the pipeline methods draw together
                  ) -> dict:
     "The methods of `METHODS` that these models make."
     trained = PoseTransferPipeline.from_pretrained(pipeline)
@@ -236,7 +269,7 @@ def build_methods(pipeline: str | os.PathLike, # a saved `PoseTransferPipeline` 
         with torch.no_grad(): unet.conv_in.weight[:, trained.vae.config.latent_channels:] = 0
     components = {**trained.components, 'unet': unet, 'controlnet': untrained_controlnet, 'reference_net': None}
     untrained = PoseTransferPipeline(**components, guidance_scale=trained.config.guidance_scale)  # drawn alike
-    settings = dict(num_inference_steps=num_inference_steps, seed=seed)
+    settings = dict(num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size)
     methods = dict(copy_reference=copy_reference,
                    pose_only=pipeline_method(trained, reference_strength=0.0, **settings),
                    reference_only=pipeline_method(untrained, reference_strength=1.0, **settings),
@@ -317,6 +350,41 @@ def reference_probe(pipe, # a `PoseTransferPipeline`
     means = {name: float(torch.cat(e).mean()) for name, e in errors.items()}
     return {**means, 'own_gain': (means['none'] - means['own']) / means['none']}
 
+# %% ../nbs/09a_evaluate.ipynb #2380c806
+def generation_speed(pipe, # a `PoseTransferPipeline`
+                     triples: list[dict], # drawn once per setting and round
+                     batch_sizes=(1, BATCH_SIZE), # 1: one pipeline call per triple
+                     threads=(1, 2), # torch intra-op threads
+                     rounds: int = 3,
+                     num_inference_steps: int = 20,
+                    ) -> list[dict]:
+    "Images/s (wall) and CPU s per image drawing `triples` at each thread count and batch size: medians of rounds."
+    timed = {(t, b): ([], []) for t in threads for b in batch_sizes}
+    draw = lambda size: generate_images(pipeline_method(pipe, num_inference_steps=num_inference_steps,
+                                                        batch_size=size), triples, progress=False)
+    before = torch.get_num_threads()
+    try:
+        draw(max(batch_sizes))  # warm-up
+        for round_ in range(rounds):
+            for (count, size), (walls, cpus) in list(timed.items())[::-1 if round_ % 2 else 1]:
+                torch.set_num_threads(count)
+                wall, cpu = time.perf_counter(), time.process_time()
+                draw(size)
+                walls.append(time.perf_counter() - wall); cpus.append(time.process_time() - cpu)
+    finally: torch.set_num_threads(before)
+    return [dict(threads=count, batch_size=size, images_per_s=len(triples) / statistics.median(walls),
+                 cpu_s_per_image=statistics.median(cpus) / len(triples)) for (count, size), (walls, cpus) in timed.items()]
+
+def speed_table(rows: list[dict]) -> str:
+    "`generation_speed`'s rows as a Markdown table, with each batch size's speed-up over batch size 1."
+    single = {row['threads']: row['images_per_s'] for row in rows if row['batch_size'] == 1}
+    lines = ['| threads | batch size | images/s | CPU s / image | vs one at a time |', '|---|---|---|---|---|']
+    for row in rows:
+        gain = f"{row['images_per_s'] / single[row['threads']]:.2f}×" if row['threads'] in single else '–'
+        lines.append(f"| {row['threads']} | {row['batch_size']} | {row['images_per_s']:.1f} | "
+                     f"{row['cpu_s_per_image']:.3f} | {gain} |")
+    return '\n'.join(lines)
+
 # %% ../nbs/09a_evaluate.ipynb #a2b23350
 def evaluate_models(out: str | os.PathLike, # the report directory
                     pipeline: str | os.PathLike, # a saved `PoseTransferPipeline`
@@ -333,6 +401,7 @@ def evaluate_models(out: str | os.PathLike, # the report directory
                     split: str | None = None, # the split scored; default test (for `config`'s data: else validation)
                     probe: bool = False, # also the reference-information probe on the same triples
                     probe_draws: int = 4, # (noise, timestep) draws per triple for the probe
+                    batch_size: int = BATCH_SIZE, # triples drawn (and probed) together
                    ) -> dict[str, dict[str, float]]:
     "Evaluate the pipeline and its baselines on held-out triples; write the report to `out`; return the metrics."
     triples = list(saved_triples(data, split, count) if data is not None else held_out_triples(config, count, split))
@@ -358,7 +427,7 @@ def evaluate_models(out: str | os.PathLike, # the report directory
         for note in not_used: print(f'not used: {note}', file=sys.stderr)
         for names, why in not_measured.items(): print(f'not measured: {names}: {why}', file=sys.stderr)
     methods = {'ground_truth': lambda triple: load_image(triple['target']),
-               **build_methods(pipeline, gan, num_inference_steps)}
+               **build_methods(pipeline, gan, num_inference_steps, batch_size=batch_size)}
     metrics, images = evaluate_methods(methods, triples, parser, PART_LABELS, progress, detector, learned, intervals=True)
     images.pop('ground_truth')
     reader = 'synthetic parser' if synthetic else 'pose detector'
@@ -378,7 +447,7 @@ def evaluate_models(out: str | os.PathLike, # the report directory
              f"{'; fid and kid compare whole sets and have none' if learned.inception is not None else ''}.\n")
     found = None
     if probe:
-        found = reference_probe(PoseTransferPipeline.from_pretrained(pipeline), triples, probe_draws)
+        found = reference_probe(PoseTransferPipeline.from_pretrained(pipeline), triples, probe_draws, batch_size=batch_size)
         found = {**found, 'triples': len(triples), 'draws': probe_draws}
     write_report(out, metrics, triples, images, curves, notes, not_measured, found)
     return {**metrics, PROBE_KEY: found} if found else metrics
@@ -422,7 +491,7 @@ def _run_evaluate(args) -> int:
     use_threads(args.threads, small=config.base_model in ('tiny', 'small'))
     metrics = evaluate_models(args.out, run / 'final', config, args.gan, args.parser, curves,
                               args.count, args.steps, detector=args.detector, learned=_learned(args), data=args.data,
-                              split=args.split, probe=args.probe)
+                              split=args.split, probe=args.probe, batch_size=args.batch_size)
     _print_metrics(metrics, Path(args.out))
     return 0
 
@@ -462,5 +531,6 @@ def evaluate_cli(parser: argparse.ArgumentParser):
     parser.add_argument('--probe', action='store_true', help="also the reference-information probe: test ε-MSE with no "
                         "reference, the own, another character's, and the target as reference")
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
+    add_batch_size(parser, 'triples')
     add_threads(parser)
     parser.set_defaults(run=_run_evaluate)

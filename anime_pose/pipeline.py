@@ -36,13 +36,14 @@ from .prompts import PromptError, check_clip_skip, encode_weighted_prompt, pad_c
 from .tiny import tiny_components
 
 # %% auto #0
-__all__ = ['DRAWING_DEFAULTS', 'DIFFUSERS_ENTRY', 'SAVED_README', 'LAYOUT', 'RETARGET_TO_DETECTED', 'check_components',
-           'TransferError', 'check_size', 'fit_reference', 'reference_pose_from_image', 'poses_and_skeletons',
-           'skeleton_images', 'PoseTransferOutput', 'encode_images', 'decode_latents', 'fit_pose',
-           'warped_reference_latents', 'check_prompts', 'prompt_text', 'check_control_guidance', 'controlnet_keep',
-           'check_callback', 'step_end', 'load_any_controlnet', 'describe_saved_pipeline', 'PoseTransferPipeline',
-           'check_model_dir', 'vae_scale_factor', 'set_drawing_defaults', 'stored_drawing_defaults',
-           'model_drawing_defaults', 'load_single_file_pipeline', 'bundled_model_dir', 'load_pipeline', 'run_transfer',
+__all__ = ['DRAWING_DEFAULTS', 'DIFFUSERS_ENTRY', 'SAVED_README', 'LAYOUT', 'BATCH_SIZE', 'RETARGET_TO_DETECTED',
+           'check_components', 'TransferError', 'check_size', 'fit_reference', 'per_sample', 'sample_batches',
+           'batch_generators', 'fit_references', 'reference_pose_from_image', 'poses_and_skeletons', 'skeleton_images',
+           'PoseTransferOutput', 'encode_images', 'decode_latents', 'fit_pose', 'warped_reference_latents',
+           'check_prompts', 'prompt_text', 'check_control_guidance', 'controlnet_keep', 'check_callback', 'step_end',
+           'load_any_controlnet', 'describe_saved_pipeline', 'PoseTransferPipeline', 'check_model_dir',
+           'vae_scale_factor', 'set_drawing_defaults', 'stored_drawing_defaults', 'model_drawing_defaults',
+           'load_single_file_pipeline', 'bundled_model_dir', 'load_pipeline', 'add_batch_size', 'run_transfer',
            'transfer_cli', 'run_sheet', 'sheet_cli']
 
 # %% ../nbs/07a_pipeline.ipynb #ec425759
@@ -84,6 +85,42 @@ def fit_reference(image, width: int, height: int, background=(255, 255, 255)) ->
     canvas.paste(image, ((canvas.width - image.width) // 2, (canvas.height - image.height) // 2))
     return canvas.resize((width, height), Image.BICUBIC)
 
+# %% ../nbs/07a_pipeline.ipynb #063f8137
+def per_sample(value, # one item shared by every sample, or a list or tuple of one item per sample
+               count: int, # the number of samples (poses)
+               name: str, # what an item is, for the error message
+              ) -> list:
+    "`value` as a list of `count` items: a list or tuple as given (checked to have `count`), anything else repeated."
+    if not isinstance(value, (list, tuple)): return [value] * count
+    if len(value) != count:
+        raise TransferError(f'{len(value)} {name}s for {count} poses: give one {name}, or one per pose')
+    return list(value)
+
+def sample_batches(count: int, # samples in all
+                   batch_size: int | None, # samples per batch; None: all in one
+                  ) -> list[slice]:
+    "Slices of at most `batch_size` consecutive samples, covering `count` in order."
+    size = batch_size or count
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+def batch_generators(generator, # None, one torch.Generator for the whole call, or a list of one per sample
+                     count: int) -> torch.Generator | list[torch.Generator] | None:
+    "`generator`, checked to be a list of `count` when it is one generator per sample."
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != count:
+            raise TransferError(f'{len(generator)} generators for {count} poses: give one generator, or one per pose')
+        return list(generator)
+    return generator
+
+def fit_references(references: list, # one reference per sample: PIL images, paths or bytes
+                   width: int, height: int) -> list[Image.Image]:
+    "Each reference fitted by `fit_reference`; a reference object given for many samples is fitted once (one image)."
+    fitted = {}
+    for reference in references:
+        if id(reference) not in fitted: fitted[id(reference)] = fit_reference(reference, width, height)
+    return [fitted[id(reference)] for reference in references]
+
+
 # %% ../nbs/07a_pipeline.ipynb #fe6fd56a
 def _as_pose(source, canvas=None) -> Pose | None:
     if isinstance(source, Pose): return source
@@ -104,7 +141,7 @@ def reference_pose_from_image(reference, # character A: a PIL image, path or byt
 
 def poses_and_skeletons(pose, # a Pose, OpenPose JSON path or dict, skeleton image, a drawing of someone (PIL or path), or a list of them
                     width: int, height: int, # the generation's size
-                    reference_pose=None, # the reference's Pose (or JSON), needed to retarget
+                    reference_pose=None, # the reference's Pose (or JSON), needed to retarget; or a list, one per pose
                     retarget: bool | None = None, # redraw poses with A's proportions; default: with `reference_pose`
                     canvas: tuple[int, int] | None = None, # (width, height) of pixel JSON poses, if files don't say
                     detector: PoseDetector | str | os.PathLike = 'parser', # finds pose B in images that are not skeletons
@@ -113,12 +150,14 @@ def poses_and_skeletons(pose, # a Pose, OpenPose JSON path or dict, skeleton ima
     "Each requested pose (None where a skeleton image cannot be read back) and its ControlNet skeleton, `width` × `height`."
     poses = list(pose) if isinstance(pose, (list, tuple)) else [pose]
     if not poses: raise TransferError('no pose given')
-    like = _as_pose(reference_pose, canvas) if reference_pose is not None else None
-    if retarget and like is None:
+    if isinstance(reference_pose, (list, tuple)):  # one A per pose (a batch of triples)
+        likes = [None if r is None else _as_pose(r, canvas) for r in per_sample(reference_pose, len(poses), 'reference pose')]
+    else: likes = [None if reference_pose is None else _as_pose(reference_pose, canvas)] * len(poses)
+    if retarget and any(like is None for like in likes):
         raise TransferError('retarget needs the reference pose '
                             '(reference_pose=, or `anime-pose pose detect` on the reference)')
     parsed_poses, skeletons = [], []
-    for i, item in enumerate(poses):
+    for i, (item, like) in enumerate(zip(poses, likes)):
         parsed = _as_pose(item, canvas)
         if parsed is None:
             picture = load_image(item)
@@ -237,17 +276,27 @@ def check_prompts(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_
             raise TransferError(f'{name}_embeds must be a tensor of shape (1, tokens, {width}), '
                                 f'got {tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__}')
 
-def prompt_text(pipe, prompt: str, negative_prompt: str,
-                guided: bool, # also encode the negative prompt, for classifier-free guidance
+def prompt_text(pipe,
+                prompt: str | list[str], negative_prompt: str | list[str], # one each, or a list: one per sample
+                guided: bool, # also encode the negative prompts, for classifier-free guidance
                 clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None) -> torch.Tensor:
-    "What the UNet attends to: the prompt's embeddings, after the negative prompt's when `guided`: (1 or 2, tokens, width)."
+    """What the UNet attends to: the prompts' embeddings (one row per sample), after the negative prompts' when `guided`:
+    (n or 2n, tokens, width). Each distinct prompt is encoded once; rows of fewer chunks are padded with empty ones."""
     device, dtype = pipe._execution_device, pipe.unet.dtype
-    encode = partial(encode_weighted_prompt, pipe.tokenizer, pipe.text_encoder, clip_skip=clip_skip, device=device)
-    positive = encode(prompt) if prompt_embeds is None else prompt_embeds.to(device)
-    if not guided: return positive.to(dtype)
-    negative = encode(negative_prompt) if negative_prompt_embeds is None else negative_prompt_embeds.to(device)
-    if positive.shape[1] != negative.shape[1]: positive, negative = pad_chunks(positive, negative, encode(''))
-    return torch.cat([negative, positive]).to(dtype)
+    count = max(len(p) if isinstance(p, (list, tuple)) else 1 for p in (prompt, negative_prompt))
+    encoded = {}
+    def encode(text: str) -> torch.Tensor:
+        if text not in encoded:
+            encoded[text] = encode_weighted_prompt(pipe.tokenizer, pipe.text_encoder, text, clip_skip, device)
+        return encoded[text]
+    rows = ([encode(p) for p in per_sample(prompt, count, 'prompt')] if prompt_embeds is None
+            else [prompt_embeds.to(device)] * count)
+    if guided:
+        rows = ([encode(n) for n in per_sample(negative_prompt, count, 'negative prompt')] if negative_prompt_embeds is None
+                else [negative_prompt_embeds.to(device)] * count) + rows
+    longest = max(rows, key=lambda row: row.shape[1])
+    rows = [row if row.shape[1] == longest.shape[1] else pad_chunks(row, longest, encode(''))[0] for row in rows]
+    return torch.cat(rows).to(dtype)
 
 # %% ../nbs/07a_pipeline.ipynb #753f52e9
 def check_control_guidance(start: float, end: float):
@@ -357,21 +406,21 @@ class PoseTransferPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self,
-                 reference, # character A: a PIL image, path or bytes
+                 reference, # character A: a PIL image, path or bytes; or a list, one per pose (a batch of triples)
                  pose, # pose B: a Pose, OpenPose JSON path or dict, skeleton image, drawing of someone, or a list of these (a sheet)
-                 prompt: str = '', # Danbooru tags describing A, e.g. '1girl, solo, long hair'
-                 negative_prompt: str = '', # tags to steer away from, e.g. 'lowres, bad anatomy'
+                 prompt: str | list[str] = '', # Danbooru tags describing A, e.g. '1girl, solo, long hair'; or one per pose
+                 negative_prompt: str | list[str] = '', # tags to steer away from, e.g. 'lowres, bad anatomy'; or one per pose
                  num_inference_steps: int = 20,
                  guidance_scale: float | None = None, # classifier-free guidance; <= 1: off; None: the model's default
                  controlnet_conditioning_scale: float | None = None, # how strongly the skeleton steers; None: model's
                  reference_strength: float = 1.0, # how strongly A's features are attended to; 0 ignores the reference
                  retarget: bool | None = None, # redraw poses with A's proportions (needs `reference_pose`)
-                 reference_pose=None, # A's pose in `reference` (Pose or OpenPose JSON): for `retarget`, and for the
+                 reference_pose=None, # A's pose in `reference` (Pose or OpenPose JSON; or one per pose): for `retarget`, and for the
                                       # warp of a model that reads one (default: found by `detector`)
                  detector: PoseDetector | str | os.PathLike = 'parser', # finds pose B in drawings (see `load_detector`)
                  pose_canvas: tuple[int, int] | None = None, # (width, height) of pixel JSON poses, if not in files
                  height: int | None = None, width: int | None = None, # default: the UNet's native size
-                 generator: torch.Generator | None = None, # seeds the initial noise
+                 generator: torch.Generator | list[torch.Generator] | None = None, # seeds the noise; or one per pose
                  batch_size: int | None = None, # poses denoised together; default all
                  eta: float = 0.0, # DDIM's eta (0: deterministic)
                  output_type: str = 'pil', # 'pil', or 'latent' for the final latents (one tensor)
@@ -398,46 +447,71 @@ class PoseTransferPipeline(DiffusionPipeline):
         check_control_guidance(control_guidance_start, control_guidance_end)
         tensor_inputs = check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         poses, skeletons = poses_and_skeletons(pose, width, height, reference_pose, retarget, pose_canvas, detector)
-        reference_image = fit_reference(reference, width, height)
-        warped = (self._warped(reference, reference_image, reference_pose, pose_canvas, detector, poses)
-                  if reads_warped_reference(self.unet, self.vae.config.latent_channels) else None)
-        if warped is not None and reference_strength == 0: warped = torch.zeros_like(warped)  # no reference at all
+        count = len(skeletons)
+        references = per_sample(reference, count, 'reference')
+        prompts, negatives = per_sample(prompt, count, 'prompt'), per_sample(negative_prompt, count, 'negative prompt')
+        generator = batch_generators(generator, count)
+        fitted = fit_references(references, width, height)
+        # one reference and one text for every pose (a sheet): the reference net runs once, before the batches
+        shared = len({id(image) for image in fitted}) == 1 and len(set(zip(prompts, negatives))) == 1
+        warp = reads_warped_reference(self.unet, self.vae.config.latent_channels)
+        if warp and reference_strength > 0: reference_poses = self._reference_poses(references, fitted, per_sample(reference_pose, count, 'reference pose'),
+                                                         pose_canvas, detector)
         device, dtype = self._execution_device, self.unet.dtype
-        text = prompt_text(self, prompt, negative_prompt, guidance_scale > 1, clip_skip, prompt_embeds, negative_prompt_embeds)
         factor = self.vae_scale_factor
-        shape = (len(skeletons), self.vae.config.latent_channels, height // factor, width // factor)
+        shape = (count, self.vae.config.latent_channels, height // factor, width // factor)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        batch_size = batch_size or len(skeletons)
+        batches = sample_batches(count, batch_size)
         images = []
         with ReferenceAttention(self.unet, self.reference_net, reference_strength) as reference_path:
-            if reference_strength > 0:
-                reference_path.write(encode_images(self.vae, [reference_image]).to(dtype), text[-1:])
-            with self.progress_bar(total=num_inference_steps * -(-len(skeletons) // batch_size)) as progress:
-                for start in range(0, len(skeletons), batch_size):
-                    condition = condition_tensor(skeletons[start:start + batch_size], height, width).to(device, dtype)
-                    latents = self._denoise(noise[start:start + batch_size], condition, text, reference_path,
-                                            None if warped is None else warped[start:start + batch_size],
+            with self.progress_bar(total=num_inference_steps * len(batches)) as progress:
+                for part in batches:
+                    text = prompt_text(self, prompts[part], negatives[part], guidance_scale > 1, clip_skip, prompt_embeds,
+                                       negative_prompt_embeds)  # (negative × batch, positive × batch)
+                    if reference_strength > 0 and not (shared and part.start > 0):  # each batch's references, or the one
+                        shown = fitted[:1] if shared else fitted[part]
+                        reference_path.write(encode_images(self.vae, shown).to(dtype), text[-(part.stop - part.start):][:len(shown)])
+                    condition = condition_tensor(skeletons[part], height, width).to(device, dtype)
+                    latents = self._denoise(noise[part], condition, text, reference_path,
+                                            None if not warp else torch.zeros_like(noise[part]) if reference_strength == 0
+                                            else self._warped(fitted[part], reference_poses[part], poses[part]),  # 0: no reference at all
                                             reference_strength > 0,
                                             num_inference_steps, guidance_scale, controlnet_conditioning_scale,
-                                            generator, eta, progress, (control_guidance_start, control_guidance_end),
+                                            generator[part] if isinstance(generator, list) else generator, eta, progress,
+                                            (control_guidance_start, control_guidance_end),
                                             callback_on_step_end and partial(step_end, self, callback_on_step_end, tensor_inputs))
                     images += decode_latents(self.vae, latents) if output_type == 'pil' else [latents]
         return PoseTransferOutput(images=images if output_type == 'pil' else torch.cat(images), skeletons=skeletons)
 
-    def _warped(self, reference, fitted, reference_pose, canvas, detector, poses) -> torch.Tensor:
-        "The warped reference's latents for each pose (A's pose given, in `reference`'s coordinates, or detected)."
-        if reference_pose is not None:
-            original = load_image(reference)
-            reference_pose = fit_pose(_as_pose(reference_pose, canvas).resized(*original.size), original.size, *fitted.size)
-        else: reference_pose = reference_pose_from_image(fitted, detector)
-        return warped_reference_latents(self.vae, fitted, reference_pose, poses)
+    def _reference_poses(self, references, fitted, reference_poses, canvas, detector) -> list[Pose | None]:
+        "Each sample's A's pose in its fitted reference: given (in `reference`'s coordinates), or detected once per reference."
+        found = {}
+        def pose_of(reference, image, given):
+            key = id(image), id(given)
+            if key not in found:
+                if given is not None:
+                    original = load_image(reference)
+                    found[key] = fit_pose(_as_pose(given, canvas).resized(*original.size), original.size, *image.size)
+                else: found[key] = reference_pose_from_image(image, detector)
+            return found[key]
+        return [pose_of(*sample) for sample in zip(references, fitted, reference_poses)]
+
+    def _warped(self, fitted, reference_poses, poses) -> torch.Tensor:
+        "The warped reference's latents for each sample: its fitted reference warped from its A's pose onto its pose B."
+        groups = {}  # samples that share a reference and its pose are warped and encoded together
+        for i, key in enumerate(zip(map(id, fitted), map(id, reference_poses))): groups.setdefault(key, []).append(i)
+        latents = None
+        for members in groups.values():
+            first = members[0]
+            warped = warped_reference_latents(self.vae, fitted[first], reference_poses[first], [poses[i] for i in members])
+            if latents is None: latents = warped.new_zeros(len(poses), *warped.shape[1:])
+            latents[members] = warped
+        return latents
 
     def _denoise(self, noise, condition, text, reference_path, warped, use_reference, num_inference_steps,
                  guidance_scale, controlnet_conditioning_scale, generator, eta, progress, control_guidance=(0.0, 1.0),
                  on_step_end=None):
         guided = guidance_scale > 1
-        batch = noise.shape[0]
-        text = text.repeat_interleave(batch, dim=0)  # (negative × batch, positive × batch)
         if guided: condition = torch.cat([condition, condition])
         self.scheduler.set_timesteps(num_inference_steps, device=noise.device)
         latents = noise * self.scheduler.init_noise_sigma
@@ -602,6 +676,21 @@ def _canvas(text: str) -> tuple[int, int]:
     if width < 1 or height < 1: raise argparse.ArgumentTypeError(f"canvas must be at least 1x1, got '{text}'")
     return width, height
 
+BATCH_SIZE = 16  # samples denoised together by the commands that draw many (sheet, evaluate, calibrate, demo)
+
+def _batch_size(text: str) -> int:
+    "Parse --batch-size for argparse: a whole number of at least 1."
+    try: size = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if size < 1: raise argparse.ArgumentTypeError(f'--batch-size must be at least 1, got {size}')
+    return size
+
+def add_batch_size(parser: argparse.ArgumentParser, what: str = 'poses'): # what is batched, for the help
+    "Give a command `--batch-size`: samples denoised together, one UNet call per step for all of them."
+    parser.add_argument('--batch-size', type=_batch_size, default=BATCH_SIZE, metavar='N',
+                        help=f'{what} denoised together, one UNet call per step for all of them (default {BATCH_SIZE}); '
+                             'the same images at any size')
+
 def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument('--reference', required=True, help='image of character A')
     parser.add_argument('--model', help='diffusers model directory (waifu-diffusion layout + controlnet/), or an SD1.x/SD2.x '
@@ -730,5 +819,5 @@ writes OUT/sheet.png (the grid) and OUT/NNN_<pose>.png (one image per pose)'''
                         help='OpenPose JSON files, skeleton images, drawings of someone, or directories of JSON files')
     add_output(parser, 'DIR', 'output directory')
     parser.add_argument('--columns', type=int, help='grid columns (default: up to 4)')
-    parser.add_argument('--batch-size', type=int, help='poses denoised together (default: all)')
+    add_batch_size(parser, 'poses')
     parser.set_defaults(run=run_sheet)

@@ -116,6 +116,31 @@ def test_demo_on_the_bundled_models_reports_every_method_and_metric(tmp_path):
     assert f"ControlNet scale {drawn['controlnet_conditioning_scale']:g} and guidance {drawn['guidance_scale']:g} (calibrated)" in report
 
 
+def test_batched_evaluation_draws_what_one_at_a_time_draws(triples):
+    "Triples of two sizes, drawn in batches of 3 by the bundled model, equal the one-at-a-time images (±1 level)."
+    from anime_pose.core import bundled_path
+    from anime_pose.evaluate import generate_images, pipeline_method
+    from anime_pose.pipeline import PoseTransferPipeline
+    pipe = PoseTransferPipeline.from_pretrained(bundled_path('model'))
+    small = list(synthetic_dataset(3, 2, 32, seed=4, progress=False)['train'])
+    rows = triples[:3] + small[:2] + triples[3:5]  # sizes 64, 32, 64: each size drawn in batches of its own
+    method = pipeline_method(pipe, num_inference_steps=2, batch_size=3)
+    one_at_a_time = [np.asarray(method(row), np.int16) for row in rows]
+    batched = generate_images(method, rows, progress=False)
+    assert [image.size for image in batched] == [(64, 64)] * 3 + [(32, 32)] * 2 + [(64, 64)] * 2
+    assert max(np.abs(np.asarray(b, np.int16) - a).max() for a, b in zip(one_at_a_time, batched)) <= 1
+    assert generate_images(lambda row: row['target'], rows[:2], progress=False) == [row['target'] for row in rows[:2]]
+
+
+@pytest.mark.parametrize('command', [['demo', '--out', 'x'], ['evaluate', '--model', 'run', '--out', 'x'],
+                                     ['calibrate', '--model', 'run'], ['sheet', '--reference', 'a.png', '--poses', 'b.json', '--out', 'x']])
+def test_batch_size_is_refused_unless_a_whole_number_of_at_least_one(command, capsys):
+    from anime_pose.cli import main
+    for bad, why in (('0', '--batch-size must be at least 1, got 0'), ('many', "expected a whole number, got 'many'")):
+        with pytest.raises(SystemExit) as exit: main([*command, '--batch-size', bad])
+        assert exit.value.code == 2 and why in capsys.readouterr().err
+
+
 def test_bundled_models_were_trained_on_the_same_characters():
     from anime_pose.demo import load_recipe
     recipe = load_recipe()

@@ -102,6 +102,80 @@ def test_a_sheet_is_independent_of_batching(steering_pipe, reference, poses):
     assert len(run(steering_pipe, reference, list(poses) * 2).images) == 4
 
 
+@pytest.mark.parametrize('guidance', [1.0, 3.0])
+def test_a_batch_of_triples_draws_what_single_calls_draw(steering_pipe, poses, guidance):
+    "Sample i of a batch (its own reference, pose, prompt and generator) equals the single call with the same inputs."
+    references = [Image.new('RGB', (64, 64), colour) for colour in ((250, 240, 230), (200, 30, 30), (30, 200, 30))]
+    chosen, prompts, seeds = [poses[0], poses[1], poses[0]], ['1girl, solo, blue hair', '1boy, red hair', '1girl'], [0, 1, 0]
+    settings = dict(negative_prompt='lowres', num_inference_steps=2, guidance_scale=guidance)
+    single = [steering_pipe(reference, pose, prompt=prompt, generator=torch.Generator().manual_seed(seed), **settings)
+              for reference, pose, prompt, seed in zip(references, chosen, prompts, seeds)]
+    batch = lambda **kwargs: steering_pipe(references, chosen, prompt=prompts, **settings, **kwargs,
+                                           generator=[torch.Generator().manual_seed(seed) for seed in seeds])
+    for batch_size in (None, 2):  # one batch of three, and batches of two and one
+        latents = batch(batch_size=batch_size, output_type='latent').images
+        expected = torch.cat([steering_pipe(r, p, prompt=t, generator=torch.Generator().manual_seed(s), output_type='latent',
+                                            **settings).images for r, p, t, s in zip(references, chosen, prompts, seeds)])
+        torch.testing.assert_close(latents, expected, rtol=0, atol=1e-4)  # float sums in another order: ~1e-6 apart
+    drawn = [np.asarray(image).astype(int) for image in batch().images]
+    assert all(np.abs(a - np.asarray(b.images[0]).astype(int)).max() <= 1 for a, b in zip(drawn, single))
+    swapped = steering_pipe(references[::-1], chosen, prompt=prompts, **settings, output_type='latent',
+                            generator=[torch.Generator().manual_seed(seed) for seed in seeds]).images
+    assert (swapped[0] - latents[0]).abs().max() > 1e-3  # each sample reads its own reference
+
+
+@pytest.fixture(scope='module')
+def warped_pipe():
+    "A small pipeline that reads a warped reference, its warp input channels opened (random) as if trained (see test_warp)."
+    parts = tiny_components(0, warped_reference=True, shape='small')
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for model in (parts['unet'], parts['controlnet']):
+            model.conv_in.weight[:, 4:] = torch.randn(model.conv_in.weight[:, 4:].shape, generator=generator) * 0.5
+    pipe = PoseTransferPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize('guidance', [1.0, 3.0])
+def test_a_warped_batch_of_triples_draws_what_single_calls_draw(warped_pipe, guidance):
+    "Each sample's own reference is warped from its own A's pose (given, or detected) onto its pose, as a single call does."
+    from anime_pose.synthetic import random_identity, render_character, sample_pose
+    rng = np.random.default_rng(3)
+    drawn = [render_character(random_identity(rng), sample_pose(rng), 64) for _ in range(2)]
+    targets = [render_character(random_identity(rng), sample_pose(rng), 64).pose for _ in range(3)]
+    references, prompts = [drawn[0].image, drawn[1].image, drawn[0].image], ['1girl, blue hair', '1boy', '1girl, blue hair']
+    given = [drawn[0].pose, drawn[1].pose, None]  # the third: A's pose found by the detector
+    settings = dict(negative_prompt='lowres', num_inference_steps=2, guidance_scale=guidance, output_type='latent')
+    seeded = lambda: [torch.Generator().manual_seed(seed) for seed in (0, 1, 2)]
+    expected = torch.cat([warped_pipe(r, p, prompt=t, reference_pose=a, retarget=False, generator=g, **settings).images
+                          for r, p, t, a, g in zip(references, targets, prompts, given, seeded())])
+    for batch_size in (None, 2):
+        batch = warped_pipe(references, targets, prompt=prompts, reference_pose=given, retarget=False, generator=seeded(),
+                            batch_size=batch_size, **settings).images
+        torch.testing.assert_close(batch, expected, rtol=0, atol=1e-4)
+    unwarped = warped_pipe(references, targets, prompt=prompts, reference_pose=[None, None, None], retarget=False,
+                           generator=seeded(), **settings).images
+    assert (unwarped[0] - expected[0]).abs().max() > 1e-3  # the given A's pose is what the first sample warps from
+    sheet = warped_pipe(drawn[0].image, targets, prompt=prompts[0], generator=seeded(), batch_size=2, **settings).images
+    alone = torch.cat([warped_pipe(drawn[0].image, p, prompt=prompts[0], generator=g, **settings).images
+                       for p, g in zip(targets, seeded())])
+    torch.testing.assert_close(sheet, alone, rtol=0, atol=1e-4)  # one reference, detected once, for every pose
+
+
+def test_a_batch_of_triples_is_checked(pipe, reference, poses):
+    with pytest.raises(TransferError, match='2 references for 3 poses: give one reference, or one per pose'):
+        run(pipe, [reference, reference], [poses[0]] * 3)
+    with pytest.raises(TransferError, match='2 prompts for 1 poses'):
+        pipe(reference, poses[0], prompt=['a', 'b'], num_inference_steps=1)
+    with pytest.raises(TransferError, match='1 generators for 2 poses'):
+        pipe(reference, list(poses), num_inference_steps=1, generator=[torch.Generator()])
+    with pytest.raises(TransferError, match='1 reference poses for 2 poses'):
+        pipe(reference, list(poses), num_inference_steps=1, reference_pose=[poses[0]])
+    with pytest.raises(TransferError, match='retarget needs the reference pose'):
+        pipe(reference, list(poses), num_inference_steps=1, reference_pose=[poses[0], None], retarget=True)
+
+
 def test_every_pose_form_gives_the_same_skeleton(tmp_path, poses):
     pose = poses[0]
     pose.save(tmp_path / 'b.json')
