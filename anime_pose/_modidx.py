@@ -319,6 +319,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                      'anime_pose.evaluate.sample_grid': ('evaluate.html#sample_grid', 'anime_pose/evaluate.py'),
                                      'anime_pose.evaluate.saved_triples': ('evaluate.html#saved_triples', 'anime_pose/evaluate.py'),
                                      'anime_pose.evaluate.speed_table': ('evaluate.html#speed_table', 'anime_pose/evaluate.py'),
+                                     'anime_pose.evaluate.warp_method': ('evaluate.html#warp_method', 'anime_pose/evaluate.py'),
                                      'anime_pose.evaluate.write_report': ('evaluate.html#write_report', 'anime_pose/evaluate.py')},
             'anime_pose.export': { 'anime_pose.export.ExportError': ('export.html#exporterror', 'anime_pose/export.py'),
                                    'anime_pose.export._export_path': ('export.html#_export_path', 'anime_pose/export.py'),

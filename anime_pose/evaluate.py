@@ -23,7 +23,7 @@ from .parser import DETECTOR_HELP, SyntheticParser, load_detector, load_parser
 from .pipeline import (BATCH_SIZE, PoseTransferPipeline, add_batch_size, encode_images, model_drawing_defaults,
                                  reference_pose_from_image, sample_batches, stored_drawing_defaults,
                                  warped_reference_latents)
-from .warp import reads_warped_reference
+from .warp import reads_warped_reference, warp_reference
 from .pose import Pose, PoseDetector
 from .reference import ReferenceAttention
 from .synthetic import PART_LABELS
@@ -32,12 +32,13 @@ from .train import held_out_split, load_config, plot_losses, training_triples
 
 # %% auto #0
 __all__ = ['METHODS', 'COLUMNS', 'LOWER_IS_BETTER', 'DECIMALS', 'PROBE_KEY', 'PROBE_REFERENCES', 'PROBE_HELP', 'TRIPLE_COLUMNS',
-           'pipeline_method', 'draw_triples', 'copy_reference', 'gan_method', 'generate_images', 'evaluate_methods',
-           'metrics_table', 'probe_table', 'sample_grid', 'write_report', 'held_out_triples', 'saved_triples',
-           'build_methods', 'reference_probe', 'generation_speed', 'speed_table', 'evaluate_models', 'evaluate_cli']
+           'pipeline_method', 'draw_triples', 'copy_reference', 'warp_method', 'gan_method', 'generate_images',
+           'evaluate_methods', 'metrics_table', 'probe_table', 'sample_grid', 'write_report', 'held_out_triples',
+           'saved_triples', 'build_methods', 'reference_probe', 'generation_speed', 'speed_table', 'evaluate_models',
+           'evaluate_cli']
 
 # %% ../nbs/09a_evaluate.ipynb #6089d487
-METHODS = ('copy_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose')
+METHODS = ('copy_reference', 'warp_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose')
 
 def pipeline_method(pipe, # a `PoseTransferPipeline`
                     reference_strength: float = 1.0, # 0 switches the reference path off
@@ -78,6 +79,19 @@ def draw_triples(pipe, # a `PoseTransferPipeline`
 def copy_reference(triple: dict) -> Image.Image:
     "The reference image, unchanged."
     return load_image(triple['reference'])
+
+def warp_method(detector: PoseDetector | str | os.PathLike = 'parser', # finds A's pose in the reference
+               ) -> callable:
+    "A method returning each triple's reference warped onto its pose (A's pose found by `detector`)."
+    detector = load_detector(detector) if isinstance(detector, (str, os.PathLike)) else detector
+    def generate(triple: dict) -> Image.Image:
+        size = load_image(triple['target']).size
+        reference = load_image(triple['reference']).convert('RGB').resize(size, Image.BICUBIC)
+        found = detector.detect(reference)
+        if not found: return reference  # nobody to cut up: the reference as it is
+        source = max(found, key=lambda pose: pose.visible.sum())
+        return warp_reference(reference, source, Pose(np.asarray(triple['pose'], np.float32), *size)).image
+    return generate
 
 def gan_method(gan) -> callable:
     "A method drawing each triple with a `GanTransfer` (see `anime_pose.gan.load_gan`)."
@@ -270,7 +284,7 @@ def build_methods(pipeline: str | os.PathLike, # a saved `PoseTransferPipeline` 
     components = {**trained.components, 'unet': unet, 'controlnet': untrained_controlnet, 'reference_net': None}
     untrained = PoseTransferPipeline(**components, guidance_scale=trained.config.guidance_scale)  # drawn alike
     settings = dict(num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size)
-    methods = dict(copy_reference=copy_reference,
+    methods = dict(copy_reference=copy_reference, warp_reference=warp_method(),
                    pose_only=pipeline_method(trained, reference_strength=0.0, **settings),
                    reference_only=pipeline_method(untrained, reference_strength=1.0, **settings),
                    gan=gan_method(load_gan(gan)) if gan is not None else None,

@@ -175,7 +175,7 @@ def test_retrain_follows_a_recipe_and_the_result_evaluates(tmp_path):
     config = override_config(TrainConfig(), small['anime_pose']['config'], 'test')
     metrics = evaluate_models(tmp_path / 'report', models['model'], config, models['gan'], models['parser'],
                               {'anime_pose': models['model']}, count=1, num_inference_steps=1, progress=False)
-    assert set(metrics) == {'ground_truth', 'copy_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose'}
+    assert set(metrics) == {'ground_truth', 'copy_reference', 'warp_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose'}
 
 
 # --- learned metrics (LPIPS, FID, KID, embeddings), real data without masks, and their CLI paths ---
@@ -369,7 +369,7 @@ def test_evaluate_cli_on_real_data_without_weights_says_what_is_not_measured(rea
     assert f'not measured: fid, kid: {FID_HELP}' in err and 'not measured: pck, oks: needs a pose detector; pass --detector DIR' in err
     assert 'not used: --parser: triples without part masks are scored by the pose detector' in err
     metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
-    assert set(metrics) == {'ground_truth', 'copy_reference', 'pose_only', 'reference_only', 'anime_pose'}
+    assert set(metrics) == {'ground_truth', 'copy_reference', 'warp_reference', 'pose_only', 'reference_only', 'anime_pose'}
     assert all(set(_points(row)) == {'ssim', 'psnr'} for row in metrics.values())
     report = (tmp_path / 'report' / 'report.md').read_text()
     assert '## Not measured' in report and '- lpips: needs LPIPS weights' in report and 'the ceiling the pose detector allows' in report
@@ -540,7 +540,7 @@ def test_evaluate_cli_scores_another_datasets_whole_split_with_intervals_and_the
     assert 'reference-information probe' in capsys.readouterr().out
     metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
     probe = metrics.pop('reference_probe')
-    assert set(metrics) == {'ground_truth', 'copy_reference', 'pose_only', 'reference_only', 'anime_pose'}
+    assert set(metrics) == {'ground_truth', 'copy_reference', 'warp_reference', 'pose_only', 'reference_only', 'anime_pose'}
     for name, row in metrics.items():
         assert list(_points(row)) == list(METRICS)
         for metric in METRICS:

@@ -140,3 +140,14 @@ def test_the_probe_of_a_closed_warp_door_is_the_probe_without_it(triples):
                                                                   shape='small')), rows, draws=1)
     for name in ('none', 'own', 'other', 'target'):
         assert wide[name] == pytest.approx(plain[name], rel=1e-5), name
+
+
+def test_the_warp_baseline_finds_a_and_falls_back_to_the_reference(triples):
+    from anime_pose.evaluate import warp_method
+    generate = warp_method()
+    row = triples[0]
+    image = generate(row)
+    assert image.size == load_image(row['target']).size
+    assert not np.array_equal(np.asarray(image), np.asarray(load_image(row['reference']).convert('RGB')))
+    blank = {**row, 'reference': Image.new('RGB', (64, 64), 'white')}
+    assert np.asarray(generate(blank)).min() == 255  # nobody found: the (blank) reference itself
