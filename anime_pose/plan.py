@@ -97,7 +97,7 @@ def trained_parts(config: TrainConfig) -> dict[str, int]:
     "The modules `config` trains: name -> 0 (every weight) or a LoRA rank (adapters on a frozen copy)."
     parts = {'controlnet': 0} if config.train_controlnet else {}
     if config.train_reference: parts['reference_net'] = config.reference_lora_rank
-    if config.train_unet: parts['unet'] = getattr(config, 'unet_lora_rank', 0)
+    if config.train_unet: parts['unet'] = config.unet_lora_rank
     return parts
 
 def prepare_for_training(parts: dict, config: TrainConfig, trained: dict[str, int]) -> dict:
