@@ -36,6 +36,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                 'anime_pose.app.synthetic_characters': ('app.html#synthetic_characters', 'anime_pose/app.py'),
                                 'anime_pose.app.synthetic_poses': ('app.html#synthetic_poses', 'anime_pose/app.py'),
                                 'anime_pose.app.uploaded_files': ('app.html#uploaded_files', 'anime_pose/app.py')},
+            'anime_pose.assets.model.pipeline': {},
             'anime_pose.calibrate': { 'anime_pose.calibrate._best_setting': ('calibrate.html#_best_setting', 'anime_pose/calibrate.py'),
                                       'anime_pose.calibrate._candidates': ('calibrate.html#_candidates', 'anime_pose/calibrate.py'),
                                       'anime_pose.calibrate._run_calibrate': ('calibrate.html#_run_calibrate', 'anime_pose/calibrate.py'),

@@ -54,7 +54,7 @@ def retrain_models(out: str | os.PathLike, # where to write model/ (and gan/, pa
 def demo(out: str | os.PathLike, # the report directory
          retrain: bool = False, # first rebuild the pose-transfer model from scratch, into OUT-models/
          retrain_baselines: bool = False, # also rebuild the GAN and the parser (else the bundled ones are used)
-         count: int | None = 24, # held-out triples to evaluate; None: the whole test split
+         count: int | None = 200, # held-out triples to evaluate (200: 50 characters); None: the whole test split
          num_inference_steps: int = 20,
          progress: bool = True,
          learned: LearnedMetrics | None = None, # the learned metrics' networks (`load_learned_metrics`); default none
@@ -82,7 +82,8 @@ def _run_demo(args) -> int:
 
 def demo_cli(parser: argparse.ArgumentParser):
     "`anime-pose demo`: the bundled models against every baseline on held-out characters, with a report."
-    parser.epilog = ('examples:\n  anime-pose demo --out demo_out             # about 35 s on one CPU thread\n'
+    parser.epilog = ('examples:\n  anime-pose demo --out demo_out             # about 2.5 minutes on one CPU thread\n'
+                     '  anime-pose demo --out demo_out --threads 2 --batch-size 32   # under 2 minutes on two free cores\n'
                      '  anime-pose synth --out held --characters 500 --seed 7 && '
                      'anime-pose demo --out demo_out --data held --count all   # 200 triples of 50 unseen characters\n'
                      '  anime-pose demo --out demo_out --retrain   '
@@ -93,8 +94,8 @@ def demo_cli(parser: argparse.ArgumentParser):
                         help='retrain the pose-transfer model from scratch (into OUT-models/) as the recipe says')
     parser.add_argument('--retrain-baselines', action='store_true',
                         help='also retrain the GAN baseline and the synthetic parser (much longer)')
-    parser.add_argument('--count', type=_count, default=24,
-                        help="held-out triples to evaluate, or 'all' for the whole test split (default 24)")
+    parser.add_argument('--count', type=_count, default=200,
+                        help="held-out triples to evaluate, or 'all' for the whole test split (default 200: 50 characters)")
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
     add_batch_size(parser, 'triples')
     parser.add_argument('--data', metavar='DIR', help='a triples dataset saved with datasets (anime-pose synth --seed N: '
