@@ -455,8 +455,9 @@ class PoseTransferPipeline(DiffusionPipeline):
         # one reference and one text for every pose (a sheet): the reference net runs once, before the batches
         shared = len({id(image) for image in fitted}) == 1 and len(set(zip(prompts, negatives))) == 1
         warp = reads_warped_reference(self.unet, self.vae.config.latent_channels)
-        if warp and reference_strength > 0: reference_poses = self._reference_poses(references, fitted, per_sample(reference_pose, count, 'reference pose'),
-                                                         pose_canvas, detector)
+        if warp and reference_strength > 0:
+            reference_poses = self._reference_poses(references, fitted, per_sample(reference_pose, count, 'reference pose'),
+                                                    pose_canvas, detector)
         device, dtype = self._execution_device, self.unet.dtype
         factor = self.vae_scale_factor
         shape = (count, self.vae.config.latent_channels, height // factor, width // factor)
@@ -472,10 +473,11 @@ class PoseTransferPipeline(DiffusionPipeline):
                         shown = fitted[:1] if shared else fitted[part]
                         reference_path.write(encode_images(self.vae, shown).to(dtype), text[-(part.stop - part.start):][:len(shown)])
                     condition = condition_tensor(skeletons[part], height, width).to(device, dtype)
-                    latents = self._denoise(noise[part], condition, text, reference_path,
-                                            None if not warp else torch.zeros_like(noise[part]) if reference_strength == 0
-                                            else self._warped(fitted[part], reference_poses[part], poses[part]),  # 0: no reference at all
-                                            reference_strength > 0,
+                    warped = None
+                    if warp:  # strength 0 means no reference at all: no warp either
+                        warped = (self._warped(fitted[part], reference_poses[part], poses[part]) if reference_strength > 0
+                                  else torch.zeros_like(noise[part]))
+                    latents = self._denoise(noise[part], condition, text, reference_path, warped, reference_strength > 0,
                                             num_inference_steps, guidance_scale, controlnet_conditioning_scale,
                                             generator[part] if isinstance(generator, list) else generator, eta, progress,
                                             (control_guidance_start, control_guidance_end),
