@@ -95,7 +95,8 @@ def controlled_prediction(unet: UNet2DConditionModel, controlnet: ControlNetMode
     "The UNet's prediction (noise or velocity) for `latents`, steered by `controlnet` on `condition`."
     if controlnet is None or condition is None or conditioning_scale == 0:
         return unet(latents, timesteps, encoder_hidden_states=text_embeddings).sample
-    down, mid = controlnet(latents[:, :controlnet.config.in_channels], timesteps, encoder_hidden_states=text_embeddings,
+    channels = getattr(controlnet, 'module', controlnet).config.in_channels  # (under DDP the model is `.module`)
+    down, mid = controlnet(latents[:, :channels], timesteps, encoder_hidden_states=text_embeddings,
                            controlnet_cond=condition.to(latents), conditioning_scale=conditioning_scale,
                            return_dict=False)
     return unet(latents, timesteps, encoder_hidden_states=text_embeddings,
