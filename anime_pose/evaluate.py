@@ -307,11 +307,13 @@ def _other_characters(rows: list[dict]) -> list[int]:
 # %% ../nbs/09a_evaluate.ipynb #883217e5
 def _warps(vae, rows: list[dict], poses: list[Pose], side: int) -> torch.Tensor:
     "The latents of each row's reference warped onto the matching pose (A's pose: the row's, else detected)."
-    warped = []
+    warped, detector = [], None
     for row, pose in zip(rows, poses):
         reference = load_image(row['reference']).convert('RGB').resize((side, side), Image.BICUBIC)
-        source = (Pose(np.asarray(row['reference_pose'], np.float32), side, side) if row.get('reference_pose') is not None
-                  else reference_pose_from_image(reference))
+        if row.get('reference_pose') is not None: source = Pose(np.asarray(row['reference_pose'], np.float32), side, side)
+        else:  # the bundled detector, loaded once for the batch
+            detector = detector or load_detector('parser')
+            source = reference_pose_from_image(reference, detector)
         warped.append(warped_reference_latents(vae, reference, source, [pose]))
     return torch.cat(warped)
 
