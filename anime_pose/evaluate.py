@@ -233,8 +233,8 @@ def held_out_triples(config, # the `TrainConfig` the model was trained with
                      count: int | None = None, # at most this many triples
                      split: str | None = None, # None: the split reports use (test, else validation)
                     ):
-    "A held-out split of the data `config` trains on."
-    triples = training_triples(config)
+    "A held-out split of the data `config` trains on (of synthetic data, only the characters scored are drawn)."
+    triples = training_triples(config, splits=(split,) if split else ('test', 'validation'), count=count)
     split = split or held_out_split(triples)
     if split is None: raise AnimePoseError(f'the data {config.data!r} has no test or validation split to evaluate on')
     if split not in triples:
@@ -307,15 +307,15 @@ def _other_characters(rows: list[dict]) -> list[int]:
 # %% ../nbs/09a_evaluate.ipynb #883217e5
 def _warps(vae, rows: list[dict], poses: list[Pose], side: int) -> torch.Tensor:
     "The latents of each row's reference warped onto the matching pose (A's pose: the row's, else detected)."
-    warped, detector = [], None
-    for row, pose in zip(rows, poses):
+    references, sources, detector = [], [], None
+    for row in rows:
         reference = load_image(row['reference']).convert('RGB').resize((side, side), Image.BICUBIC)
         if row.get('reference_pose') is not None: source = Pose(np.asarray(row['reference_pose'], np.float32), side, side)
         else:  # the bundled detector, loaded once for the batch
             detector = detector or load_detector('parser')
             source = reference_pose_from_image(reference, detector)
-        warped.append(warped_reference_latents(vae, reference, source, [pose]))
-    return torch.cat(warped)
+        references.append(reference); sources.append(source)
+    return warped_reference_latents(vae, references, sources, poses)
 
 @torch.no_grad()
 def reference_probe(pipe, # a `PoseTransferPipeline`

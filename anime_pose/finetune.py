@@ -19,15 +19,16 @@ from .diffusion import prediction_loss
 from .controlnet import ModelError, controlled_prediction, controlnet_from_unet, downsampling
 from .single_file import is_single_file, load_single_file_components
 from .reference import ReferenceAttention, add_reference_lora, make_reference_net
-from .warp import reads_warped_reference, warp_reference, widen_input
+from .warp import reads_warped_reference, widen_input
 from .parser import load_detector
 from .tiny import TINY_SHAPES, encode_prompt, noise_scheduler, pretrain_tiny_base
-from .pipeline import PoseTransferPipeline, check_model_dir, encode_images
+from .pipeline import (PoseTransferPipeline, check_model_dir, encode_images, reference_pose_from_image,
+                                 warped_reference_latents)
 from .train import (PRESETS, WEIGHT_DTYPES, ConfigError, TrainConfig, TrainMethod, held_out_split,
                               make_optimizer, register_method, training_triples)
 
 # %% auto #0
-__all__ = ['IN_MEMORY_CACHE_BYTES', 'load_base', 'cache_features', 'reference_poses', 'warped_references', 'build_cache',
+__all__ = ['IN_MEMORY_CACHE_BYTES', 'load_base', 'cache_features', 'reference_poses', 'squashed_warps', 'build_cache',
            'min_snr_weights', 'DiffusionMethod']
 
 # %% ../nbs/08a_finetune.ipynb #52ca1281
@@ -85,23 +86,23 @@ def cache_features(resolution: int, latent_channels: int, text_shape: tuple[int,
 
 def reference_poses(split, # a `datasets.Dataset` of triples
                     progress: bool = True) -> list:
-    "Each triple's reference pose: its `reference_pose` column, or found by the bundled pose detector."
+    "Each triple's reference pose (keypoints): its `reference_pose` column, or found by the bundled pose detector."
     if 'reference_pose' in split.column_names: return split['reference_pose']
     detector, found = load_detector('parser'), []
     for image in tqdm(split['reference'], desc='finding the references\' poses', unit='image', disable=not progress):
-        poses = detector.detect(load_image(image))
-        found.append(max(poses, key=lambda p: p.visible.sum()).keypoints.tolist() if poses else None)
+        pose = reference_pose_from_image(image, detector)
+        found.append(None if pose is None else pose.keypoints.tolist())
     return found
 
-def warped_references(references: list, reference_keypoints: list, target_keypoints: list,
-                      resolution: int) -> list:
-    "Each reference (squashed to `resolution`, as training sees it) warped onto its target pose."
-    warped = []
-    for reference, source, target in zip(references, reference_keypoints, target_keypoints):
-        if source is None: warped.append(None); continue
-        warped.append(warp_reference(reference, Pose(np.asarray(source, np.float32), resolution, resolution),
-                                     Pose(np.asarray(target, np.float32), resolution, resolution)).image)
-    return warped
+def squashed_warps(vae, # the VAE the warps are encoded with
+                   references: list, # the references, squashed to `resolution` × `resolution` as training sees them
+                   reference_keypoints: list, # A's pose in each (normalised keypoints, or None: unknown)
+                   target_keypoints: list, # each target's pose B
+                   resolution: int) -> torch.Tensor:
+    "The latents of each reference warped onto its target pose (`warped_reference_latents`), poses read on the square."
+    square = lambda keypoints: None if keypoints is None else Pose(np.asarray(keypoints, np.float32), resolution, resolution)
+    return warped_reference_latents(vae, references, [square(k) for k in reference_keypoints],
+                                    [square(k) for k in target_keypoints]).float()
 
 def build_cache(split, # a `datasets.Dataset` of triples
                 components: dict, # vae, text_encoder, tokenizer
@@ -128,11 +129,7 @@ def build_cache(split, # a `datasets.Dataset` of triples
             references = [load_image(i).resize(size, Image.BICUBIC) for i in batch['reference']]
             target_latents, reference_latents = encode_images(vae, targets), encode_images(vae, references)
             text = encode_prompt(tokenizer, text_encoder, [tags_prompt(t) for t in batch['tags']], vae.device).half()
-            if warped:
-                pictures = warped_references(references, poses[start:start + batch_size], batch['pose'], resolution)
-                warped_latents = torch.zeros_like(target_latents)
-                known = [i for i, picture in enumerate(pictures) if picture is not None]
-                if known: warped_latents[known] = encode_images(vae, [pictures[i] for i in known])
+            if warped: warped_latents = squashed_warps(vae, references, poses[start:start + batch_size], batch['pose'], resolution)
             for i, keypoints in enumerate(batch['pose']):
                 pose = Pose(np.asarray(keypoints, np.float32), resolution, resolution)
                 skeleton = np.asarray(pose.skeleton_image(resolution, resolution))
@@ -216,6 +213,9 @@ class DiffusionMethod(TrainMethod):
                                                      ('unet', config.train_unet)) if on)
         self.empty_text = encode_prompt(self.tokenizer, self.text_encoder, '', device).float()
         self.data = self._cached(out) if config.cache else self.triples
+        if self.warped and not config.cache:  # A's poses found once per run, as a cache finds them
+            self.reference_keypoints = {split: reference_poses(triples, accelerator.is_main_process)
+                                        for split, triples in self.triples.items()}
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         "One AdamW: the ControlNet and reference net at `learning_rate`, the denoiser (if trained) at its own rate."
@@ -259,16 +259,9 @@ class DiffusionMethod(TrainMethod):
                      for k in rows['pose']]
         warped = {}
         if self.warped:
-            references = [load_image(i).resize((size, size)) for i in rows['reference']]
-            if 'reference_pose' in rows: sources = rows['reference_pose']
-            else:  # found once per batch by the bundled detector (a cache finds them once per run)
-                self.detector = getattr(self, 'detector', None) or load_detector('parser')
-                found = [self.detector.detect(reference) for reference in references]
-                sources = [max(f, key=lambda p: p.visible.sum()).keypoints if f else None for f in found]
-            pictures = warped_references(references, sources, rows['pose'], size)
-            warped['warped'] = images_to_tensor([p if p is not None else Image.new('RGB', (size, size)) for p in pictures],
-                                                size).to(device)
-            warped['warped_known'] = torch.tensor([p is not None for p in pictures], device=device)
+            references = [load_image(i).resize((size, size), Image.BICUBIC) for i in rows['reference']]
+            sources = [self.reference_keypoints[split][i] for i in indices]
+            warped['warped_latents'] = squashed_warps(self.vae, references, sources, rows['pose'], size).to(device)
         return dict(**warped, target=images_to_tensor(rows['target'], size).to(device),
                     reference=images_to_tensor(rows['reference'], size).to(device),
                     prompts=[tags_prompt(t) for t in rows['tags']],
@@ -277,10 +270,7 @@ class DiffusionMethod(TrainMethod):
     def _warped(self, batch: dict) -> torch.Tensor | None:
         "The warped references' latents of a batch (zeros where a reference's pose is unknown), or None."
         if not self.warped: return None
-        if 'warped_latents' in batch: return batch['warped_latents']
-        with torch.no_grad():
-            latents = self.vae.encode(batch['warped'].to(self.weight_dtype)).latent_dist.mode() * self.vae.config.scaling_factor
-        return latents.float() * batch['warped_known'][:, None, None, None]
+        return batch['warped_latents']
 
     def _encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         "Target latents, reference latents and text embeddings: from the cache, or computed now (as diffusers' does)."

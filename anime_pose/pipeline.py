@@ -237,19 +237,21 @@ def fit_pose(pose: Pose, # a pose in an image of `size`
     return Pose(keypoints, width, height)
 
 def warped_reference_latents(vae: AutoencoderKL,
-                             reference: Image.Image, # A, already fitted to `width` × `height`
-                             reference_pose: Pose | None, # A's pose in `reference`
-                             poses: list[Pose | None], # each pose B
+                             references: list[Image.Image], # each sample's A, all of the generation's size
+                             reference_poses: list[Pose | None], # A's pose in each reference (None: unknown)
+                             poses: list[Pose | None], # each sample's pose B (None: unknown)
                             ) -> torch.Tensor:
-    "The scaled VAE latents of `reference` warped onto each of `poses`; zeros where a pose is unknown."
-    width, height = reference.size
-    known = [i for i, pose in enumerate(poses) if pose is not None and reference_pose is not None]
+    "The scaled VAE latents of each reference warped from its pose onto its pose B, encoded together; zeros where a pose is unknown."
+    width, height = references[0].size
+    if any(reference.size != (width, height) for reference in references):
+        raise ValueError(f'the references must share one size, got {sorted({r.size for r in references})}')
+    known = [i for i, pair in enumerate(zip(reference_poses, poses)) if None not in pair]
     factor = downsampling(vae.config.block_out_channels)
     latents = torch.zeros(len(poses), vae.config.latent_channels, height // factor, width // factor,
                           device=vae.device, dtype=vae.dtype)
     if known:
-        warped = [warp_reference(reference, reference_pose, poses[i], width, height).image for i in known]
-        latents[known] = encode_images(vae, warped)
+        latents[known] = encode_images(vae, [warp_reference(references[i], reference_poses[i], poses[i]).image
+                                             for i in known])
     return latents
 
 # %% ../nbs/07a_pipeline.ipynb #e99cbc7f
@@ -475,7 +477,8 @@ class PoseTransferPipeline(DiffusionPipeline):
                     condition = condition_tensor(skeletons[part], height, width).to(device, dtype)
                     warped = None
                     if warp:  # strength 0 means no reference at all: no warp either
-                        warped = (self._warped(fitted[part], reference_poses[part], poses[part]) if reference_strength > 0
+                        warped = (warped_reference_latents(self.vae, fitted[part], reference_poses[part], poses[part])
+                                  if reference_strength > 0
                                   else torch.zeros_like(noise[part]))
                     latents = self._denoise(noise[part], condition, text, reference_path, warped, reference_strength > 0,
                                             num_inference_steps, guidance_scale, controlnet_conditioning_scale,
@@ -498,17 +501,6 @@ class PoseTransferPipeline(DiffusionPipeline):
             return found[key]
         return [pose_of(*sample) for sample in zip(references, fitted, reference_poses)]
 
-    def _warped(self, fitted, reference_poses, poses) -> torch.Tensor:
-        "The warped reference's latents for each sample: its fitted reference warped from its A's pose onto its pose B."
-        groups = {}  # samples that share a reference and its pose are warped and encoded together
-        for i, key in enumerate(zip(map(id, fitted), map(id, reference_poses))): groups.setdefault(key, []).append(i)
-        latents = None
-        for members in groups.values():
-            first = members[0]
-            warped = warped_reference_latents(self.vae, fitted[first], reference_poses[first], [poses[i] for i in members])
-            if latents is None: latents = warped.new_zeros(len(poses), *warped.shape[1:])
-            latents[members] = warped
-        return latents
 
     def _denoise(self, noise, condition, text, reference_path, warped, use_reference, num_inference_steps,
                  guidance_scale, controlnet_conditioning_scale, generator, eta, progress, control_guidance=(0.0, 1.0),

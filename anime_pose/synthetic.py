@@ -5,6 +5,7 @@
 # %% ../nbs/02_synthetic.ipynb #7540ae6a
 from __future__ import annotations
 import argparse, io, json, math, multiprocessing, os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -847,28 +848,34 @@ def synthetic_dataset(characters: int = 100, # how many distinct characters
                       seed: int = 0, # fixes every character, pose and split
                       num_proc: int | None = 1, # processes to render on; None uses every core
                       progress: bool = True, # show a progress bar
+                      splits: Sequence[str] = SPLITS, # the splits to draw; the others are left out, the same characters kept
+                      first: int | None = None, # draw only each split's first `first` characters; None: all
                      ):
     "A `datasets.DatasetDict` of synthetic (reference, pose, target) triples with character-disjoint splits."
     import datasets
     from tqdm.auto import tqdm
+    if unknown := [s for s in splits if s not in SPLITS]:
+        raise AnimePoseError(f"no split {', '.join(map(repr, unknown))}: the synthetic splits are {', '.join(SPLITS)}")
     if poses_per_character < 2:
         raise AnimePoseError(f'poses_per_character must be at least 2 (a reference and a target), '
                              f'got {poses_per_character}')
     if not 16 <= size <= 1024: raise AnimePoseError(f'size must be between 16 and 1024 pixels, got {size}')
-    splits = split_characters(characters, seed)
+    chosen = {split: indices[:first] for split, indices in split_characters(characters, seed).items() if split in splits}
     num_proc = (os.cpu_count() or 1) if num_proc is None else num_proc
     if num_proc < 1: raise AnimePoseError(f'num_proc must be at least 1, got {num_proc}')
-    jobs = [(seed, index, poses_per_character, size) for index in range(characters)]
-    bar = dict(total=characters, desc='drawing characters', unit='character', disable=not progress)
+    drawn = sorted(i for indices in chosen.values() for i in indices)  # each character is seeded alone: any subset
+    jobs = [(seed, index, poses_per_character, size) for index in drawn]
+    bar = dict(total=len(jobs), desc='drawing characters', unit='character', disable=not progress)
     if num_proc == 1: rows = [_character_rows(job) for job in tqdm(jobs, **bar)]
     else:
         with multiprocessing.get_context().Pool(num_proc) as pool:
-            chunksize = max(1, min(32, characters // (8 * num_proc)))
+            chunksize = max(1, min(32, len(jobs) // (8 * num_proc)))
             rows = list(tqdm(pool.imap(_character_rows, jobs, chunksize=chunksize), **bar))
+    rows = dict(zip(drawn, rows))
     features = synthetic_features()
     return datasets.DatasetDict({
         split: datasets.Dataset.from_list([row for i in indices for row in rows[i]], features=features)
-        for split, indices in splits.items()})
+        for split, indices in chosen.items()})
 
 # %% ../nbs/02_synthetic.ipynb #71fa9b3d
 def contact_sheet(triples, # a `datasets.Dataset` of triples (or a list of its rows)

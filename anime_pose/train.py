@@ -5,6 +5,7 @@
 # %% ../nbs/08_train.ipynb #ccecead7
 from __future__ import annotations
 import contextlib, csv, dataclasses, functools, importlib, json, math, os, re, shutil, sys, time, typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -16,16 +17,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core import AnimePoseError, atomic_path, remove_partial_writes, seed_everything
-from .synthetic import synthetic_dataset
+from .synthetic import SPLITS, synthetic_dataset
 from .diffusion import LOSSES
 
 # %% auto #0
 __all__ = ['LR_SCHEDULES', 'MIXED_PRECISION', 'OPTIMIZERS', 'REPORT_TO', 'PRESETS', 'METHODS', 'METHOD_GROUP',
-           'CHECKPOINT_PATTERN', 'OOM_ADVICE', 'LAUNCH_ADVICE', 'DAMAGE', 'WEIGHT_DTYPES', 'ConfigError', 'TrainConfig',
-           'override_config', 'load_config', 'make_optimizer', 'TrainMethod', 'register_method', 'load_method',
-           'ToyMethod', 'batch_indices', 'seed_step', 'list_checkpoints', 'save_checkpoint', 'load_checkpoint',
-           'LossLog', 'read_losses', 'plot_losses', 'TrainingDiverged', 'OutOfMemory', 'train', 'training_triples',
-           'held_out_split']
+           'CHECKPOINT_PATTERN', 'OOM_ADVICE', 'LAUNCH_ADVICE', 'DAMAGE', 'SYNTHETIC_POSES', 'WEIGHT_DTYPES',
+           'ConfigError', 'TrainConfig', 'override_config', 'load_config', 'make_optimizer', 'TrainMethod',
+           'register_method', 'load_method', 'ToyMethod', 'batch_indices', 'seed_step', 'list_checkpoints',
+           'save_checkpoint', 'load_checkpoint', 'LossLog', 'read_losses', 'plot_losses', 'TrainingDiverged',
+           'OutOfMemory', 'train', 'training_triples', 'held_out_split']
 
 # %% ../nbs/08_train.ipynb #4b257873
 class ConfigError(AnimePoseError):
@@ -712,12 +713,19 @@ def train(config: TrainConfig, # what to train and how
                 train_loss=train_loss, test_loss=test_loss, processes=accelerator.num_processes)
 
 # %% ../nbs/08_train.ipynb #3cbe44ac
+SYNTHETIC_POSES = 4  # drawings, and so triples, of each synthetic character a run trains on
+
 def training_triples(config: TrainConfig, # data: 'synthetic' or a directory saved by `DatasetDict.save_to_disk`
-                     progress: bool = False):
+                     progress: bool = False,
+                     splits: Sequence[str] = SPLITS, # synthetic data: draw only these splits (saved data: all are read)
+                     count: int | None = None, # synthetic data: only the characters of each split's first `count` triples
+                    ):
     "The `DatasetDict` of triples (reference, target, pose, tags) a run trains and validates on."
     import datasets
     if config.data == 'synthetic':
-        return synthetic_dataset(max(3, config.synthetic_characters), 4, config.resolution, seed=0, progress=progress)
+        poses = SYNTHETIC_POSES
+        return synthetic_dataset(max(3, config.synthetic_characters), poses, config.resolution, seed=0, progress=progress,
+                                 splits=splits, first=None if count is None else -(-count // poses))
     path = Path(config.data)
     if not path.is_dir():
         raise ConfigError(f"data '{path}': no such directory "
