@@ -241,7 +241,7 @@ def warped_reference_latents(vae: AutoencoderKL,
                              reference_poses: list[Pose | None], # A's pose in each reference (None: unknown)
                              poses: list[Pose | None], # each sample's pose B (None: unknown)
                             ) -> torch.Tensor:
-    "The scaled VAE latents of each reference warped from its pose onto its pose B, encoded together; zeros where a pose is unknown."
+    "Each reference warped from its pose onto its pose B, as scaled VAE latents (one encode); zeros where a pose is unknown."
     width, height = references[0].size
     if any(reference.size != (width, height) for reference in references):
         raise ValueError(f'the references must share one size, got {sorted({r.size for r in references})}')
