@@ -38,11 +38,6 @@ def mean_ranks(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     return {name: total / len(shared) for name, total in ranks.items()}
 
 # %% ../nbs/09b_calibrate.ipynb #61412c3d
-def _best_setting(candidates: list[float], metrics: dict, label: str) -> tuple[float, dict[str, float]]:
-    "The candidate with the best mean rank (ties: the smaller value), and every candidate's mean rank."
-    ranks = mean_ranks({name: metrics[name] for name in (f'{label} {c:g}' for c in candidates)})
-    return max(candidates, key=lambda c: (ranks[f'{label} {c:g}'], -c)), ranks
-
 def _candidates(values, name: str) -> list[float]:
     values = sorted({float(v) for v in values})
     if not values or not all(v >= 0 for v in values): raise AnimePoseError(f'{name} must be numbers >= 0, got {values}')
@@ -59,7 +54,7 @@ def calibrate(model: str | os.PathLike, # a saved `PoseTransferPipeline`; its mo
               progress: bool = True,
               batch_size: int = BATCH_SIZE, # triples drawn together
              ) -> dict:
-    "Choose the ControlNet scale, then the guidance, by mean rank on the validation split; store both in `model`."
+    "Choose the pair of ControlNet scale and guidance with the best mean rank on the validation split; store it in `model`."
     scales, guidances = _candidates(scales, 'ControlNet scales'), _candidates(guidances, 'guidance scales')
     triples = list(held_out_triples(config, count, 'validation'))
     if 'masks' in triples[0]: parser, detector = load_parser(parser), None
@@ -71,18 +66,15 @@ def calibrate(model: str | os.PathLike, # a saved `PoseTransferPipeline`; its mo
     pipe = PoseTransferPipeline.from_pretrained(model)
     draw = lambda **setting: pipeline_method(pipe, num_inference_steps=num_inference_steps, batch_size=batch_size,
                                              **setting)
-    by_scale = {f'scale {s:g}': draw(controlnet_conditioning_scale=s) for s in scales}
-    metrics, _ = evaluate_methods(by_scale, triples, parser, PART_LABELS, progress, detector)
-    scale, ranks = _best_setting(scales, metrics, 'scale')
-    already = {f'guidance {g:g}': metrics[f'scale {scale:g}']  # drawn in the first pass
-               for g in guidances if g == pipe.config.guidance_scale}
-    todo = {f'guidance {g:g}': draw(controlnet_conditioning_scale=scale, guidance_scale=g)
-            for g in guidances if f'guidance {g:g}' not in already}
-    metrics |= already | evaluate_methods(todo, triples, parser, PART_LABELS, progress, detector)[0]
-    guidance, guidance_ranks = _best_setting(guidances, metrics, 'guidance')
+    # every pair, so the choice does not depend on the defaults the model had stored before
+    pairs = {(s, g): f'scale {s:g}, guidance {g:g}' for s in scales for g in guidances}
+    drawn = {label: draw(controlnet_conditioning_scale=s, guidance_scale=g) for (s, g), label in pairs.items()}
+    metrics, _ = evaluate_methods(drawn, triples, parser, PART_LABELS, progress, detector)
+    ranks = mean_ranks(metrics)
+    scale, guidance = max(pairs, key=lambda pair: (ranks[pairs[pair]], -pair[0], -pair[1]))  # ties: the smaller
     set_drawing_defaults(model, controlnet_conditioning_scale=scale, guidance_scale=guidance)
-    return dict(controlnet_conditioning_scale=scale, guidance_scale=guidance, mean_rank=ranks | guidance_ranks,
-                metrics=metrics, triples=len(triples))
+    return dict(controlnet_conditioning_scale=scale, guidance_scale=guidance, mean_rank=ranks, metrics=metrics,
+                triples=len(triples))
 
 # %% ../nbs/09b_calibrate.ipynb #b7e04a19
 def _run_calibrate(args) -> int:
@@ -102,10 +94,9 @@ def calibrate_cli(parser: argparse.ArgumentParser):
     parser.epilog = ('examples:\n  anime-pose calibrate --model runs/tiny\n'
                      '  anime-pose calibrate --model runs/danbooru --detector annotators '
                      '--scales 1 1.5 2 --guidances 5 7\n\n'
-                     "Each ControlNet scale (at the model's guidance), then each guidance (at the chosen scale), "
-                     'draws the\nvalidation split; the best mean rank over the measured metrics wins each time, '
-                     'and both become the\ndefaults of the model in RUN/final (model_index.json). '
-                     'The test split is not used.')
+                     'Every pair of candidate ControlNet scale and guidance draws the validation split; the pair '
+                     'with\nthe best mean rank over the measured metrics becomes the defaults of the model in '
+                     'RUN/final\n(model_index.json). The test split is not used.')
     parser.add_argument('--model', required=True, help='an `anime-pose train` run directory (config.json, final/)')
     parser.add_argument('--scales', type=float, nargs='+', default=list(CALIBRATION_SCALES),
                         help=f"candidate ControlNet scales (default {' '.join(f'{s:g}' for s in CALIBRATION_SCALES)})")

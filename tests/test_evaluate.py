@@ -444,30 +444,34 @@ def test_calibrate_cli_stores_the_chosen_settings_where_the_pipeline_finds_them(
     scale, guidance = stored['controlnet_conditioning_scale'], stored['guidance_scale']
     assert scale in (1.0, 3.0) and guidance in (1.0, 2.0)
     assert f'ControlNet scale {scale:g} and guidance {guidance:g} chosen on 2 validation triples' in out
-    assert all(f'| {name} (mean rank' in out for name in ('scale 1', 'scale 3', 'guidance 1', 'guidance 2'))
+    assert all(f'| scale {s}, guidance {g} (mean rank' in out for s in (1, 3) for g in (1, 2))
     config = PoseTransferPipeline.from_pretrained(run / 'final').config
     assert (config.controlnet_conditioning_scale, config.guidance_scale) == (scale, guidance)
 
 
-def test_calibrate_picks_the_best_mean_rank_each_time_and_prefers_the_gentler_setting_on_a_tie(tmp_path, monkeypatch):
+def test_calibrate_tries_every_pair_and_prefers_the_gentler_one_on_a_tie_whatever_the_model_stored(tmp_path, monkeypatch):
     import anime_pose.calibrate as calibration
     from anime_pose.train import load_config
     from anime_pose.pipeline import set_drawing_defaults
     run = _synthetic_run(tmp_path)
-    set_drawing_defaults(run / 'final', guidance_scale=5)  # the guidance the scales are drawn at
-    scores = {'scale 1': dict(pck=.5, ssim=.6), 'scale 2': dict(pck=.7, ssim=.5), 'scale 3': dict(pck=.8, ssim=.7), 'scale 4': dict(pck=.8, ssim=.7),
-              'guidance 1': dict(pck=.9, ssim=.7)}  # guidance 5 at scale 3 is scale 3's drawing: not drawn again
+    scores = {f'scale {s}, guidance {g}': dict(pck=.1 * s + .01 * g, ssim=.5) for s in (1, 2, 3, 4) for g in (1, 5)}
+    scores['scale 4, guidance 5'] = scores['scale 3, guidance 5'] = dict(pck=.9, ssim=.7)  # the best, tied
     drawn = []
     def evaluate_methods(methods, *args, **kwargs):
         drawn.extend(methods)
         return {name: scores[name] for name in methods}, {}
     monkeypatch.setattr(calibration, 'evaluate_methods', evaluate_methods)
-    result = calibration.calibrate(run / 'final', load_config(run / 'config.json'), (4, 3, 2, 1), (5, 1), count=1, progress=False)
-    assert (result['controlnet_conditioning_scale'], result['guidance_scale']) == (3.0, 1.0)
-    assert result['mean_rank'] == {'scale 1': 1.5, 'scale 2': 1.5, 'scale 3': 3.5, 'scale 4': 3.5, 'guidance 1': 1.75, 'guidance 5': 1.25}
-    assert drawn == ['scale 1', 'scale 2', 'scale 3', 'scale 4', 'guidance 1']
+    chosen = []
+    for stored_guidance in (5, 1):  # the search does not start from what the model stored
+        set_drawing_defaults(run / 'final', controlnet_conditioning_scale=2, guidance_scale=stored_guidance)
+        result = calibration.calibrate(run / 'final', load_config(run / 'config.json'), (4, 3, 2, 1), (5, 1), count=1,
+                                       progress=False)
+        chosen.append((result['controlnet_conditioning_scale'], result['guidance_scale']))
+    assert chosen == [(3.0, 5.0), (3.0, 5.0)]
+    assert result['mean_rank']['scale 3, guidance 5'] == result['mean_rank']['scale 4, guidance 5'] == 7.5
+    assert sorted(drawn) == sorted(list(scores) * 2)  # every pair, each drawn once per calibration
     stored = json.loads((run / 'final' / 'model_index.json').read_text())
-    assert (stored['controlnet_conditioning_scale'], stored['guidance_scale']) == (3.0, 1.0)
+    assert (stored['controlnet_conditioning_scale'], stored['guidance_scale']) == (3.0, 5.0)
 
 
 def test_calibrating_real_triples_scores_them_with_the_detector(real_run, tmp_path):
