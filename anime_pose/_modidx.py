@@ -85,6 +85,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                  'anime_pose.core.check_output': ('core.html#check_output', 'anime_pose/core.py'),
                                  'anime_pose.core.default_device': ('core.html#default_device', 'anime_pose/core.py'),
                                  'anime_pose.core.default_dtype': ('core.html#default_dtype', 'anime_pose/core.py'),
+                                 'anime_pose.core.free_cores': ('core.html#free_cores', 'anime_pose/core.py'),
                                  'anime_pose.core.image_grid': ('core.html#image_grid', 'anime_pose/core.py'),
                                  'anime_pose.core.images_to_tensor': ('core.html#images_to_tensor', 'anime_pose/core.py'),
                                  'anime_pose.core.load_image': ('core.html#load_image', 'anime_pose/core.py'),

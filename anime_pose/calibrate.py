@@ -80,7 +80,7 @@ def calibrate(model: str | os.PathLike, # a saved `PoseTransferPipeline`; its mo
 def _run_calibrate(args) -> int:
     run = _training_run(args.model)
     config = load_config(run / 'config.json')
-    use_threads(args.threads, small=config.base_model in ('tiny', 'small'))
+    use_threads(args.threads, small=config.base_model in ('tiny', 'small'), many=True)
     result = calibrate(run / 'final', config, args.scales, args.guidances, args.count,
                        args.steps, args.parser, args.detector, batch_size=args.batch_size)
     print(metrics_table({f"{name} (mean rank {rank:.2f})": result['metrics'][name]
@@ -110,5 +110,5 @@ def calibrate_cli(parser: argparse.ArgumentParser):
                         help='data without part masks: OpenPose weights or a SyntheticParser directory '
                         '(required there)')
     add_batch_size(parser, 'triples')
-    add_threads(parser)
+    add_threads(parser, many=True)
     parser.set_defaults(run=_run_calibrate)

@@ -15,7 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = ['MAX_IMAGE_PIXELS', 'N_BODY_KEYPOINTS', 'AnimePoseError', 'ImageError', 'to_rgb', 'load_image', 'image_grid',
            'show_images', 'images_to_tensor', 'tensor_to_images', 'seed_everything', 'default_device', 'default_dtype',
            'DeviceError', 'check_device', 'triple_features', 'tags_prompt', 'bundled_path', 'OutputError',
-           'check_output', 'add_output', 'add_threads', 'use_threads', 'atomic_path', 'remove_partial_writes']
+           'check_output', 'add_output', 'add_threads', 'free_cores', 'use_threads', 'atomic_path',
+           'remove_partial_writes']
 
 # %% ../nbs/00_core.ipynb #503cae92
 class AnimePoseError(ValueError):
@@ -246,18 +247,31 @@ def _thread_count(text: str) -> int:
     if count < 1: raise argparse.ArgumentTypeError(f'--threads must be at least 1, got {count}')
     return count
 
-def add_threads(parser): # an `argparse` parser of a command that runs a model
+def add_threads(parser, # an `argparse` parser of a command that runs a model
+                many: bool = False, # does the command draw or train many images at once (see `use_threads`)?
+               ):
     "Give a command `--threads`, torch's intra-op CPU threads."
+    small = 'the free cores' if many else '1'
     parser.add_argument('--threads', type=_thread_count, metavar='N',
-                        help='CPU threads for torch (default: OMP_NUM_THREADS when set, else 1 for the small '
+                        help=f'CPU threads for torch (default: OMP_NUM_THREADS when set, else {small} for the small '
                              "bundled models, else torch's default)")
 
+def free_cores() -> int:
+    "The cores this process may run on, less the work already running there (the 1-minute load average); at least 1."
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    try: busy = os.getloadavg()[0]
+    except (AttributeError, OSError): busy = 0.0  # no load average on this system: count every core free
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
 def use_threads(threads: int | None, # --threads; None: the default
-                small: bool, # is the model small (the bundled tiny ones), so more threads only add overhead?
+                small: bool, # is the model small (the bundled tiny ones), so threads beyond the work's size only wait?
+                many: bool = False, # is the work batches (evaluation, training) rather than one image at a time?
                ) -> int:
-    "Set torch's intra-op threads as `add_threads` says; return how many are in use."
+    """Set torch's intra-op threads as `add_threads` says; return how many are in use. A small model drawing one image
+    keeps to 1 thread; drawing or training in batches it takes the cores nothing else is using, so a busy machine is
+    not oversubscribed."""
     import torch  # here, not at the top: the data commands never import torch
-    if threads is None and small and not os.environ.get('OMP_NUM_THREADS'): threads = 1
+    if threads is None and small and not os.environ.get('OMP_NUM_THREADS'): threads = free_cores() if many else 1
     if threads is not None: torch.set_num_threads(threads)
     return torch.get_num_threads()
 

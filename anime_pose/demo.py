@@ -74,7 +74,7 @@ def demo(out: str | os.PathLike, # the report directory
 # %% ../nbs/09c_demo.ipynb #900f52e7
 def _run_demo(args) -> int:
     if args.data is not None: saved_triples(args.data)  # checked before any model is trained or loaded
-    use_threads(args.threads, small=True)  # the bundled tiny models (or ones retrained as small)
+    use_threads(args.threads, small=True, many=True)  # the bundled small models (or ones retrained as small), in batches
     metrics = demo(args.out, args.retrain, args.retrain_baselines, args.count, args.steps, learned=_learned(args),
                    batch_size=args.batch_size, data=args.data)
     _print_metrics(metrics, Path(args.out))
@@ -101,5 +101,5 @@ def demo_cli(parser: argparse.ArgumentParser):
     parser.add_argument('--data', metavar='DIR', help='a triples dataset saved with datasets (anime-pose synth --seed N: '
                         "characters no model saw) to score instead of the recipe's test split")
     _learned_flags(parser)
-    add_threads(parser)
+    add_threads(parser, many=True)
     parser.set_defaults(run=_run_demo)

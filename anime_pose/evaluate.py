@@ -504,7 +504,7 @@ def _run_evaluate(args) -> int:
     curves = {title: path for title, path in (('anime_pose', run), ('gan', args.gan))
               if path and (Path(path) / 'losses.csv').is_file()}  # runs keep losses.csv
     config = load_config(run / 'config.json')
-    use_threads(args.threads, small=config.base_model in ('tiny', 'small'))
+    use_threads(args.threads, small=config.base_model in ('tiny', 'small'), many=True)
     metrics = evaluate_models(args.out, run / 'final', config, args.gan, args.parser, curves,
                               args.count, args.steps, detector=args.detector, learned=_learned(args), data=args.data,
                               split=args.split, probe=args.probe, batch_size=args.batch_size)
@@ -548,5 +548,5 @@ def evaluate_cli(parser: argparse.ArgumentParser):
                         "reference, the own, another character's, and the target as reference")
     parser.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
     add_batch_size(parser, 'triples')
-    add_threads(parser)
+    add_threads(parser, many=True)
     parser.set_defaults(run=_run_evaluate)
