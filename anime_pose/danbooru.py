@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_danbooru.ipynb #b65dac7d
 from __future__ import annotations
-import ctypes, gc, hashlib, json, math, mmap, multiprocessing, os, random, re, zlib
+import ctypes, gc, hashlib, json, math, mmap, multiprocessing, os, random, re, sys, zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from itertools import chain
@@ -15,7 +15,8 @@ from typing import Callable, Iterable, Iterator, Literal
 import msgspec
 import numpy as np
 import orjson
-from tqdm.auto import tqdm
+if 'ipykernel' in sys.modules: from tqdm.auto import tqdm  # a widget in Jupyter
+else: from tqdm import tqdm  # elsewhere text: tqdm.auto also imports asyncio, 20 ms of every command's start
 
 from .core import AnimePoseError, atomic_path
 
