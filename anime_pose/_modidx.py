@@ -139,6 +139,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                      'anime_pose.danbooru._line_scanner': ('danbooru.html#_line_scanner', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru._lines': ('danbooru.html#_lines', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru._numbers': ('danbooru.html#_numbers', 'anime_pose/danbooru.py'),
+                                     'anime_pose.danbooru._parse_ints': ('danbooru.html#_parse_ints', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru._plain_digits': ('danbooru.html#_plain_digits', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru._read_into_buffer': ('danbooru.html#_read_into_buffer', 'anime_pose/danbooru.py'),
                                      'anime_pose.danbooru._reason_kind': ('danbooru.html#_reason_kind', 'anime_pose/danbooru.py'),

@@ -512,25 +512,25 @@ def _line_scanner(spec: FilterSpec) -> Callable[[Iterable[tuple[int, bytes]]], t
 
 # %% ../nbs/03_danbooru.ipynb #478ed88d
 class _BlockFields(msgspec.Struct, gc=False):
-    "`_RuleFields` for a block of lines: the legacy tags left as raw JSON; a missing optional number read as '0', as `parse_post` does."
+    "`_RuleFields` for a block of lines, in the order lines write them; the tags left as raw JSON; a missing optional number '0'."
     id: int | str | None = None
+    score: int | str | None = '0'  # (`parse_post` reads a missing score, favourite count or parent as 0)
+    md5: str | None = None
     rating: Literal['g', 's', 'q', 'e'] | None = None
     image_width: int | str | None = None
     image_height: int | str | None = None
-    file_size: int | str | None = None
     file_ext: str | None = None
-    md5: str | None = None
-    score: int | str | None = '0'
-    fav_count: int | str | None = '0'
     parent_id: int | str | None = '0'
+    file_size: int | str | None = None
     is_deleted: bool | str | None = False
     is_banned: bool | str | None = False
-    tags: msgspec.Raw = None  # `_block_legacy_tags` reads the list
-    tag_string_general: str | None = None
-    tag_string_character: str | None = None
-    tag_string_copyright: str | None = None
-    tag_string_artist: str | None = None
-    tag_string_meta: str | None = None
+    fav_count: int | str | None = '0'
+    tags: msgspec.Raw = None  # the legacy list: `_block_legacy_tags` reads it
+    tag_string_general: msgspec.Raw = None  # the API's strings, quotes included: `_block_api_tags` reads them
+    tag_string_character: msgspec.Raw = None
+    tag_string_copyright: msgspec.Raw = None
+    tag_string_artist: msgspec.Raw = None
+    tag_string_meta: msgspec.Raw = None
 
 _block_fields = msgspec.json.Decoder(_BlockFields).decode_lines  # JSON lines -> [_BlockFields]; raises if any line is odd
 
@@ -543,6 +543,31 @@ def _plain_digits(values: Iterable) -> bool:
     except TypeError: return False  # not all strings
     text = text.replace(' -', ' ')
     return text.isascii() and '  ' not in text and text[-1] != ' ' and text.replace(' ', '').isdigit()
+
+
+_POWERS = 10 ** np.arange(18, dtype=np.int64)
+
+def _parse_ints(values: Iterable[str], n: int) -> np.ndarray | None:
+    "int64 values of `n` strings of ASCII digits after at most one '-' (18 digits at most), parsed with numpy; None if one is not."
+    try: text = ' '.join(values) + ' '
+    except TypeError: return None  # not all strings
+    if not text.isascii(): return None
+    z = np.frombuffer(text.encode(), np.uint8)
+    ends = np.flatnonzero(z == 32)  # a space after each value
+    if len(ends) != n: return None  # a value with a space in it
+    starts = np.empty_like(ends)
+    starts[:1], starts[1:] = 0, ends[:-1] + 1
+    negative = z[starts] == 45  # '-'
+    starts += negative
+    lengths = ends - starts
+    if n == 0 or lengths.min() < 1 or lengths.max() > 18 or np.count_nonzero((z >= 48) & (z <= 57)) != lengths.sum(): return None
+    width = int(lengths.max())  # the last `width` bytes before each space, those of the value weighted by powers of 10
+    places = np.arange(width - 1, -1, -1)
+    digits = z[ends[:, None] - 1 - places].astype(np.int64) - 48
+    digits *= places < lengths[:, None]
+    values = digits @ _POWERS[places]
+    values[negative] *= -1
+    return values
 
 
 def _int_column(column: tuple, required: bool, numbers: dict, values: bool = True) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -643,30 +668,25 @@ class _TagMatcher:
 
 # %% ../nbs/03_danbooru.ipynb #f59658c8
 def _block_api_tags(columns: tuple, n: int, matcher: _TagMatcher) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "(characters, wanted tags present, unsure) of `n` API rows from their five tag strings, of ASCII lines."
-    strings = list(chain(*columns))  # field by field: row r of field f is string f * n + r
+    "(characters, wanted tags present, unsure) of `n` API rows from their five raw tag strings, of ASCII lines without escapes."
+    raws = list(chain(*columns))  # field by field: row r of field f is string f * n + r
     unsure = np.zeros(n, bool)
-    try: text = ' '.join(strings)
-    except TypeError:  # a missing tag string: the full path decides
-        for i, value in enumerate(strings):
-            if type(value) is not str: unsure[i % n], strings[i] = True, ''
-        text = ' '.join(strings)
-    if not text.isascii():  # (from a line with escapes, which the caller leaves to the full path)
-        for i, value in enumerate(strings):
-            if not value.isascii(): unsure[i % n], strings[i] = True, ''
-        text = ' '.join(strings)
-    characters = np.fromiter(map(len, map(str.split, strings[n:2 * n])), np.int64, n)
-    z = np.frombuffer(text.encode('ascii') + b' ' + bytes(matcher.padding), np.uint8)
-    ends = np.flatnonzero(z[:len(text) + 1] == 32)  # words end at a space (no other white space in an ASCII line)
-    starts = np.empty_like(ends)
-    starts[:1], starts[1:] = 0, ends[:-1] + 1
-    word, tag = matcher(z, starts, ends - starts)
-    keep = ends[word] > starts[word]  # '' is not a tag of a tag string
-    word, tag = word[keep], tag[keep]
+    if None in raws:  # a missing tag string: the full path decides
+        for i in [i for i, raw in enumerate(raws) if raw is None]: unsure[i % n], raws[i] = True, b'""'
+    lengths = np.fromiter(map(len, raws), np.int64, 5 * n)
+    ends = np.cumsum(lengths)
+    data = b''.join(raws + [bytes(matcher.padding)])
+    z = np.frombuffer(data, np.uint8)
+    unsure |= (z[ends - lengths] != 34).reshape(5, n).any(0)  # not a string (null, a number): the full path
+    breaks = np.flatnonzero((z[:ends[-1]] == 32) | (z[:ends[-1]] == 34))  # a space or a quote ends a word
+    starts, word_lengths = breaks[:-1] + 1, np.diff(breaks) - 1
+    words = np.flatnonzero(word_lengths)
+    starts, word_lengths = starts[words], word_lengths[words]
+    in_characters = (starts >= ends[n - 1]) & (starts < ends[2 * n - 1])
+    characters = np.bincount(np.searchsorted(ends[n:2 * n], starts[in_characters], 'right'), minlength=n)
+    word, tag = matcher(z, starts, word_lengths)
     present = np.zeros((n, len(matcher.wanted)), bool)
-    if len(word):
-        lengths = np.fromiter(map(len, strings), np.int64, len(strings)) + 1
-        present[(np.searchsorted(np.cumsum(lengths), starts[word], 'right')) % n, tag] = True
+    present[np.searchsorted(ends, starts[word], 'right') % n, tag] = True
     return characters, present, unsure
 
 # %% ../nbs/03_danbooru.ipynb #1fa49a5c
@@ -754,12 +774,11 @@ def rule_scanner(spec: FilterSpec, block_lines: int = 1000) -> Callable[[bytes, 
     def block(rows: list) -> tuple[np.ndarray, np.ndarray]:
         "(flags as bits of RULE_NAMES, unsure) of a block of decoded lines."
         n = len(rows)
-        (ids, rating, width, height, size, ext, _, score, favs, parent, deleted, banned, tags, *strings) = zip(*map(msgspec.structs.astuple, rows))
+        (ids, score, _, rating, width, height, ext, parent, size, deleted, banned, favs, tags, *strings) = zip(*map(msgspec.structs.astuple, rows))
         unsure = _id_column(ids)
-        try:  # legacy and BigQuery rows: strings of digits
-            if not _plain_digits(chain(width, height, score)): raise OverflowError
-            w, h, s = _numbers(chain(width, height, score), numbers).reshape(3, n)
-        except OverflowError:
+        values = _parse_ints(chain(width, height, score), 3 * n)  # legacy and BigQuery rows: strings of digits
+        if values is not None: w, h, s = values.reshape(3, n)
+        else:
             (w, u), (h, v), (s, x) = (_int_column(c, required, numbers) for c, required in ((width, True), (height, True), (score, False)))
             for bad in (u, v, x):
                 if bad is not None: unsure |= bad
