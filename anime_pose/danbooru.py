@@ -961,7 +961,7 @@ def _keep_freed_memory():
 def scan_metadata(paths: Iterable[str | os.PathLike], # metadata files or directories of them
                   spec: FilterSpec | None = None, # None keeps every well-formed post
                   workers: int | None = None, # processes; default all cores
-                  chunk_bytes: int = 32 * 2**20, # bytes of metadata per task
+                  chunk_bytes: int = 16 * 2**20, # bytes of metadata per task
                   progress: bool = True, # show a tqdm bar (bytes)
                   fast: bool = True, # see `scan_chunk`
                  ) -> Iterator[tuple[int, ChunkResult]]:
@@ -993,7 +993,7 @@ def filter_metadata(paths: Iterable[str | os.PathLike], # metadata files or dire
                     spec: FilterSpec | None = None, # default FilterSpec()
                     apply_rules: bool = True, # False keeps every well-formed post
                     workers: int | None = None, # processes; default all cores
-                    chunk_bytes: int = 32 * 2**20, # bytes of metadata per task
+                    chunk_bytes: int = 16 * 2**20, # bytes of metadata per task
                     progress: bool = True,
                     fast: bool = True, # see `scan_chunk`; the output is the same either way
                    ) -> dict:
