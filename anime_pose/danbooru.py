@@ -692,19 +692,18 @@ def _block_api_tags(columns: tuple, n: int, matcher: _TagMatcher) -> tuple[np.nd
 # %% ../nbs/03_danbooru.ipynb #1fa49a5c
 _CODES = np.zeros(256, np.int8)  # a legacy category code: 1 known, 2 a character ('4'), 0 any other byte
 _CODES[list(b'0135')], _CODES[ord('4')] = 1, 2
-_HEAD, _NAME, _TAIL = _key(b'{"id":"'), _key(b'"name":"'), _key(b'","categ')
-_TAIL_END, _TAIL_END_MASK = _key(b'ory":"\0"'), np.uint64(_key(b'\xff' * 6 + b'\0\xff'))  # the code (byte 6) masked out
+_HEAD, _NAME, _TAIL = (np.uint64(_key(text)) for text in (b'{"id":"', b'"name":"', b'","categ'))  # (uint64: numpy 1 compares ints as floats)
+_TAIL_END, _TAIL_END_MASK = np.uint64(_key(b'ory":"\0"')), np.uint64(_key(b'\xff' * 6 + b'\0\xff'))  # the code (byte 6) masked out
 _QUOTES, _LOWS, _HIGHS = np.uint64(0x2222222222222222), np.uint64(0x7F7F7F7F7F7F7F7F), np.uint64(0x8080808080808080)
 
 
 def _first_quote(words: np.ndarray) -> np.ndarray:
-    "The index of the first quote in each uint64 of 8 ASCII bytes, 7 where there is none (the caller checks that byte)."
+    "The index of the first quote in each uint64 of 8 ASCII bytes, 8 where there is none."
     x = words ^ _QUOTES  # a quote: 0
     x |= x + _LOWS  # high bit: not 0 (ASCII, so no byte carries into the next)
     x = ~x & _HIGHS
-    x &= -x  # the first
-    x -= np.uint64(1)
-    return np.bitwise_count(x) >> 3  # 8 k + 7 ones, or 64 where none
+    x &= -x  # the first: 2 ** (8 k + 7), exactly a float
+    return np.where(x == 0, 8, (np.frexp(x.astype(np.float64))[1] - 8) >> 3)
 
 
 def _block_legacy_tags(raws: list, n: int, matcher: _TagMatcher) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
