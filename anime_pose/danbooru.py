@@ -609,15 +609,20 @@ def _id_column(column: tuple) -> np.ndarray:
     unsure = None
     try: text = ' ' + ' '.join(column)
     except TypeError:  # a missing id (BigQuery rows of banned posts) among strings: malformed, so the full path
-        if set(map(type, column)) == {str, type(None)}:
-            unsure = np.array([value is None for value in column])
-            text = ' ' + ' '.join(['1' if value is None else value for value in column])
-        else: text = None
+        missing = [i for i, value in enumerate(column) if value is None]
+        column = list(column)
+        for i in missing: column[i] = '1'
+        unsure = np.zeros(len(column), bool)
+        unsure[missing] = True
+        try: text = ' ' + ' '.join(column)
+        except TypeError: text = None
     if text is not None and ' 0' not in text and '-' not in text and text.isascii() and '  ' not in text and text[-1] != ' ' \
             and text.replace(' ', '').isdigit():  # digits, the first not 0: positive
         return np.zeros(len(column), bool) if unsure is None else unsure
-    ident, unsure = _int_column(column, True, {})
-    return ident <= 0 if unsure is None else unsure | (ident <= 0)
+    ident, odd = _int_column(column, True, {})
+    for bad in (odd, unsure):
+        if bad is not None: ident[bad] = 0
+    return ident <= 0
 
 
 def _code_column(column: tuple, codes: dict, code: Callable) -> np.ndarray:
@@ -669,13 +674,14 @@ class _TagMatcher:
 # %% ../nbs/03_danbooru.ipynb #f59658c8
 def _block_api_tags(columns: tuple, n: int, matcher: _TagMatcher) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "(characters, wanted tags present, unsure) of `n` API rows from their five raw tag strings, of ASCII lines without escapes."
-    raws = list(chain(*columns))  # field by field: row r of field f is string f * n + r
+    raws = list(chain(*columns, [bytes(matcher.padding)]))  # field by field: row r of field f is string f * n + r
     unsure = np.zeros(n, bool)
-    if None in raws:  # a missing tag string: the full path decides
+    try: data = b''.join(raws)
+    except TypeError:  # a missing tag string: the full path decides
         for i in [i for i, raw in enumerate(raws) if raw is None]: unsure[i % n], raws[i] = True, b'""'
-    lengths = np.fromiter(map(len, raws), np.int64, 5 * n)
+        data = b''.join(raws)
+    lengths = np.fromiter(map(len, raws), np.int64, 5 * n + 1)[:-1]
     ends = np.cumsum(lengths)
-    data = b''.join(raws + [bytes(matcher.padding)])
     z = np.frombuffer(data, np.uint8)
     unsure |= (z[ends - lengths] != 34).reshape(5, n).any(0)  # not a string (null, a number): the full path
     breaks = np.flatnonzero((z[:ends[-1]] == 32) | (z[:ends[-1]] == 34))  # a space or a quote ends a word
@@ -702,8 +708,10 @@ def _first_quote(words: np.ndarray) -> np.ndarray:
     x = words ^ _QUOTES  # a quote: 0
     x |= x + _LOWS  # high bit: not 0 (ASCII, so no byte carries into the next)
     x = ~x & _HIGHS
-    x &= -x  # the first: 2 ** (8 k + 7), exactly a float
-    return np.where(x == 0, 8, (np.frexp(x.astype(np.float64))[1] - 8) >> 3)
+    x &= -x  # the first: 2 ** (8 k + 7)
+    x -= np.uint64(1)  # 8 k + 7 ones, or 64 where none
+    if hasattr(np, 'bitwise_count'): return np.bitwise_count(x) >> 3  # (numpy 2)
+    return np.where(x == np.uint64(2**64 - 1), 8, (np.frexp(x.astype(np.float64) + 1)[1] - 8) >> 3)
 
 
 def _block_legacy_tags(raws: list, n: int, matcher: _TagMatcher) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
