@@ -737,15 +737,17 @@ def _block_legacy_tags(raws: list, n: int, matcher: _TagMatcher) -> tuple[np.nda
     # {"id":"…","name":"…","category":"c"}, and one byte between two values of an array or an object is ','.
     ok = z[closes] == 125
     ok &= (u64[opens] & _MASKS[7]) == _HEAD
-    id_end = opens + 7 + _first_quote(u64[opens + 7])  # the id: digits, up to 8 bytes
-    ok &= z[id_end] == 34
+    id_length = _first_quote(u64[opens + 7])  # the id: digits, up to 7 (8: a longer one, left to the line path)
+    ok &= id_length < 8
+    id_end = opens + 7 + id_length
     ok &= u64[id_end + 2] == _NAME  # ,"name":"
     tail = closes - 16  # ","category":"c"}
     ok &= u64[tail] == _TAIL
-    ok &= (u64[tail + 8] & _TAIL_END_MASK) == _TAIL_END
+    end = u64[tail + 8]
+    ok &= (end & _TAIL_END_MASK) == _TAIL_END
     name_start = id_end + 10
     ok &= tail >= name_start
-    code = _CODES[z[closes - 2]]
+    code = _CODES[(end >> np.uint64(48)).astype(np.uint8)]  # the code: byte 6 of the last 8
     ok &= code > 0
     row_ok = z[row_start] == 91  # '['
     row_ok[with_tags] &= opens[ends - n_tags[with_tags]] == row_start[with_tags] + 1
