@@ -825,7 +825,7 @@ def rule_scanner(spec: FilterSpec, block_lines: int = 1000) -> Callable[[bytes, 
             if stop < 0: stop = end
             line_end.append(stop)
             pos = stop + 1
-        n_lines, rest, slow, flags = len(line_end), [], [], []
+        n_lines, rest, flags = len(line_end), [], []
         line_end = np.array(line_end, np.int64)
         line_start = np.zeros(n_lines, np.int64)
         line_start[1:] = line_end[:-1] + 1
