@@ -4,9 +4,10 @@
 
 # %% ../nbs/03_danbooru.ipynb #b65dac7d
 from __future__ import annotations
-import gc, hashlib, json, math, mmap, multiprocessing, os, random, re, zlib
+import ctypes, gc, hashlib, json, math, mmap, multiprocessing, os, random, re, sys, zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
+from itertools import chain
 from operator import itemgetter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
@@ -14,7 +15,8 @@ from typing import Callable, Iterable, Iterator, Literal
 import msgspec
 import numpy as np
 import orjson
-from tqdm.auto import tqdm
+if 'ipykernel' in sys.modules: from tqdm.auto import tqdm  # a widget in Jupyter
+else: from tqdm import tqdm  # elsewhere text: tqdm.auto also imports asyncio, 20 ms of every command's start
 
 from .core import AnimePoseError, atomic_path
 
@@ -457,23 +459,19 @@ def rule_flags(spec: FilterSpec) -> Callable[[_RuleFields], tuple]:
     return flags
 
 # %% ../nbs/03_danbooru.ipynb #b2e4d3f1
-def rule_scanner(spec: FilterSpec) -> Callable[[bytes, int | None], tuple[dict, list, int]]:
-    "`rule_flags` over `data[:end]`, JSON lines: (rejected posts counted by flags, [(number, line)] for the full path, lines)."
+def _line_scanner(spec: FilterSpec) -> Callable[[Iterable[tuple[int, bytes]]], tuple[dict, list]]:
+    "`rule_flags` over numbered lines, one at a time: (rejected posts counted by flags, [(number, line)] for the full path)."
     ratings, file_exts = frozenset(spec.ratings), frozenset(spec.file_exts)
     required, excluded = frozenset(spec.required_tags), frozenset(spec.excluded_tags)
     wanted, (low, high), min_side, min_score = required | excluded, spec.aspect_range, spec.min_side, spec.min_score
     drop_deleted, drop_banned, one_character = spec.drop_deleted, spec.drop_banned, spec.one_character
     numbers, extensions, flag_strings, decode, int64 = {}, {}, _FLAG_STRINGS, rule_fields, _INT64
 
-    def scan(data: bytes | bytearray, end: int | None = None) -> tuple[dict, list, int]:
-        counts, rest, view, find = {}, [], memoryview(data), data.find
-        check_utf8, number, pos, end = not data.isascii(), -1, 0, len(data) if end is None else end  # (all of `data`)
-        while pos < end:  # the lines of `_lines`, as slices of `data`
-            stop = find(b'\n', pos, end)
-            if stop < 0: stop = end
-            line, number, pos = view[pos:stop], number + 1, stop + 1
+    def scan(lines: Iterable[tuple[int, bytes]]) -> tuple[dict, list]:
+        counts, rest = {}, []
+        for number, line in lines:
             try:  # `rule_flags`, inlined
-                if check_utf8: str(line, 'utf-8')  # msgspec does not check the UTF-8 of fields it skips; orjson does
+                if not line.isascii(): str(line, 'utf-8')  # msgspec does not check the UTF-8 of fields it skips; orjson does
                 r = decode(line)
                 ident, width, height, size = r.id, r.image_width, r.image_height, r.file_size
                 if type(width) is str:  # legacy and BigQuery rows write them as strings of digits
@@ -502,14 +500,362 @@ def rule_scanner(spec: FilterSpec) -> Callable[[bytes, int | None], tuple[dict, 
                         if tag.name in wanted: found.append(tag.name)
                     present = set(found)
             except Exception:  # not JSON, or not sure: the full path decides
-                rest.append((number, bytes(line)))
+                rest.append((number, line))
                 continue
             key = (drop_deleted and deleted, drop_banned and banned, rating not in ratings, file_ext not in file_exts,
                    width < min_side or height < min_side, not low <= width / height <= high, score < min_score,
                    one_character and n_characters != 1, not required <= present, not excluded.isdisjoint(present))
             if True in key: counts[key] = counts.get(key, 0) + 1
-            else: rest.append((number, bytes(line)))
-        return counts, rest, number + 1
+            else: rest.append((number, line))
+        return counts, rest
+    return scan
+
+# %% ../nbs/03_danbooru.ipynb #478ed88d
+class _BlockFields(msgspec.Struct, gc=False):
+    "`_RuleFields` for a block of lines, in the order lines write them; the tags left as raw JSON; a missing optional number '0'."
+    id: int | str | None = None
+    score: int | str | None = '0'  # (`parse_post` reads a missing score, favourite count or parent as 0)
+    md5: str | None = None
+    rating: Literal['g', 's', 'q', 'e'] | None = None
+    image_width: int | str | None = None
+    image_height: int | str | None = None
+    file_ext: str | None = None
+    parent_id: int | str | None = '0'
+    file_size: int | str | None = None
+    is_deleted: bool | str | None = False
+    is_banned: bool | str | None = False
+    fav_count: int | str | None = '0'
+    tags: msgspec.Raw = None  # the legacy list: `_block_legacy_tags` reads it
+    tag_string_general: msgspec.Raw = None  # the API's strings, quotes included: `_block_api_tags` reads them
+    tag_string_character: msgspec.Raw = None
+    tag_string_copyright: msgspec.Raw = None
+    tag_string_artist: msgspec.Raw = None
+    tag_string_meta: msgspec.Raw = None
+
+_block_fields = msgspec.json.Decoder(_BlockFields).decode_lines  # JSON lines -> [_BlockFields]; raises if any line is odd
+
+# %% ../nbs/03_danbooru.ipynb #c5a06d78
+_FLAG_CODES = {True: 1, False: 0, 'true': 1, 'false': 0, None: 0}  # `_flag`: 1 set, 0 not; any other value: 2, not sure
+
+def _plain_digits(values: Iterable) -> bool:
+    "Whether every value is a string of ASCII digits after at most one '-' (what `_sure_integer` reads without a doubt)."
+    try: text = ' ' + ' '.join(values)
+    except TypeError: return False  # not all strings
+    text = text.replace(' -', ' ')
+    return text.isascii() and '  ' not in text and text[-1] != ' ' and text.replace(' ', '').isdigit()
+
+
+_POWERS = 10 ** np.arange(18, dtype=np.int64)
+
+def _parse_ints(values: Iterable[str], n: int) -> np.ndarray | None:
+    "int64 values of `n` strings of ASCII digits after at most one '-' (18 digits at most), parsed with numpy; None if one is not."
+    try: text = ' '.join(values) + ' '
+    except TypeError: return None  # not all strings
+    if not text.isascii(): return None
+    z = np.frombuffer(text.encode(), np.uint8)
+    ends = np.flatnonzero(z == 32)  # a space after each value
+    if len(ends) != n: return None  # a value with a space in it
+    starts = np.empty_like(ends)
+    starts[:1], starts[1:] = 0, ends[:-1] + 1
+    negative = z[starts] == 45  # '-'
+    starts += negative
+    lengths = ends - starts
+    if n == 0 or lengths.min() < 1 or lengths.max() > 18 or np.count_nonzero((z >= 48) & (z <= 57)) != lengths.sum(): return None
+    width = int(lengths.max())  # the last `width` bytes before each space, those of the value weighted by powers of 10
+    places = np.arange(width - 1, -1, -1)
+    digits = z[ends[:, None] - 1 - places].astype(np.int64) - 48
+    digits *= places < lengths[:, None]
+    values = digits @ _POWERS[places]
+    values[negative] *= -1
+    return values
+
+
+def _int_column(column: tuple, required: bool, numbers: dict, values: bool = True) -> tuple[np.ndarray | None, np.ndarray | None]:
+    "(int64 values, or None unless `values`; rows to leave to the full path, or None) of one integer field, as `_integer` reads it."
+    unsure, kinds = None, set(map(type, column))
+    if kinds == {int}:  # JSON numbers (API rows)
+        try: return np.array(column, np.int64), None
+        except OverflowError: pass  # beyond 64 bits: orjson reads a float, which `parse_post` refuses
+    if kinds == {str, type(None)}:  # a missing value among strings: '0', and not sure if the field is required
+        if required: unsure = np.array([value is None for value in column])
+        column, kinds = ['0' if value is None else value for value in column], {str}
+    if kinds == {str} and _plain_digits(column):
+        if not values: return None, unsure
+        try: return _numbers(column, numbers), unsure
+        except OverflowError: pass  # beyond 64 bits: one by one, below
+    result, unsure = np.zeros(len(column), np.int64), np.zeros(len(column), bool)
+    for i, value in enumerate(column):
+        try:
+            if value is None and required: raise ValueError('missing')
+            number = _sure_integer(value, 0, {})
+            if not -_INT64 <= number < _INT64: raise ValueError('outside 64 bits')
+            result[i] = number
+        except (ValueError, TypeError): unsure[i] = True
+    return result, unsure
+
+
+def _numbers(digits: Iterable[str], numbers: dict) -> np.ndarray:
+    "int64 values of plain strings of digits, remembered in `numbers` (OverflowError beyond 64 bits)."
+    digits = list(digits)
+    try: return np.fromiter(map(numbers.__getitem__, digits), np.int64, len(digits))
+    except KeyError:
+        if len(numbers) > 100_000: numbers.clear()
+        numbers.update((value, int(value)) for value in set(digits) - numbers.keys())
+        return np.fromiter(map(numbers.__getitem__, digits), np.int64, len(digits))
+
+
+def _id_column(column: tuple) -> np.ndarray:
+    "Rows whose id `parse_post` may not read as a positive integer (missing, zero, negative, odd): the full path decides."
+    unsure = None
+    try: text = ' ' + ' '.join(column)
+    except TypeError:  # a missing id (BigQuery rows of banned posts) among strings: malformed, so the full path
+        missing = [i for i, value in enumerate(column) if value is None]
+        column = list(column)
+        for i in missing: column[i] = '1'
+        unsure = np.zeros(len(column), bool)
+        unsure[missing] = True
+        try: text = ' ' + ' '.join(column)
+        except TypeError: text = None
+    if text is not None and ' 0' not in text and '-' not in text and text.isascii() and '  ' not in text and text[-1] != ' ' \
+            and text.replace(' ', '').isdigit():  # digits, the first not 0: positive
+        return np.zeros(len(column), bool) if unsure is None else unsure
+    ident, odd = _int_column(column, True, {})
+    for bad in (odd, unsure):
+        if bad is not None: ident[bad] = 0
+    return ident <= 0
+
+
+def _code_column(column: tuple, codes: dict, code: Callable) -> np.ndarray:
+    "int8 codes of a field's values through `codes`, which `code(value)` fills in for values not seen yet."
+    try: return np.fromiter(map(codes.__getitem__, column), np.int8, len(column))
+    except KeyError:
+        if len(codes) > 10_000: codes.clear()
+        codes.update((value, code(value)) for value in set(column) - codes.keys())
+        return np.fromiter(map(codes.__getitem__, column), np.int8, len(column))
+
+# %% ../nbs/03_danbooru.ipynb #9ef36d1d
+def _u64(data) -> np.ndarray:
+    "The little-endian uint64 at every byte offset of `data` (a view, no copy): the 8 bytes that start there."
+    return np.ndarray((len(data) - 7,), '<u8', data, 0, (1,))
+
+def _key(text: bytes) -> int: return int.from_bytes(text[:8].ljust(8, b'\0'), 'little')
+
+_MASKS = np.array([(1 << 8 * k) - 1 for k in range(8)] + [2**64 - 1], np.uint64)  # the first k bytes of a uint64
+
+
+class _TagMatcher:
+    "Which of the wanted tags byte spans of a buffer spell, exactly: (length, first byte) picks a few, 8-byte words decide."
+    def __init__(self, wanted: Iterable[str]):
+        self.wanted = [tag.encode('utf-8', 'surrogatepass') for tag in wanted]
+        self.n_words = max([(len(tag) + 7) // 8 for tag in self.wanted] + [1])
+        self.padding = 8 * self.n_words + 8  # bytes a buffer needs after its last span
+        self.lengths = np.array([len(tag) for tag in self.wanted], np.int64)
+        self.words = np.array([[_key(tag[8 * i:]) for i in range(self.n_words)] for tag in self.wanted], np.uint64)
+        self.first = np.zeros(64 * 256, bool)  # (length, first byte) of a wanted tag, at min(length, 63) * 256 + byte
+        for tag in self.wanted:
+            if tag: self.first[min(len(tag), 63) * 256 + tag[0]] = True
+            else: self.first[:256] = True  # '': any empty span
+
+    def __call__(self, z: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        "(span, tag) indices where span `i`, `z[starts[i]:starts[i] + lengths[i]]`, is wanted tag `j`; `z` has `padding` spare bytes."
+        if not self.wanted or not len(starts): return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        row = np.minimum(lengths, 63)
+        row <<= 8
+        row += z[starts]
+        spans = np.flatnonzero(self.first[row])  # a few a post
+        starts, lengths = starts[spans], lengths[spans]
+        u64 = _u64(z)
+        same = lengths[:, None] == self.lengths
+        for i in range(self.n_words):
+            same &= (u64[starts + 8 * i] & _MASKS[np.clip(lengths - 8 * i, 0, 8)])[:, None] == self.words[:, i]
+        span, tag = np.nonzero(same)
+        return spans[span], tag
+
+# %% ../nbs/03_danbooru.ipynb #f59658c8
+def _block_api_tags(columns: tuple, n: int, matcher: _TagMatcher) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "(characters, wanted tags present, unsure) of `n` API rows from their five raw tag strings, of ASCII lines without escapes."
+    raws = list(chain(*columns, [bytes(matcher.padding)]))  # field by field: row r of field f is string f * n + r
+    unsure = np.zeros(n, bool)
+    try: data = b''.join(raws)
+    except TypeError:  # a missing tag string: the full path decides
+        for i in [i for i, raw in enumerate(raws) if raw is None]: unsure[i % n], raws[i] = True, b'""'
+        data = b''.join(raws)
+    lengths = np.fromiter(map(len, raws), np.int64, 5 * n + 1)[:-1]
+    ends = np.cumsum(lengths)
+    z = np.frombuffer(data, np.uint8)
+    unsure |= (z[ends - lengths] != 34).reshape(5, n).any(0)  # not a string (null, a number): the full path
+    breaks = np.flatnonzero((z[:ends[-1]] == 32) | (z[:ends[-1]] == 34))  # a space or a quote ends a word
+    starts, word_lengths = breaks[:-1] + 1, np.diff(breaks) - 1
+    words = np.flatnonzero(word_lengths)
+    starts, word_lengths = starts[words], word_lengths[words]
+    in_characters = (starts >= ends[n - 1]) & (starts < ends[2 * n - 1])
+    characters = np.bincount(np.searchsorted(ends[n:2 * n], starts[in_characters], 'right'), minlength=n)
+    word, tag = matcher(z, starts, word_lengths)
+    present = np.zeros((n, len(matcher.wanted)), bool)
+    present[np.searchsorted(ends, starts[word], 'right') % n, tag] = True
+    return characters, present, unsure
+
+# %% ../nbs/03_danbooru.ipynb #1fa49a5c
+_CODES = np.zeros(256, np.int8)  # a legacy category code: 1 known, 2 a character ('4'), 0 any other byte
+_CODES[list(b'0135')], _CODES[ord('4')] = 1, 2
+_HEAD, _NAME, _TAIL = (np.uint64(_key(text)) for text in (b'{"id":"', b'"name":"', b'","categ'))  # (uint64: numpy 1 compares ints as floats)
+_TAIL_END, _TAIL_END_MASK = np.uint64(_key(b'ory":"\0"')), np.uint64(_key(b'\xff' * 6 + b'\0\xff'))  # the code (byte 6) masked out
+_QUOTES, _LOWS, _HIGHS = np.uint64(0x2222222222222222), np.uint64(0x7F7F7F7F7F7F7F7F), np.uint64(0x8080808080808080)
+
+
+def _first_quote(words: np.ndarray) -> np.ndarray:
+    "The index of the first quote in each uint64 of 8 ASCII bytes, 8 where there is none."
+    x = words ^ _QUOTES  # a quote: 0
+    x |= x + _LOWS  # high bit: not 0 (ASCII, so no byte carries into the next)
+    x = ~x & _HIGHS
+    x &= -x  # the first: 2 ** (8 k + 7)
+    x -= np.uint64(1)  # 8 k + 7 ones, or 64 where none
+    if hasattr(np, 'bitwise_count'): return np.bitwise_count(x) >> 3  # (numpy 2)
+    return np.where(x == np.uint64(2**64 - 1), 8, (np.frexp(x.astype(np.float64) + 1)[1] - 8) >> 3)
+
+
+def _block_legacy_tags(raws: list, n: int, matcher: _TagMatcher) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "(characters, wanted tags present, unsure) of `n` legacy rows from their tag lists (raw JSON of ASCII lines without escapes)."
+    if n == 0: return np.zeros(0, np.int64), np.zeros((0, len(matcher.wanted)), bool), np.zeros(0, bool)
+    lengths = np.fromiter(map(len, raws), np.int64, n)
+    data = b''.join([*raws, bytes(matcher.padding + 16)])
+    z = np.frombuffer(data, np.uint8)
+    row_end = np.cumsum(lengths)
+    row_start = row_end - lengths
+    head = z[:len(data) - matcher.padding - 16]
+    opens = np.flatnonzero(head == 123)  # '{': one a tag
+    n_tags = np.diff(np.append(np.searchsorted(opens, row_start), len(opens)))
+    tag_row = np.repeat(np.arange(n), n_tags)
+    with_tags = n_tags > 0
+    ends = np.cumsum(n_tags)[with_tags]  # the index of each row's last tag, plus one
+    closes = np.empty_like(opens)  # '}': one byte (',') before the next tag's '{', or before the ']' that ends the list
+    closes[:-1] = opens[1:]
+    closes[ends - 1] = row_end[with_tags]
+    closes -= 2
+    u64 = _u64(data)
+    # Valid JSON without escapes, 12 quotes a tag: every quote delimits a string, so these bytes are the whole tag,
+    # {"id":"…","name":"…","category":"c"}, and one byte between two values of an array or an object is ','.
+    ok = z[closes] == 125
+    ok &= (u64[opens] & _MASKS[7]) == _HEAD
+    id_length = _first_quote(u64[opens + 7])  # the id: digits, up to 7 (8: a longer one, left to the line path)
+    ok &= id_length < 8
+    id_end = opens + 7 + id_length
+    ok &= u64[id_end + 2] == _NAME  # ,"name":"
+    tail = closes - 16  # ","category":"c"}
+    ok &= u64[tail] == _TAIL
+    end = u64[tail + 8]
+    ok &= (end & _TAIL_END_MASK) == _TAIL_END
+    name_start = id_end + 10
+    ok &= tail >= name_start
+    code = _CODES[(end >> np.uint64(48)).astype(np.uint8)]  # the code: byte 6 of the last 8
+    ok &= code > 0
+    row_ok = z[row_start] == 91  # '['
+    row_ok[with_tags] &= opens[ends - n_tags[with_tags]] == row_start[with_tags] + 1
+    row_ok[~with_tags] &= lengths[~with_tags] == 2  # '[]'
+    if not ok.all(): row_ok &= np.bincount(tag_row, ~ok, n) == 0
+    quotes = head == 34  # 12 a tag, all checked above, or some in a name: {"id":"1","name":"x","k":"v","category":"0"}
+    if not (row_ok.all() and np.count_nonzero(quotes) == 12 * len(opens)):
+        row_ok &= np.add.reduceat(quotes, row_start, dtype=np.int64) == 12 * n_tags
+    characters = np.bincount(tag_row, code == 2, n).astype(np.int64)
+    tag, which = matcher(z, name_start, tail - name_start)
+    present = np.zeros((n, len(matcher.wanted)), bool)
+    present[tag_row[tag], which] = True
+    return characters, present, ~row_ok
+
+# %% ../nbs/03_danbooru.ipynb #75476045
+def rule_scanner(spec: FilterSpec, block_lines: int = 1000) -> Callable[[bytes, int | None], tuple[dict, list, int]]:
+    "The rules over the JSON lines of `data[:end]`: (rejected posts counted by flags, [(number, line)] for the full path, lines)."
+    ratings, file_exts, (low, high) = frozenset(spec.ratings), frozenset(spec.file_exts), spec.aspect_range
+    wanted = sorted(set(spec.required_tags) | set(spec.excluded_tags))
+    required, excluded = [wanted.index(t) for t in set(spec.required_tags)], [wanted.index(t) for t in set(spec.excluded_tags)]
+    matcher, line_scan, numbers, extensions = _TagMatcher(wanted), _line_scanner(spec), {}, {}
+    rating_codes, flag_codes = {}, {}
+    def rating_code(value) -> int: return 2 if value is None else int(value not in ratings)  # (msgspec: one of RATINGS)
+    def flag_code(value) -> int: return _FLAG_CODES.get(value, 2) if type(value) in (bool, str, type(None)) else 2
+    switched = np.array([spec.drop_deleted, spec.drop_banned, 1, 1, 1, 1, 1, spec.one_character, 1, 1], bool)
+    bits = np.int64(1) << np.arange(10, dtype=np.int64)
+    vectorised = all(float(x) == x for x in (low, high)) and all(-_INT64 <= x < _INT64 for x in (spec.min_side, spec.min_score))
+
+    def extension_code(value) -> int:
+        try: return int(_sure_extension(value, {}) not in file_exts)
+        except (ValueError, TypeError, AttributeError): return 2
+
+    def block(rows: list) -> tuple[np.ndarray, np.ndarray]:
+        "(flags as bits of RULE_NAMES, unsure) of a block of decoded lines."
+        n = len(rows)
+        (ids, score, _, rating, width, height, ext, parent, size, deleted, banned, favs, tags, *strings) = zip(*map(msgspec.structs.astuple, rows))
+        unsure = _id_column(ids)
+        values = _parse_ints(chain(width, height, score), 3 * n)  # legacy and BigQuery rows: strings of digits
+        if values is not None: w, h, s = values.reshape(3, n)
+        else:
+            (w, u), (h, v), (s, x) = (_int_column(c, required, numbers) for c, required in ((width, True), (height, True), (score, False)))
+            for bad in (u, v, x):
+                if bad is not None: unsure |= bad
+        unsure |= (w <= 0) | (h <= 0) | (w >= 2**53) | (h >= 2**53)  # (w / h as Python divides it)
+        if not _plain_digits(chain(size, favs, parent)):
+            for column, required_ in ((size, True), (favs, False), (parent, False)):
+                u = _int_column(column, required_, numbers, values=False)[1]
+                if u is not None: unsure |= u
+        codes = [_code_column(rating, rating_codes, rating_code), _code_column(ext, extensions, extension_code),
+                 _code_column(deleted, flag_codes, flag_code), _code_column(banned, flag_codes, flag_code)]
+        for c in codes: unsure |= c == 2
+        n_legacy = n - tags.count(None)
+        if n_legacy == 0: characters, present, u = _block_api_tags(strings, n, matcher)
+        elif n_legacy == n: characters, present, u = _block_legacy_tags(tags, n, matcher)
+        else:
+            characters, present, u = np.zeros(n, np.int64), np.zeros((n, len(wanted)), bool), np.zeros(n, bool)
+            legacy = np.array([t is not None for t in tags])
+            for rows_, is_legacy in ((np.flatnonzero(legacy), True), (np.flatnonzero(~legacy), False)):
+                pick = rows_.tolist()
+                characters[rows_], present[rows_], u[rows_] = (
+                    _block_legacy_tags([tags[i] for i in pick], len(pick), matcher) if is_legacy else
+                    _block_api_tags([[c[i] for i in pick] for c in strings], len(pick), matcher))
+        unsure |= u
+        with np.errstate(divide='ignore', invalid='ignore'): ratio = w / h
+        fails = np.stack([codes[2] == 1, codes[3] == 1, codes[0] == 1, codes[1] == 1, np.minimum(w, h) < spec.min_side,
+                          ~((low <= ratio) & (ratio <= high)), s < spec.min_score, characters != 1,
+                          ~present[:, required].all(1), present[:, excluded].any(1)], 1) & switched
+        return fails @ bits, unsure
+
+    def scan(data: bytes | bytearray, end: int | None = None) -> tuple[dict, list, int]:
+        end = len(data) if end is None else end
+        view, find, line_end, pos = memoryview(data), data.find, [], 0
+        while pos < end:
+            stop = find(b'\n', pos, end)
+            if stop < 0: stop = end
+            line_end.append(stop)
+            pos = stop + 1
+        n_lines, rest, flags = len(line_end), [], []
+        line_end = np.array(line_end, np.int64)
+        line_start = np.zeros(n_lines, np.int64)
+        line_start[1:] = line_end[:-1] + 1
+        z = np.frombuffer(data, np.uint8, end)
+        odd = z[np.minimum(line_start, max(end - 1, 0))] != 123 if n_lines else np.zeros(0, bool)  # '{' first, else line by line
+        if not (data.isascii() and find(b'\\', 0, end) < 0):  # escapes or bytes beyond ASCII: those lines line by line
+            odd[np.searchsorted(line_end, np.flatnonzero((z >= 128) | (z == 92)))] = True
+        for first in range(0, n_lines if vectorised else 0, block_lines):
+            last = min(n_lines, first + block_lines)
+            try:
+                rows = _block_fields(view[line_start[first]:line_end[last - 1]])
+                if len(rows) != last - first: raise ValueError('not one JSON value a line')
+            except (msgspec.DecodeError, ValueError, RecursionError):  # a line msgspec refuses: this block line by line
+                odd[first:last] = True
+                continue
+            codes, unsure = block(rows)
+            unsure |= odd[first:last]
+            odd[first:last] = unsure
+            flags.append(codes[~unsure])
+            rest.extend((i, bytes(view[line_start[i]:line_end[i]])) for i in (np.flatnonzero(codes == 0) + first).tolist() if not odd[i])
+        if not vectorised: odd[:] = True
+        counts = {}
+        if flags:
+            for code, count in enumerate(np.bincount(np.concatenate(flags), minlength=1 << 10).tolist()):
+                if count and code: counts[tuple(bool(code >> i & 1) for i in range(10))] = count
+        if odd.any():
+            odd_counts, odd_rest = line_scan((i, bytes(view[line_start[i]:line_end[i]])) for i in np.flatnonzero(odd).tolist())
+            for key, count in odd_counts.items(): counts[key] = counts.get(key, 0) + count
+            rest = sorted(rest + odd_rest)
+        return counts, rest, n_lines
     return scan
 
 # %% ../nbs/03_danbooru.ipynb #82575a1a
@@ -614,10 +960,17 @@ def metadata_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
         else: raise MetadataError(f"'{path}': no such metadata file")
     return files
 
+def _keep_freed_memory():
+    "In a worker: keep freed memory for the next block (glibc gives big blocks back to the kernel, then pays a page fault per 4 kB)."
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-1, 2**30), libc.mallopt(-3, 2**30)  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD: 1 GiB
+    except (OSError, AttributeError, TypeError): pass  # not glibc: nothing to do
+
 def scan_metadata(paths: Iterable[str | os.PathLike], # metadata files or directories of them
                   spec: FilterSpec | None = None, # None keeps every well-formed post
                   workers: int | None = None, # processes; default all cores
-                  chunk_bytes: int = 32 * 2**20, # bytes of metadata per task
+                  chunk_bytes: int = 16 * 2**20, # bytes of metadata per task
                   progress: bool = True, # show a tqdm bar (bytes)
                   fast: bool = True, # see `scan_chunk`
                  ) -> Iterator[tuple[int, ChunkResult]]:
@@ -628,7 +981,7 @@ def scan_metadata(paths: Iterable[str | os.PathLike], # metadata files or direct
     bar = tqdm(total=sum(p.stat().st_size for p in files), unit='B', unit_scale=True, desc='filter',
                disable=not progress)
     context = multiprocessing.get_context('fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn')
-    pool = context.Pool(workers) if workers > 1 else None
+    pool = context.Pool(workers, initializer=_keep_freed_memory) if workers > 1 else None
     try:
         first_line = {}
         results = pool.imap(_scan_task, tasks) if pool else map(_scan_task, tasks)
@@ -649,7 +1002,7 @@ def filter_metadata(paths: Iterable[str | os.PathLike], # metadata files or dire
                     spec: FilterSpec | None = None, # default FilterSpec()
                     apply_rules: bool = True, # False keeps every well-formed post
                     workers: int | None = None, # processes; default all cores
-                    chunk_bytes: int = 32 * 2**20, # bytes of metadata per task
+                    chunk_bytes: int = 16 * 2**20, # bytes of metadata per task
                     progress: bool = True,
                     fast: bool = True, # see `scan_chunk`; the output is the same either way
                    ) -> dict:

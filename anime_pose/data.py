@@ -4,13 +4,14 @@
 
 # %% ../nbs/03a_data.ipynb #a0ff911f
 from __future__ import annotations
-import argparse, hashlib, json, math, os, random, re, shutil, tempfile, uuid
+import argparse, hashlib, json, math, os, random, re, shutil, sys, tempfile, uuid
 from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
-from tqdm.auto import tqdm
+if 'ipykernel' in sys.modules: from tqdm.auto import tqdm  # a widget in Jupyter
+else: from tqdm import tqdm  # elsewhere text: tqdm.auto also imports asyncio, 20 ms of every command's start
 
 from .core import AnimePoseError, ImageError, N_BODY_KEYPOINTS, add_output, atomic_path, load_image, triple_features
 from .pose import LIMBS, OpenPoseDetector, Pose, PoseDetector, body_size, detect_pose, mean_joint_error

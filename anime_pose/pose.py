@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -687,6 +686,7 @@ def _palette_labels(array: np.ndarray) -> np.ndarray:
 
 def _joined_limbs(labels: np.ndarray) -> float:
     "The share of limb-coloured pixels (`_palette_labels`) in limbs that touch the dots of both their joints; 0 with none."
+    import cv2  # here, not at the top: 30 ms of the start of every command that imports this module
     touching, drawn = 0, 0
     for i, (a, b) in enumerate(LIMBS):
         limb = labels == len(JOINT_COLOURS) + i
@@ -720,6 +720,7 @@ def _limb_support(limbs: np.ndarray, joint: int, box: tuple[int, int, int, int])
 def skeleton_to_pose(image, # a ControlNet OpenPose skeleton image (see `is_skeleton_image`)
                     ) -> list[Pose]:
     "The people drawn in a skeleton image, read back by colour, largest first; empty when none is readable."
+    import cv2  # (see `_joined_limbs`)
     source = load_image(image)
     array = _pixels_rgb(source)
     height, width = array.shape[:2]

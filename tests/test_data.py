@@ -10,10 +10,9 @@ from PIL import Image
 
 from anime_pose.core import triple_features
 from anime_pose.cli import main
-from anime_pose.danbooru import (FilterSpec, MalformedPost, MetadataError, Post, fake_metadata, filter_metadata, load_spec,
-                                 parse_line, parse_post, read_jsonl, read_posts, rule_fields, rule_flags, save_spec,
-                                 scan_metadata,
-                                 spec_rules)
+from anime_pose.danbooru import (RULE_NAMES, FilterSpec, MalformedPost, MetadataError, Post, fake_metadata, filter_metadata,
+                                 load_spec, parse_line, parse_post, read_jsonl, read_posts, rule_fields, rule_flags, rule_scanner,
+                                 save_spec, scan_metadata, spec_rules)
 from anime_pose.data import (SIZE_512PX, SPLITS, character_split, choose_pairs, detect_keypoints, drop_similar_poses,
                              fake_image_root, image_file, load_triples, make_pairs, parse_bytes, post_path, split_pairs,
                              write_budget)
@@ -298,6 +297,83 @@ def hostile_lines(line: bytes) -> list[bytes]:
             line.replace(b'"source":"', b'"source":"' + b'\xc3\xa9' * 100_000),  # huge and not ASCII
             line[:-1] + b',"huge":"' + b'y' * 300_000,  # huge and cut off: invalid JSON
             line.replace(b'"md5":"', b'"md5":"\xff')]  # not UTF-8 in a field the full path reads
+
+
+def block_hostile_lines(legacy_line: bytes, api_line: bytes) -> list[bytes]:
+    "Lines that the block path (`rule_scanner`, which reads tags and numbers from bytes) must leave to, or decide as, the full path."
+    legacy, api = orjson.loads(legacy_line), orjson.loads(api_line)
+    tags, solo = legacy['tags'], {'id': '9', 'name': 'solo', 'category': '0'}
+    def with_tags(t, **fields): return orjson.dumps({**legacy, 'tags': t, **fields})
+    first = f'"name":"{tags[0]["name"]}"'.encode()
+    lines = [with_tags([{'name': t['name'], 'id': t['id'], 'category': t['category']} for t in tags] + [solo]),  # another key order
+             with_tags(tags + [{'id': '9', 'name': 'x', 'k': 'v', 'category': '0'}]),  # another key, a quote more
+             with_tags(tags + [{'id': '9', 'name': 'x', 'category': '0', 'k': 'solo'}]),
+             with_tags(tags).replace(first, b'"name":"x","name":"solo"'),  # a repeated key: the last one counts
+             with_tags(tags).replace(b'"category":"' + tags[-1]['category'].encode() + b'"}]', b'"category":"0","category":"4"}]'),
+             with_tags(tags).replace(first, b'"name":"so\\u006co"'),  # an escape in a name: 'solo'
+             with_tags(tags).replace(first, b'"name": "solo"'), with_tags(tags).replace(b'"tags":[', b'"tags": [ '),  # white space
+             with_tags(tags).replace(b'},{', b'}, {', 1), b' ' + legacy_line, legacy_line + b'\r', legacy_line + b' ' + legacy_line,
+             with_tags(tags, source='"name":"solo"'), with_tags(tags, source='solo full_body', tag_string_general='solo'),
+             with_tags([solo] * 3), with_tags([{'id': '9', 'name': 'c', 'category': '4'}] * 2), with_tags(tags + [solo, {**solo, 'name': 'full_body'}])]
+    lines += [with_tags(tags + [{'id': '9', 'name': 'x', 'category': code}]) for code in (4, '2', '44', None, '', '4 ')]
+    lines += [with_tags(tags + [{'id': '9', 'name': name, 'category': '4'}]) for name in ('a{b', 'a}b', '}{', '[', ']', ',', ':', 'a b', '',
+                                                                                     'solo ', 'so"lo', 'solo\\', 'sol\u00f6', '{"id":"1"', '"}]')]
+    lines += [with_tags(tags + [{'id': ident, 'name': 'solo', 'category': '0'}]) for ident in ('123456789012', '', 'abc', 5, None, '12345678')]
+    lines += [with_tags(tags + [{'name': 'solo', 'category': '0'}]), with_tags(tags + [{'id': '1', 'category': '4'}]),
+              with_tags(tags + [{'id': '1', 'name': 'solo'}])]
+    lines += [with_tags(t) for t in (None, 'solo', [], [[]], [{}], [solo, [solo]], [{**solo, 'x': {'a': 1}}], {'a': solo})]
+    for key, values in {'image_width': ['1' + '0' * 30, 2**63, 2**53 + 1, str(2**53 + 1), '0', '-5', '007', 5.0, '5.0', '1e3'],
+                        'id': ['007', '0', '00', '-1', '--1', 2**63, 2**64, '\u0663', ''], 'score': ['-0', '--1', '+1', '-' + '9' * 30, 2**63],
+                        'parent_id': ['--1', '', None, 5], 'rating': ['S', None, 'x'], 'file_ext': ['JPG', 'jp g', '', None],
+                        'is_deleted': ['True', 0, 1, None, 'false'], 'file_size': ['-3', '', None, 1.5], 'md5': [5, None]}.items():
+        lines += [json.dumps({**record, key: value}).encode() for value in values for record in (legacy, api)]
+    for key in ('tag_string_general', 'tag_string_character', 'tag_string_meta'):
+        lines += [json.dumps({**api, key: value}).encode() for value in ('solo  full_body', ' solo', 'solo ', '  ', '', None,
+                                                                          'solo_focus full_body_shot', 'a b c', 'x\ty', 'x\u3000y', 5)]
+    bare = {k: v for k, v in api.items() if not k.startswith('tag_string_')}
+    lines += [json.dumps({**api, 'tags': None}).encode(), json.dumps({**api, 'tags': [solo]}).encode(),
+              json.dumps({**bare, 'tag_string': 'solo full_body x'}).encode(), api_line + api_line, b'{}', b'[]']
+    return lines
+
+
+def resolve(counts: dict, rest: list, spec: FilterSpec) -> Counter:
+    "A scanner's answer with the lines it leaves to the full path decided there: rejected flags, kept and malformed lines by number."
+    rules, outcome = dict(spec_rules(spec)), Counter(counts)
+    for number, line in rest:
+        if not line or line.isspace(): continue
+        try: post = parse_line(line)
+        except MalformedPost as e:
+            outcome[('malformed', number, str(e))] += 1
+            continue
+        fails = tuple(name in rules and not rules[name](post) for name in RULE_NAMES)
+        outcome[fails if any(fails) else ('kept', number)] += 1
+    return outcome
+
+
+@pytest.mark.parametrize('spec', [FilterSpec(), FilterSpec(min_side=256, required_tags=('solo',), excluded_tags=(
+                                                             'multiple_views', 'multiple_girls', 'so"lo', 'a b', 'sol\u00f6', 'a_wanted_tag_longer_than_16_bytes', ''),
+                                                             one_character=False, drop_deleted=False, aspect_range=(1 / 3, 3.0), ratings=RATINGS_ALL)],
+                         ids=['default', 'odd-tags'])
+def test_block_path_decides_as_the_full_path(tmp_path, spec):
+    "rule_scanner's blocks (tags and numbers read from bytes) against the line path and the full path, on hostile lines in every position."
+    lines = []
+    for i, flavour in enumerate(('legacy', 'bigquery', 'api')):
+        path = fake_metadata(tmp_path / f'{flavour}.jsonl', 300, flavour, seed=20 + i, first_id=1 + 10**5 * i, n_characters=15)
+        lines += path.read_bytes().splitlines()
+    extra = block_hostile_lines(lines[3], lines[603]) + hostile_lines(lines[5]) + [orjson.dumps(r) for r in odd_records(seed=5, n=150)]
+    for j, line in enumerate(extra): lines.insert(11 * j + 3, line)
+    data = b'\n'.join(lines) + b'\n'
+    full = resolve({}, list(enumerate(lines)), spec)
+    for block_lines in (1, 7, 1000):
+        counts, rest, n_lines = rule_scanner(spec, block_lines)(data)
+        assert n_lines == len(lines) and +resolve(counts, rest, spec) == +full, block_lines
+    path = tmp_path / 'all.jsonl'
+    path.write_bytes(data)
+    fast = filter_metadata([path], tmp_path / 'fast', spec, workers=2, chunk_bytes=200_000, progress=False)
+    slow = filter_metadata([path], tmp_path / 'full', spec, workers=1, progress=False, fast=False)
+    assert fast == slow and fast['kept'] > 0
+    for name in ('report.json', 'posts.jsonl', 'malformed.tsv'):
+        assert (tmp_path / 'fast' / name).read_bytes() == (tmp_path / 'full' / name).read_bytes()
 
 
 REAL_SAMPLES = Path('/work/shared/realworld/danbooru')
