@@ -84,8 +84,8 @@ def _run_demo(args) -> int:
 
 def demo_cli(parser: argparse.ArgumentParser):
     "`anime-pose demo`: the bundled models against every baseline on held-out characters, with a report."
-    parser.epilog = ('examples:\n  anime-pose demo --out demo_out             # about 2.5 minutes on one CPU thread\n'
-                     '  anime-pose demo --out demo_out --threads 2 --batch-size 32   # under 2 minutes on two free cores\n'
+    parser.epilog = ('examples:\n  anime-pose demo --out demo_out             # under 2 minutes on two free cores\n'
+                     '  anime-pose demo --out demo_out --threads 1   # one thread: batches draw 1.5x slower (09a_evaluate)\n'
                      '  anime-pose synth --out held --characters 500 --seed 7 && '
                      'anime-pose demo --out demo_out --data held --count all   # 200 triples of 50 unseen characters\n'
                      '  anime-pose demo --out demo_out --retrain   '
