@@ -625,7 +625,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                      'anime_pose.pipeline.set_drawing_defaults': ( 'pipeline.html#set_drawing_defaults',
                                                                                    'anime_pose/pipeline.py'),
                                      'anime_pose.pipeline.sheet_cli': ('pipeline.html#sheet_cli', 'anime_pose/pipeline.py'),
-                                     'anime_pose.pipeline.skeleton_images': ('pipeline.html#skeleton_images', 'anime_pose/pipeline.py'),
                                      'anime_pose.pipeline.step_end': ('pipeline.html#step_end', 'anime_pose/pipeline.py'),
                                      'anime_pose.pipeline.stored_drawing_defaults': ( 'pipeline.html#stored_drawing_defaults',
                                                                                       'anime_pose/pipeline.py'),

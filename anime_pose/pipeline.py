@@ -38,7 +38,7 @@ from .tiny import tiny_components
 # %% auto #0
 __all__ = ['DRAWING_DEFAULTS', 'DIFFUSERS_ENTRY', 'SAVED_README', 'LAYOUT', 'BATCH_SIZE', 'RETARGET_TO_DETECTED',
            'check_components', 'TransferError', 'check_size', 'fit_reference', 'per_sample', 'sample_batches',
-           'batch_generators', 'fit_references', 'reference_pose_from_image', 'poses_and_skeletons', 'skeleton_images',
+           'batch_generators', 'fit_references', 'reference_pose_from_image', 'poses_and_skeletons',
            'PoseTransferOutput', 'encode_images', 'decode_latents', 'fit_pose', 'warped_reference_latents',
            'check_prompts', 'prompt_text', 'check_control_guidance', 'controlnet_keep', 'check_callback', 'step_end',
            'load_any_controlnet', 'describe_saved_pipeline', 'PoseTransferPipeline', 'check_model_dir',
@@ -178,10 +178,6 @@ def poses_and_skeletons(pose, # a Pose, OpenPose JSON path or dict, skeleton ima
             raise TransferError(f'pose {i}: {parsed!r} draws nothing: no joint falls inside its canvas')
         parsed_poses.append(parsed); skeletons.append(skeleton)
     return parsed_poses, skeletons
-
-def skeleton_images(*args, **kwargs) -> list[Image.Image]:
-    "One ControlNet skeleton image per requested pose (the arguments of `poses_and_skeletons`)."
-    return poses_and_skeletons(*args, **kwargs)[1]
 
 # %% ../nbs/07a_pipeline.ipynb #bf6881ed
 @dataclass

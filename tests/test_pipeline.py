@@ -8,7 +8,7 @@ from PIL import Image
 
 from anime_pose.controlnet import ModelError, controlnet_from_unet, zero_convolutions
 from anime_pose.core import ImageError
-from anime_pose.pipeline import PoseTransferPipeline, TransferError, check_model_dir, fit_reference, skeleton_images
+from anime_pose.pipeline import PoseTransferPipeline, TransferError, check_model_dir, fit_reference, poses_and_skeletons
 from anime_pose.tiny import DANBOORU_WORDS, tiny_components, tiny_tokenizer
 from anime_pose.pose import Pose, PoseError, pose_from_joints
 
@@ -182,17 +182,17 @@ def test_every_pose_form_gives_the_same_skeleton(tmp_path, poses):
     skeleton = pose.skeleton_image(64, 64)
     skeleton.save(tmp_path / 'b.png')
     forms = [pose, tmp_path / 'b.json', str(tmp_path / 'b.json'), json.loads((tmp_path / 'b.json').read_text()), skeleton, tmp_path / 'b.png']
-    for form in forms: assert np.array_equal(np.asarray(skeleton_images(form, 64, 64)[0]), np.asarray(skeleton)), form
-    assert len(skeleton_images([pose, skeleton, tmp_path / 'b.json'], 64, 64)) == 3
+    for form in forms: assert np.array_equal(np.asarray(poses_and_skeletons(form, 64, 64)[1][0]), np.asarray(skeleton)), form
+    assert len(poses_and_skeletons([pose, skeleton, tmp_path / 'b.json'], 64, 64)[1]) == 3
 
 
 def test_retarget_takes_the_reference_proportions(poses):
     short_arms = pose_from_joints({**STANDING, 'right_elbow': (24, 23), 'right_wrist': (23, 28), 'left_elbow': (40, 23), 'left_wrist': (41, 28)}, 64, 64)
-    plain, retargeted = skeleton_images(poses[1], 64, 64), skeleton_images(poses[1], 64, 64, reference_pose=short_arms)
+    plain, retargeted = poses_and_skeletons(poses[1], 64, 64)[1], poses_and_skeletons(poses[1], 64, 64, reference_pose=short_arms)[1]
     assert not np.array_equal(np.asarray(plain[0]), np.asarray(retargeted[0]))
-    assert np.array_equal(np.asarray(skeleton_images(poses[1], 64, 64, reference_pose=short_arms, retarget=False)[0]), np.asarray(plain[0]))
-    with pytest.raises(TransferError, match='retarget needs the reference pose'): skeleton_images(poses[1], 64, 64, retarget=True)
-    with pytest.raises(TransferError, match='cannot retarget a skeleton image'): skeleton_images(plain[0], 64, 64, reference_pose=short_arms, retarget=True)
+    assert np.array_equal(np.asarray(poses_and_skeletons(poses[1], 64, 64, reference_pose=short_arms, retarget=False)[1][0]), np.asarray(plain[0]))
+    with pytest.raises(TransferError, match='retarget needs the reference pose'): poses_and_skeletons(poses[1], 64, 64, retarget=True)[1]
+    with pytest.raises(TransferError, match='cannot retarget a skeleton image'): poses_and_skeletons(plain[0], 64, 64, reference_pose=short_arms, retarget=True)[1]
 
 
 def test_bad_requests_fail_before_running(pipe, reference, poses, tmp_path):
