@@ -87,9 +87,8 @@ def warp_method(detector: PoseDetector | str | os.PathLike = 'parser', # finds A
     def generate(triple: dict) -> Image.Image:
         size = load_image(triple['target']).size
         reference = load_image(triple['reference']).convert('RGB').resize(size, Image.BICUBIC)
-        found = detector.detect(reference)
-        if not found: return reference  # nobody to cut up: the reference as it is
-        source = max(found, key=lambda pose: pose.visible.sum())
+        source = reference_pose_from_image(reference, detector)
+        if source is None: return reference  # nobody to cut up: the reference as it is
         return warp_reference(reference, source, Pose(np.asarray(triple['pose'], np.float32), *size)).image
     return generate
 
