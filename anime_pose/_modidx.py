@@ -603,6 +603,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                      'anime_pose.pipeline.describe_saved_pipeline': ( 'pipeline.html#describe_saved_pipeline',
                                                                                       'anime_pose/pipeline.py'),
                                      'anime_pose.pipeline.encode_images': ('pipeline.html#encode_images', 'anime_pose/pipeline.py'),
+                                     'anime_pose.pipeline.encode_with_warps': ('pipeline.html#encode_with_warps', 'anime_pose/pipeline.py'),
                                      'anime_pose.pipeline.fit_pose': ('pipeline.html#fit_pose', 'anime_pose/pipeline.py'),
                                      'anime_pose.pipeline.fit_reference': ('pipeline.html#fit_reference', 'anime_pose/pipeline.py'),
                                      'anime_pose.pipeline.fit_references': ('pipeline.html#fit_references', 'anime_pose/pipeline.py'),

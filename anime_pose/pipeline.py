@@ -39,12 +39,12 @@ from .tiny import tiny_components
 __all__ = ['DRAWING_DEFAULTS', 'DIFFUSERS_ENTRY', 'SAVED_README', 'LAYOUT', 'BATCH_SIZE', 'RETARGET_TO_DETECTED',
            'check_components', 'TransferError', 'check_size', 'fit_reference', 'per_sample', 'sample_batches',
            'batch_generators', 'fit_references', 'reference_pose_from_image', 'poses_and_skeletons',
-           'PoseTransferOutput', 'encode_images', 'decode_latents', 'fit_pose', 'warped_reference_latents',
-           'check_prompts', 'prompt_text', 'check_control_guidance', 'controlnet_keep', 'check_callback', 'step_end',
-           'load_any_controlnet', 'describe_saved_pipeline', 'PoseTransferPipeline', 'check_model_dir',
-           'vae_scale_factor', 'set_drawing_defaults', 'stored_drawing_defaults', 'model_drawing_defaults',
-           'load_single_file_pipeline', 'bundled_model_dir', 'load_pipeline', 'add_batch_size', 'run_transfer',
-           'transfer_cli', 'run_sheet', 'sheet_cli']
+           'PoseTransferOutput', 'encode_images', 'decode_latents', 'fit_pose', 'encode_with_warps',
+           'warped_reference_latents', 'check_prompts', 'prompt_text', 'check_control_guidance', 'controlnet_keep',
+           'check_callback', 'step_end', 'load_any_controlnet', 'describe_saved_pipeline', 'PoseTransferPipeline',
+           'check_model_dir', 'vae_scale_factor', 'set_drawing_defaults', 'stored_drawing_defaults',
+           'model_drawing_defaults', 'load_single_file_pipeline', 'bundled_model_dir', 'load_pipeline',
+           'add_batch_size', 'run_transfer', 'transfer_cli', 'run_sheet', 'sheet_cli']
 
 # %% ../nbs/07a_pipeline.ipynb #ec425759
 def check_components(vae, text_encoder, unet, controlnet, reference_net=None):
@@ -232,23 +232,31 @@ def fit_pose(pose: Pose, # a pose in an image of `size`
     keypoints[~pose.visible] = 0
     return Pose(keypoints, width, height)
 
-def warped_reference_latents(vae: AutoencoderKL,
-                             references: list[Image.Image], # each sample's A, all of the generation's size
-                             reference_poses: list[Pose | None], # A's pose in each reference (None: unknown)
-                             poses: list[Pose | None], # each sample's pose B (None: unknown)
-                            ) -> torch.Tensor:
-    "Each reference warped from its pose onto its pose B, as scaled VAE latents (one encode); zeros where a pose is unknown."
+def encode_with_warps(vae: AutoencoderKL,
+                      images: list[Image.Image], # encoded as they are (e.g. the references themselves)
+                      references: list[Image.Image], # each sample's A, all of the generation's size
+                      reference_poses: list[Pose | None], # A's pose in each reference (None: unknown)
+                      poses: list[Pose | None], # each sample's pose B (None: unknown)
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents of `images`, each reference warped from its pose onto its pose B as latents, zeros where a pose is unknown),
+    scaled, from one VAE call: a call has a fixed cost that small images do not hide."""
     width, height = references[0].size
     if any(reference.size != (width, height) for reference in references):
         raise ValueError(f'the references must share one size, got {sorted({r.size for r in references})}')
     known = [i for i, pair in enumerate(zip(reference_poses, poses)) if None not in pair]
     factor = downsampling(vae.config.block_out_channels)
-    latents = torch.zeros(len(poses), vae.config.latent_channels, height // factor, width // factor,
-                          device=vae.device, dtype=vae.dtype)
-    if known:
-        latents[known] = encode_images(vae, [warp_reference(references[i], reference_poses[i], poses[i]).image
-                                             for i in known])
-    return latents
+    warped = torch.zeros(len(poses), vae.config.latent_channels, height // factor, width // factor,
+                         device=vae.device, dtype=vae.dtype)
+    warps = [warp_reference(references[i], reference_poses[i], poses[i]).image for i in known]
+    if not (images or warps): return warped[:0], warped
+    latents = encode_images(vae, list(images) + warps)
+    if known: warped[known] = latents[len(images):]
+    return latents[:len(images)], warped
+
+def warped_reference_latents(vae: AutoencoderKL, references: list[Image.Image], reference_poses: list[Pose | None],
+                             poses: list[Pose | None]) -> torch.Tensor:
+    "Each reference warped from its pose onto its pose B, as scaled VAE latents (one encode); zeros where a pose is unknown."
+    return encode_with_warps(vae, [], references, reference_poses, poses)[1]
 
 # %% ../nbs/07a_pipeline.ipynb #e99cbc7f
 def _check_settings(num_inference_steps, guidance_scale, controlnet_conditioning_scale, reference_strength, batch_size):
@@ -277,10 +285,12 @@ def check_prompts(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_
 def prompt_text(pipe,
                 prompt: str | list[str], negative_prompt: str | list[str], # one each, or a list: one per sample
                 guided: bool, # also encode the negative prompts, for classifier-free guidance
-                clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None) -> torch.Tensor:
+                clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None,
+                device: torch.device | None = None, # default the pipeline's execution device (finding it walks every module)
+               ) -> torch.Tensor:
     """What the UNet attends to: the prompts' embeddings (one row per sample), after the negative prompts' when `guided`:
     (n or 2n, tokens, width). Each distinct prompt is encoded once; rows of fewer chunks are padded with empty ones."""
-    device, dtype = pipe._execution_device, pipe.unet.dtype
+    device, dtype = pipe._execution_device if device is None else device, pipe.unet.dtype
     count = max(len(p) if isinstance(p, (list, tuple)) else 1 for p in (prompt, negative_prompt))
     encoded = {}
     def encode(text: str) -> torch.Tensor:
@@ -466,16 +476,16 @@ class PoseTransferPipeline(DiffusionPipeline):
             with self.progress_bar(total=num_inference_steps * len(batches)) as progress:
                 for part in batches:
                     text = prompt_text(self, prompts[part], negatives[part], guidance_scale > 1, clip_skip, prompt_embeds,
-                                       negative_prompt_embeds)  # (negative × batch, positive × batch)
-                    if reference_strength > 0 and not (shared and part.start > 0):  # each batch's references, or the one
-                        shown = fitted[:1] if shared else fitted[part]
-                        reference_path.write(encode_images(self.vae, shown).to(dtype), text[-(part.stop - part.start):][:len(shown)])
+                                       negative_prompt_embeds, device)  # (negative × batch, positive × batch)
+                    # each batch's references, or the one of a sheet
+                    shown = [] if reference_strength == 0 or (shared and part.start > 0) else fitted[:1] if shared else fitted[part]
+                    if warp and reference_strength > 0:  # the references and their warps onto pose B: one VAE call
+                        shown_latents, warped = encode_with_warps(self.vae, shown, fitted[part], reference_poses[part], poses[part])
+                    else:  # strength 0 means no reference at all: no warp either
+                        shown_latents = encode_images(self.vae, shown) if shown else None
+                        warped = torch.zeros_like(noise[part]) if warp else None
+                    if shown: reference_path.write(shown_latents.to(dtype), text[-(part.stop - part.start):][:len(shown)])
                     condition = condition_tensor(skeletons[part], height, width).to(device, dtype)
-                    warped = None
-                    if warp:  # strength 0 means no reference at all: no warp either
-                        warped = (warped_reference_latents(self.vae, fitted[part], reference_poses[part], poses[part])
-                                  if reference_strength > 0
-                                  else torch.zeros_like(noise[part]))
                     latents = self._denoise(noise[part], condition, text, reference_path, warped, reference_strength > 0,
                                             num_inference_steps, guidance_scale, controlnet_conditioning_scale,
                                             generator[part] if isinstance(generator, list) else generator, eta, progress,
@@ -508,9 +518,10 @@ class PoseTransferPipeline(DiffusionPipeline):
         accepted = inspect.signature(self.scheduler.step).parameters  # DDIM takes eta, ancestral samplers a generator
         extra = {k: v for k, v in (('eta', eta), ('generator', generator)) if k in accepted}
         keep = controlnet_keep(len(self.scheduler.timesteps), *control_guidance)
+        if warped is not None and guided: warped = torch.cat([warped, warped])
         for i, t in enumerate(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(torch.cat([latents, latents]) if guided else latents, t)
-            if warped is not None: model_input = torch.cat([model_input, torch.cat([warped, warped]) if guided else warped], 1)
+            if warped is not None: model_input = torch.cat([model_input, warped], 1)
             if use_reference:
                 with reference_path.read():
                     prediction = controlled_prediction(self.unet, self.controlnet, model_input, t, text, condition,

@@ -26,8 +26,8 @@ class ReferenceState:
     def __init__(self, strength: float = 1.0): # how strongly generated tokens attend to the reference's
         self.mode, self.strength = 'off', strength
         self.features: dict[str, torch.Tensor] = {}  # layer name -> reference hidden states (B_ref, tokens, channels)
-        # layer name -> (K_ref, V_ref), inference only
-        self.projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # (layer name, batch) -> (K_ref, V_ref) repeated to the batch, inference only
+        self.projections: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.expected, self.stop_when_written = 0, False
 
     def clear(self):
@@ -75,19 +75,18 @@ class ReferenceAttnProcessor(AttnProcessor2_0):
             raise ModelError(f'no reference features for {self.name}: the reference network does not match the UNet')
         return self._read(attn, hidden_states)
 
-    def _reference_projections(self, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reference_projections(self, attn: Attention, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        "The reference tokens' keys and values, repeated to `batch` rows; at inference computed once per batch size."
         state, name = self.state, self.name
-        if name in state.projections: return state.projections[name]
+        if (name, batch) in state.projections: return state.projections[name, batch]
         features = state.features[name].to(attn.to_k.weight.dtype)
-        keys, values = attn.to_k(features), attn.to_v(features)
-        if not torch.is_grad_enabled(): state.projections[name] = keys, values
+        keys, values = (_repeat_to(project(features), batch, name) for project in (attn.to_k, attn.to_v))
+        if not torch.is_grad_enabled(): state.projections[name, batch] = keys, values
         return keys, values
 
     def _read(self, attn: Attention, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = hidden_states.shape
-        reference_keys, reference_values = self._reference_projections(attn)
-        reference_keys = _repeat_to(reference_keys, batch, self.name)
-        reference_values = _repeat_to(reference_values, batch, self.name)
+        reference_keys, reference_values = self._reference_projections(attn, batch)
         query = attn.to_q(hidden_states)
         key = torch.cat([attn.to_k(hidden_states), reference_keys], dim=1)
         value = torch.cat([attn.to_v(hidden_states), reference_values], dim=1)

@@ -31,6 +31,39 @@ STANDING = {'nose': (32, 10), 'neck': (32, 18), 'right_shoulder': (26, 18), 'rig
             'right_ankle': (28, 58), 'left_hip': (36, 36), 'left_knee': (36, 46), 'left_ankle': (36, 58)}
 
 
+STAGES = ('poses_and_skeletons', 'prompt_text', 'warp_reference', 'encode_images', 'decode_latents')  # functions of anime_pose.pipeline
+
+
+def stage_times(transfer: PoseTransferPipeline, run, repeats: int) -> dict[str, float]:
+    "Milliseconds one call of `run` spends in each stage (median over `repeats` calls), timed by wrapping the stages' functions."
+    import anime_pose.pipeline as module
+    spent, originals = {}, {}
+    def timed(label, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try: return fn(*args, **kwargs)
+            finally: spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+        return wrapper
+    targets = [(module, name, name) for name in STAGES] + [(module.ReferenceAttention, 'write', 'reference_pass'),
+                                                           (transfer, '_denoise', 'denoising_steps')]
+    for owner, name, label in targets: originals[owner, name] = getattr(owner, name)
+    per_call = {label: [] for *_, label in targets}
+    per_call['total'] = []
+    try:
+        for owner, name, label in targets: setattr(owner, name, timed(label, originals[owner, name]))
+        for _ in range(repeats):
+            spent.clear()
+            start = time.perf_counter()
+            run()
+            per_call['total'].append(time.perf_counter() - start)
+            for *_, label in targets: per_call[label].append(spent.get(label, 0.0))
+    finally:
+        for (owner, name), fn in originals.items():
+            if owner is transfer: delattr(owner, name)  # back to the class's method
+            else: setattr(owner, name, fn)
+    return {label: 1e3 * statistics.median(values) for label, values in per_call.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--steps', type=int, default=20)
@@ -67,6 +100,7 @@ def main():
                 start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - start); cpu[name].append(time.process_time() - start_cpu)
+        stages = stage_times(transfer, runs['pose_transfer'], args.repeats)
     best = {name: min(values) for name, values in times.items()}
     median = {name: statistics.median(values) for name, values in times.items()}
     cpu_median = {name: statistics.median(values) for name, values in cpu.items()}
@@ -76,7 +110,10 @@ def main():
                   seconds_min=best, seconds_median=median,
                   ratio_min={name: best[name] / best['stock_controlnet'] for name in runs if name != 'stock_controlnet'},
                   ratio_median={name: median[name] / median['stock_controlnet'] for name in runs if name != 'stock_controlnet'},
+                  ratio_of_pairs_median={name: statistics.median(t / s for t, s in zip(times[name], times['stock_controlnet']))
+                                         for name in runs if name != 'stock_controlnet'},
                   cpu_seconds_median=cpu_median,
+                  pose_transfer_stages_ms=stages,
                   cpu_ratio_median={name: cpu_median[name] / cpu_median['stock_controlnet'] for name in runs
                                     if name != 'stock_controlnet'})
     print(f"{args.shape} shapes, {args.steps} steps, {args.size}x{args.size}, guidance {args.guidance}, {args.repeats} "
@@ -86,6 +123,9 @@ def main():
                                                        f"{result['ratio_median'][name]:.3f}x (median), "
                                                        f"CPU {result['cpu_ratio_median'][name]:.3f}x")
         print(f"{name:24s} {best[name]:.3f} s (fastest), {median[name]:.3f} s (median), CPU {cpu_median[name]:.3f} s{ratio}")
+    print('ratio of each round\'s pair, median: ' + ', '.join(f'{name} {ratio:.3f}x' for name, ratio in
+                                                            result['ratio_of_pairs_median'].items()))
+    print('pose transfer by stage (ms, median over the rounds): ' + ', '.join(f'{k} {v:.1f}' for k, v in stages.items()))
     print('goal: pose transfer <= 1.1x the stock pipeline (issue 21)')
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + '\n')

@@ -44,7 +44,8 @@ def test_cached_reference_equals_recomputed(unet, data):
         cached = [None] * 3
         for i, t in enumerate((900, 500, 100)):
             with reference.read(): cached[i] = predict(unet, data, t)
-        assert set(reference.state.projections) == set(self_attention_names(unet))  # projected once, reused
+        batch = data['latents'].shape[0]  # projected once per layer for this batch size, reused
+        assert set(reference.state.projections) == {(name, batch) for name in self_attention_names(unet)}
         for i, t in enumerate((900, 500, 100)):
             reference.write(data['reference'], data['text'][:1])  # what a second reference pass per step would give
             with reference.read(): torch.testing.assert_close(cached[i], predict(unet, data, t), rtol=0, atol=1e-6)
