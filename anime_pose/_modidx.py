@@ -822,6 +822,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                       'anime_pose.reference.reference_bias': ('reference.html#reference_bias', 'anime_pose/reference.py'),
                                       'anime_pose.reference.reference_checkpointing': ( 'reference.html#reference_checkpointing',
                                                                                         'anime_pose/reference.py'),
+                                      'anime_pose.reference.reference_input': ('reference.html#reference_input', 'anime_pose/reference.py'),
                                       'anime_pose.reference.reference_trainable_parameters': ( 'reference.html#reference_trainable_parameters',
                                                                                                'anime_pose/reference.py'),
                                       'anime_pose.reference.self_attention_names': ( 'reference.html#self_attention_names',

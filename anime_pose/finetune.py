@@ -18,7 +18,7 @@ from .pose import Pose
 from .diffusion import prediction_loss
 from .controlnet import ModelError, controlled_prediction, controlnet_from_unet, downsampling
 from .single_file import is_single_file, load_single_file_components
-from .reference import ReferenceAttention, add_reference_lora, make_reference_net
+from .reference import ReferenceAttention, add_reference_lora, make_reference_net, reference_input
 from .warp import reads_warped_reference, widen_input
 from .parser import load_detector
 from .tiny import TINY_SHAPES, encode_prompt, noise_scheduler, pretrain_tiny_base
@@ -308,10 +308,11 @@ class DiffusionMethod(TrainMethod):
             return prediction_loss(prediction, target, config.loss, config.huber_delta, weights)
         writer = self.accelerator.unwrap_model(self.reference_net) if self.reference_net is not None else None
         keep_in_graph = None
-        with ReferenceAttention(self.unet, writer, reference_strength) as reference:
+        # the processors go on the UNet itself; calls go through `self.unet` (a DDP wrapper when it trains on several processes)
+        with ReferenceAttention(self.accelerator.unwrap_model(self.unet), writer, reference_strength) as reference:
             if self.reference_net is not None and self.accelerator.num_processes > 1:  # DDP: whole net, in the graph
                 reference.state.mode = 'write'
-                keep_in_graph = self.reference_net(reference_latents, 0, encoder_hidden_states=text).sample
+                keep_in_graph = self.reference_net(reference_input(writer, reference_latents), 0, encoder_hidden_states=text).sample
                 reference.state.mode = 'off'
             else:
                 writer_dtype = writer.dtype if writer is not None else dtype
@@ -330,7 +331,7 @@ class DiffusionMethod(TrainMethod):
         "A `PoseTransferPipeline` of the current weights (for samples and the final directory)."
         unwrap = self.accelerator.unwrap_model
         return PoseTransferPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                    unet=self.unet,
+                                    unet=unwrap(self.unet),
                                     controlnet=unwrap(self.controlnet), scheduler=self.inference_scheduler,
                                     reference_net=None if self.reference_net is None else unwrap(self.reference_net))
 

@@ -16,9 +16,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from .controlnet import ModelError
 
 # %% auto #0
-__all__ = ['REFERENCE_LORA_TARGETS', 'ReferenceState', 'reference_bias', 'ReferenceAttnProcessor', 'self_attention_names',
-           'reference_checkpointing', 'ReferenceAttention', 'make_reference_net', 'add_reference_lora',
-           'reference_trainable_parameters', 'time_reference_cost']
+__all__ = ['REFERENCE_LORA_TARGETS', 'ReferenceState', 'reference_bias', 'reference_input', 'ReferenceAttnProcessor',
+           'self_attention_names', 'reference_checkpointing', 'ReferenceAttention', 'make_reference_net',
+           'add_reference_lora', 'reference_trainable_parameters', 'time_reference_cost']
 
 # %% ../nbs/06_reference.ipynb #bbb85fe2
 class ReferenceState:
@@ -45,6 +45,12 @@ def reference_bias(own_tokens: int, reference_tokens: int, strength: float, like
 # %% ../nbs/06_reference.ipynb #dc9f4c2b
 class _ReferenceWritten(Exception):
     "Raised by the last self-attention layer of a write pass: the rest of the network is not needed."
+
+def reference_input(reference_net: UNet2DConditionModel, reference_latents: torch.Tensor) -> torch.Tensor:
+    "`reference_latents` as `reference_net` takes them: a net that also reads a warped reference (06b_warp) gets zeros there."
+    extra = reference_net.config.in_channels - reference_latents.shape[1]
+    if extra <= 0: return reference_latents  # (the reference is its own pose: nothing to warp)
+    return torch.cat([reference_latents, reference_latents.new_zeros(len(reference_latents), extra, *reference_latents.shape[2:])], 1)
 
 def _repeat_to(features: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     if features.shape[0] == batch: return features
@@ -184,11 +190,8 @@ class ReferenceAttention:
         state = self.state
         state.clear()
         state.mode, state.stop_when_written = 'write', True
-        extra = self.reference_net.config.in_channels - reference_latents.shape[1]
-        if extra > 0:  # a net that also reads a warped reference (06b_warp) gets none: the reference is its own pose
-            reference_latents = torch.cat([reference_latents, reference_latents.new_zeros(
-                reference_latents.shape[0], extra, *reference_latents.shape[2:])], 1)
-        try: self.reference_net(reference_latents, timestep, encoder_hidden_states=text_embeddings)
+        try: self.reference_net(reference_input(self.reference_net, reference_latents), timestep,
+                                encoder_hidden_states=text_embeddings)
         except _ReferenceWritten: pass
         finally: state.mode, state.stop_when_written = 'off', False
         if len(state.features) != state.expected:

@@ -453,11 +453,14 @@ def test_accelerate_launch_diffusion_with_two_cpu_processes(tmp_path):
     result = subprocess.run([str(BIN / 'accelerate'), 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
                              '--mixed_precision', 'no', '--dynamo_backend', 'no', str(BIN / 'anime-pose'), 'train',
                              '--out', str(out), '--max-steps', '2', '--checkpoint-every', '1', '--batch-size', '2',
-                             '--set', 'synthetic_characters=4', '--set', 'base_steps=1', '--set', 'validate_every=0'],
+                             '--set', 'synthetic_characters=4', '--set', 'base_steps=1', '--set', 'validate_every=0',
+                             '--set', 'train_unet=true', '--set', 'warped_reference=true'],  # the bundled recipe's parts
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / 'checkpoint-1' / 'trainer_state.json').read_text())['world_size'] == 2
     assert (out / 'final' / 'reference_net' / 'diffusion_pytorch_model.safetensors').exists()
+    unet = load_file(out / 'final' / 'unet' / 'diffusion_pytorch_model.safetensors')
+    assert unet['conv_in.weight'].shape[1] == 8  # the denoiser trained under DDP, reading A's warp
 
 
 def test_the_denoiser_can_train_as_lora_adapters(tmp_path):
