@@ -74,9 +74,10 @@ def demo(out: str | os.PathLike, # the report directory
 # %% ../nbs/09c_demo.ipynb #900f52e7
 def _run_demo(args) -> int:
     if args.data is not None: saved_triples(args.data)  # checked before any model is trained or loaded
-    # the small models in batches take the free cores; retraining, half an hour long, keeps to one thread: when other
-    # work starts on a 2-core machine, two threads of a small model slow down several-fold (measured in 09c)
-    use_threads(args.threads, small=True, many=not (args.retrain or args.retrain_baselines))
+    # the small models in batches take the free cores, as `anime-pose train` does: on an idle 2-core machine two threads
+    # train the VAE 1.6-1.9x faster than one (the small UNet 1.07-1.16x); a machine already busy at the start gets one.
+    # Work started beside a run that took two threads slows it several-fold (measured in 09c): --threads 1 avoids that
+    use_threads(args.threads, small=True, many=True)
     metrics = demo(args.out, args.retrain, args.retrain_baselines, args.count, args.steps, learned=_learned(args),
                    batch_size=args.batch_size, data=args.data)
     _print_metrics(metrics, Path(args.out))
