@@ -10,7 +10,9 @@ with A's pose found in the reference by the bundled detector (what a call withou
 times after a warm-up, and each one's fastest run is kept (other processes on a shared machine
 only ever add time), so the ratio is measured in one run of this script on one machine. The
 process's CPU time is recorded too: on a machine shared with other jobs, wall time swings with
-their load while CPU time counts only this process's own work.
+their load while CPU time counts only this process's own work. It also reports the ratio of each
+round's pair (median), the milliseconds a transfer spends in each stage, and one guided denoising
+step alone: stock shapes, with the warp's input channels, and with reference attention too.
 
     python benchmarks/pipeline_latency.py                     # the bundled shapes, 20 steps, 64 px, 5 rounds
     python benchmarks/pipeline_latency.py --size 128 --steps 20 --out benchmarks/results/pipeline_latency_128.json
@@ -64,6 +66,36 @@ def stage_times(transfer: PoseTransferPipeline, run, repeats: int) -> dict[str, 
     return {label: 1e3 * statistics.median(values) for label, values in per_call.items()}
 
 
+def step_times(components: dict, plain: dict, size: int, repeats: int = 60) -> dict[str, float]:
+    """Milliseconds of one guided denoising step (UNet + ControlNet on a doubled batch), median of `repeats` rounds taken in
+    turn: the stock shapes; the shipped UNet and ControlNet (4 more input channels, for the warp) without reading the
+    reference; and with reference attention reading it."""
+    from anime_pose.controlnet import controlled_prediction, downsampling
+    from anime_pose.reference import ReferenceAttention
+    unet, factor = components['unet'], downsampling(components['vae'].config.block_out_channels)
+    side, generator = size // factor, torch.Generator().manual_seed(0)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    condition = torch.rand(2, 3, size, size, generator=generator)
+    latents = torch.randn(2, unet.config.in_channels, side, side, generator=generator)
+    plain_latents = latents[:, :plain['unet'].config.in_channels]
+    reference = ReferenceAttention(unet, components['reference_net'])
+    def read():
+        with reference.read(): controlled_prediction(unet, components['controlnet'], latents, 500, text, condition)
+    steps = {'stock': lambda: controlled_prediction(plain['unet'], plain['controlnet'], plain_latents, 500, text, condition),
+             'warp_channels': lambda: controlled_prediction(unet, components['controlnet'], latents, 500, text, condition),
+             'warp_channels_and_reference_attention': read}
+    times = {name: [] for name in steps}
+    with torch.no_grad(), reference:
+        reference.write(torch.randn(1, components['vae'].config.latent_channels, side, side, generator=generator), text[1:])
+        for step in steps.values(): step()
+        for _ in range(repeats):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--steps', type=int, default=20)
@@ -101,6 +133,7 @@ def main():
                 fn()
                 times[name].append(time.perf_counter() - start); cpu[name].append(time.process_time() - start_cpu)
         stages = stage_times(transfer, runs['pose_transfer'], args.repeats)
+    steps = step_times(components, plain, args.size)
     best = {name: min(values) for name, values in times.items()}
     median = {name: statistics.median(values) for name, values in times.items()}
     cpu_median = {name: statistics.median(values) for name, values in cpu.items()}
@@ -113,7 +146,7 @@ def main():
                   ratio_of_pairs_median={name: statistics.median(t / s for t, s in zip(times[name], times['stock_controlnet']))
                                          for name in runs if name != 'stock_controlnet'},
                   cpu_seconds_median=cpu_median,
-                  pose_transfer_stages_ms=stages,
+                  pose_transfer_stages_ms=stages, guided_step_ms=steps,
                   cpu_ratio_median={name: cpu_median[name] / cpu_median['stock_controlnet'] for name in runs
                                     if name != 'stock_controlnet'})
     print(f"{args.shape} shapes, {args.steps} steps, {args.size}x{args.size}, guidance {args.guidance}, {args.repeats} "
@@ -126,6 +159,7 @@ def main():
     print('ratio of each round\'s pair, median: ' + ', '.join(f'{name} {ratio:.3f}x' for name, ratio in
                                                             result['ratio_of_pairs_median'].items()))
     print('pose transfer by stage (ms, median over the rounds): ' + ', '.join(f'{k} {v:.1f}' for k, v in stages.items()))
+    print('one guided step (ms, median): ' + ', '.join(f'{k} {v:.2f}' for k, v in steps.items()))
     print('goal: pose transfer <= 1.1x the stock pipeline (issue 21)')
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + '\n')
