@@ -75,7 +75,7 @@ def demo(out: str | os.PathLike, # the report directory
 def _run_demo(args) -> int:
     if args.data is not None: saved_triples(args.data)  # checked before any model is trained or loaded
     # the small models in batches take the free cores, as `anime-pose train` does: on an idle 2-core machine two threads
-    # train the VAE 1.6-1.9x faster than one (the small UNet 1.07-1.16x); a machine already busy at the start gets one.
+    # train the VAE 1.6x faster than one (fine-tuning 1.16x; benchmarks/thread_speed.py); a machine busy at the start gets one.
     # Work started beside a run that took two threads slows it several-fold (measured in 09c): --threads 1 avoids that
     use_threads(args.threads, small=True, many=True)
     metrics = demo(args.out, args.retrain, args.retrain_baselines, args.count, args.steps, learned=_learned(args),
