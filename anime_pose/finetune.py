@@ -312,7 +312,8 @@ class DiffusionMethod(TrainMethod):
         with ReferenceAttention(self.accelerator.unwrap_model(self.unet), writer, reference_strength) as reference:
             if self.reference_net is not None and self.accelerator.num_processes > 1:  # DDP: whole net, in the graph
                 reference.state.mode = 'write'
-                keep_in_graph = self.reference_net(reference_input(writer, reference_latents), 0, encoder_hidden_states=text).sample
+                keep_in_graph = self.reference_net(reference_input(writer, reference_latents), 0,
+                                                   encoder_hidden_states=text).sample
                 reference.state.mode = 'off'
             else:
                 writer_dtype = writer.dtype if writer is not None else dtype

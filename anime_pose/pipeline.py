@@ -477,14 +477,13 @@ class PoseTransferPipeline(DiffusionPipeline):
                 for part in batches:
                     text = prompt_text(self, prompts[part], negatives[part], guidance_scale > 1, clip_skip, prompt_embeds,
                                        negative_prompt_embeds, device)  # (negative × batch, positive × batch)
-                    # each batch's references, or the one of a sheet
-                    shown = [] if reference_strength == 0 or (shared and part.start > 0) else fitted[:1] if shared else fitted[part]
-                    if warp and reference_strength > 0:  # the references and their warps onto pose B: one VAE call
-                        shown_latents, warped = encode_with_warps(self.vae, shown, fitted[part], reference_poses[part], poses[part])
-                    else:  # strength 0 means no reference at all: no warp either
-                        shown_latents = encode_images(self.vae, shown) if shown else None
-                        warped = torch.zeros_like(noise[part]) if warp else None
+                    writes = reference_strength > 0 and not (shared and part.start > 0)  # a sheet's one reference: once
+                    shown = (fitted[:1] if shared else fitted[part]) if writes else []
+                    # strength 0 means no reference at all: no warp either (zeros)
+                    sources = reference_poses[part] if warp and reference_strength > 0 else [None] * len(fitted[part])
+                    shown_latents, warped = encode_with_warps(self.vae, shown, fitted[part], sources, poses[part])  # one VAE call
                     if shown: reference_path.write(shown_latents.to(dtype), text[-(part.stop - part.start):][:len(shown)])
+                    if not warp: warped = None
                     condition = condition_tensor(skeletons[part], height, width).to(device, dtype)
                     latents = self._denoise(noise[part], condition, text, reference_path, warped, reference_strength > 0,
                                             num_inference_steps, guidance_scale, controlnet_conditioning_scale,

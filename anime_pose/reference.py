@@ -50,7 +50,8 @@ def reference_input(reference_net: UNet2DConditionModel, reference_latents: torc
     "`reference_latents` as `reference_net` takes them: a net that also reads a warped reference (06b_warp) gets zeros there."
     extra = reference_net.config.in_channels - reference_latents.shape[1]
     if extra <= 0: return reference_latents  # (the reference is its own pose: nothing to warp)
-    return torch.cat([reference_latents, reference_latents.new_zeros(len(reference_latents), extra, *reference_latents.shape[2:])], 1)
+    zeros = reference_latents.new_zeros(len(reference_latents), extra, *reference_latents.shape[2:])
+    return torch.cat([reference_latents, zeros], 1)
 
 def _repeat_to(features: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     if features.shape[0] == batch: return features

@@ -152,7 +152,7 @@ def _pretrain_vae(vae, images: torch.Tensor, steps: int, batch_size: int, genera
         loss.backward(); optimizer.step(); schedule.step(); optimizer.zero_grad()
         bar.update(); bar.set_postfix(vae=f'{loss.item():.3f}')
     vae.eval().requires_grad_(False)
-    with torch.no_grad():  # in small batches: one batch of thousands of images took 4x longer and gigabytes of memory
+    with torch.no_grad():  # in small batches: one batch of thousands of images took about twice as long, and gigabytes
         latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in images.split(64)])
     vae.register_to_config(scaling_factor=float(1 / latents.std()))  # unit-variance latents, as SD's 0.18215 gives
     return latents * vae.config.scaling_factor

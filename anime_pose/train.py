@@ -723,9 +723,8 @@ def training_triples(config: TrainConfig, # data: 'synthetic' or a directory sav
     "The `DatasetDict` of triples (reference, target, pose, tags) a run trains and validates on."
     import datasets
     if config.data == 'synthetic':
-        poses = SYNTHETIC_POSES
-        return synthetic_dataset(max(3, config.synthetic_characters), poses, config.resolution, seed=0, progress=progress,
-                                 splits=splits, first=None if count is None else -(-count // poses))
+        return synthetic_dataset(max(3, config.synthetic_characters), SYNTHETIC_POSES, config.resolution, seed=0,
+                                 progress=progress, splits=splits, first=None if count is None else -(-count // SYNTHETIC_POSES))
     path = Path(config.data)
     if not path.is_dir():
         raise ConfigError(f"data '{path}': no such directory "
