@@ -1,5 +1,6 @@
-"""One thread against two for the stages of `anime-pose demo --retrain` on the bundled (small) shapes: a training step of
-the base VAE, of the base UNet with its text encoder, and the VAE encoding 1,600 images in one batch or in batches of 64.
+"""One thread against two for the stages of `anime-pose demo --retrain` on the bundled (small) shapes: a step of the base
+pre-training's VAE loop and of its UNet-and-text-encoder loop (`tiny._pretrain_vae`, `tiny._pretrain_unet`, run for a few
+steps), and the VAE encoding 1,600 images in one batch or in batches of 64.
 Each setting runs in its own process (torch's thread pool is set once per process), the two thread counts in turn.
 
     python benchmarks/thread_speed.py            # 20 VAE steps, 40 UNet steps per run
@@ -9,35 +10,28 @@ from pathlib import Path
 
 
 def measure(threads: int, vae_steps: int, unet_steps: int) -> dict[str, float]:
-    "Milliseconds per step (and seconds per 1,600 encoded images) on `threads` threads."
+    "Milliseconds per step of the base pre-training's own loops (and seconds per 1,600 encoded images) on `threads` threads."
     import torch
-    import torch.nn.functional as F
-    from anime_pose.tiny import tiny_components
+    from tqdm.auto import tqdm
+    from anime_pose.tiny import _pretrain_unet, _pretrain_vae, noise_scheduler, tiny_components
     torch.set_num_threads(threads)
     parts = tiny_components(0, shape='small')
-    vae, unet, text_encoder = parts['vae'], parts['unet'], parts['text_encoder']
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(8, 3, 64, 64, generator=generator) * 2 - 1
-    vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), 1e-3)
-    def vae_step():  # as `tiny._pretrain_vae` trains it
-        posterior = vae.encode(images).latent_dist
-        loss = F.l1_loss(vae.decode(posterior.sample(generator)).sample, images) + 1e-6 * posterior.kl().mean()
-        loss.backward(); optimizer.step(); optimizer.zero_grad()
-    latents = torch.randn(8, 4, 16, 16, generator=generator)
-    ids = torch.randint(0, parts['tokenizer'].vocab_size, (8, 77), generator=generator)
-    unet.train(); text_encoder.train()
-    unet_optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], 1e-3)
-    def unet_step():  # as `tiny._pretrain_unet` trains them
-        t = torch.randint(1000, (8,), generator=generator)
-        prediction = unet(latents, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        F.mse_loss(prediction, latents).backward(); unet_optimizer.step(); unet_optimizer.zero_grad()
+    vae, unet, text_encoder, tokenizer = parts['vae'], parts['unet'], parts['text_encoder'], parts['tokenizer']
+    generator, bar = torch.Generator().manual_seed(0), tqdm(disable=True)
+    images = torch.rand(8, 3, 64, 64, generator=generator) * 2 - 1  # one batch: the loop's closing encode stays small
+    ids = torch.randint(0, tokenizer.vocab_size, (8, tokenizer.model_max_length), generator=generator)
+    scheduler = noise_scheduler(parts['scheduler'])
+    def train_vae(steps): return _pretrain_vae(vae.train().requires_grad_(True), images, steps, 8, generator, bar)
+    latents = train_vae(3)  # warm-up; the latents the UNet learns from
+    def train_unet(steps):  # (the loop freezes both when it ends)
+        _pretrain_unet(unet.requires_grad_(True), text_encoder.requires_grad_(True), latents, ids, ids[:1], scheduler, steps,
+                       8, generator, bar)
+    train_unet(3)
     result = {}
-    for name, step, count in (('vae_step_ms', vae_step, vae_steps), ('unet_step_ms', unet_step, unet_steps)):
-        for _ in range(3): step()
+    for name, steps, run in (('vae_step_ms', vae_steps, train_vae), ('unet_step_ms', unet_steps, train_unet)):
         start = time.perf_counter()
-        for _ in range(count): step()
-        result[name] = 1e3 * (time.perf_counter() - start) / count
+        run(steps)
+        result[name] = 1e3 * (time.perf_counter() - start) / steps
     vae.eval()
     many = torch.rand(1600, 3, 64, 64, generator=generator) * 2 - 1
     with torch.no_grad():
