@@ -111,6 +111,7 @@ class TransferSettings:
     steps: int = 20  # denoising steps
     guidance: float | None = None  # classifier-free guidance scale; None: the model's default
     controlnet_scale: float | None = None  # how strongly the skeleton steers; None: the model's default
+    noise_scale: float | None = None  # the starting noise's scale, below 1 steadier and less varied; None: the model's
     reference_strength: float = 1.0  # how strongly A's features are attended to
     seed: int = 0  # the same seed gives the same images
     retarget: bool = False  # redraw poses with A's proportions (needs A's pose)
@@ -146,7 +147,7 @@ def generate(pipe, # a `PoseTransferPipeline`
         return pipe(reference, [p.source for p in poses], prompt=settings.prompt,
                     negative_prompt=settings.negative_prompt, num_inference_steps=settings.steps,
                     guidance_scale=settings.guidance, controlnet_conditioning_scale=settings.controlnet_scale,
-                    reference_strength=settings.reference_strength, retarget=settings.retarget,
+                    noise_scale=settings.noise_scale, reference_strength=settings.reference_strength, retarget=settings.retarget,
                     reference_pose=reference_pose, generator=torch.Generator().manual_seed(settings.seed))
 
 # %% ../nbs/11_app.ipynb #dfb5853d
@@ -160,7 +161,7 @@ def load_model(model: str | os.PathLike | None = None, # a model directory or .s
 
 def drawing_defaults(pipe=None, # a `PoseTransferPipeline`; None: the model `load_model()` would load
                     ) -> dict[str, float]:
-    "The ControlNet scale and guidance the model draws with when a call gives none (calibrated, else 1 and 5)."
+    "The ControlNet scale, guidance and noise scale the model draws with when a call gives none (calibrated, else 1, 5, 1)."
     if pipe is not None: return {name: pipe.config[name] for name in DRAWING_DEFAULTS}
     return model_drawing_defaults(bundled_model_dir())
 
@@ -218,6 +219,8 @@ class PoseTransferApp:
                                             description='guidance', **slider)
         self.controlnet_scale = widgets.FloatSlider(defaults['controlnet_conditioning_scale'], min=0, max=5, step=0.05,
                                                     description='ControlNet scale', **slider)
+        self.noise_scale = widgets.FloatSlider(defaults['noise_scale'], min=0, max=1.5, step=0.05, description='noise scale',
+                                               **slider)
         self.reference_strength = widgets.FloatSlider(1.0, min=0, max=2, step=0.05, description='reference strength',
                                                       **slider)
         self.seed = widgets.IntText(value=0, description='seed')
@@ -282,7 +285,7 @@ class PoseTransferApp:
     def settings(self) -> TransferSettings:
         "The settings the controls show."
         return TransferSettings(prompt=self.prompt.value, steps=self.steps.value, guidance=self.guidance.value,
-                                controlnet_scale=self.controlnet_scale.value,
+                                controlnet_scale=self.controlnet_scale.value, noise_scale=self.noise_scale.value,
                                 reference_strength=self.reference_strength.value,
                                 seed=self.seed.value, retarget=self.retarget.value)
 
@@ -311,7 +314,7 @@ class PoseTransferApp:
                   widgets.HBox([widgets.VBox([self.pose_choice, self.pose_upload, self.canvas, self.sheet_mode,
                                               self.retarget]), self.pose_view])]
         sliders = widgets.HBox([widgets.VBox([self.steps, self.guidance]),
-                                widgets.VBox([self.controlnet_scale, self.reference_strength])])
+                                widgets.VBox([self.controlnet_scale, self.reference_strength]), self.noise_scale])
         run = widgets.HBox([self.seed, self.generate_button, self.progress])
         save = widgets.HBox([self.save_folder, self.save_button])
         return widgets.VBox([*inputs, self.prompt, sliders, run, self.status, self.gallery, save])

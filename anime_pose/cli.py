@@ -23,7 +23,7 @@ HELP = {  # name: one-line help, shown without importing the subcommand's module
     'data':     'filter Danbooru metadata into paired, split, budgeted triples',
     'train':    'train ControlNet and the reference path (or the GAN baseline)',
     'evaluate': 'measure pose accuracy, identity and quality against baselines',
-    'calibrate': 'choose the ControlNet scale and guidance a trained model draws with',
+    'calibrate': 'choose the ControlNet scale, guidance and noise scale a trained model draws with',
     'demo':     'run the bundled model on held-out characters and write a report',
     'export':   'export a trained ControlNet as one safetensors file for A1111/ComfyUI',
 }

@@ -47,11 +47,13 @@ def pipeline_method(pipe, # a `PoseTransferPipeline`
                     seed: int = 0, # every triple's noise comes from this seed, in any batch
                     controlnet_conditioning_scale: float | None = None, # None: the model's default (see `calibrate`)
                     batch_size: int = BATCH_SIZE, # triples drawn together by the method's `batch`
+                    noise_scale: float | None = None, # None: the model's default (see `calibrate`)
                    ):
     "A method drawing each triple's reference in its pose with `pipe`; its `batch` draws `batch_size` triples at once."
     pipe.set_progress_bar_config(disable=True)
     settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
-                    reference_strength=reference_strength, controlnet_conditioning_scale=controlnet_conditioning_scale)
+                    reference_strength=reference_strength, controlnet_conditioning_scale=controlnet_conditioning_scale,
+                    noise_scale=noise_scale)
     def generate(triple: dict) -> Image.Image: return draw_triples(pipe, [triple], **settings)[0]
     generate.batch = lambda triples: draw_triples(pipe, triples, batch_size=batch_size, **settings)
     generate.batch_size = batch_size
@@ -61,7 +63,7 @@ def draw_triples(pipe, # a `PoseTransferPipeline`
                  triples: list[dict], # triples of any sizes: each size is drawn in batches of its own
                  seed: int = 0, # each triple's generator is seeded with it, so a triple draws the same in any batch
                  batch_size: int | None = None, # triples per UNet call; None: all of a size at once
-                 **settings, # num_inference_steps, guidance_scale, reference_strength, controlnet_conditioning_scale
+                 **settings, # num_inference_steps, guidance_scale, reference_strength, controlnet_conditioning_scale, ...
                 ) -> list[Image.Image]:
     "Each triple's reference drawn in its pose with its tags: one pipeline call per size of target."
     sizes = [load_image(triple['target']).size for triple in triples]
@@ -281,7 +283,8 @@ def build_methods(pipeline: str | os.PathLike, # a saved `PoseTransferPipeline` 
         unet = copy.deepcopy(unet)
         with torch.no_grad(): unet.conv_in.weight[:, trained.vae.config.latent_channels:] = 0
     components = {**trained.components, 'unet': unet, 'controlnet': untrained_controlnet, 'reference_net': None}
-    untrained = PoseTransferPipeline(**components, guidance_scale=trained.config.guidance_scale)  # drawn alike
+    untrained = PoseTransferPipeline(**components, guidance_scale=trained.config.guidance_scale,
+                                     noise_scale=trained.config.noise_scale)  # drawn alike
     settings = dict(num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size)
     methods = dict(copy_reference=copy_reference, warp_reference=warp_method(),
                    pose_only=pipeline_method(trained, reference_strength=0.0, **settings),
@@ -449,8 +452,8 @@ def evaluate_models(out: str | os.PathLike, # the report directory
     pose_columns = 'pck, oks and silhouette_iou' if synthetic else 'pck and oks'
     stored = stored_drawing_defaults(pipeline)
     drawn = model_drawing_defaults(None) | stored
-    drawing = (f", ControlNet scale {drawn['controlnet_conditioning_scale']:g} "
-               f"and guidance {drawn['guidance_scale']:g} ({'calibrated' if stored else 'uncalibrated defaults'})")
+    drawing = (f", ControlNet scale {drawn['controlnet_conditioning_scale']:g}, guidance {drawn['guidance_scale']:g} "
+               f"and noise scale {drawn['noise_scale']:g} ({'calibrated' if stored else 'uncalibrated defaults'})")
     if data is not None: what = f"{len(triples)} triples of the {split or 'test'} split of `{data}`"
     elif split is not None: what = f'{len(triples)} triples of the {split} split of the training data'
     else: what = f'{len(triples)} held-out triples (the test split of the training data: characters no model saw)'

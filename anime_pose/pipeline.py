@@ -187,7 +187,7 @@ class PoseTransferOutput(BaseOutput):
     skeletons: list[Image.Image]
 
 # %% ../nbs/07a_pipeline.ipynb #544c1d06
-DRAWING_DEFAULTS = ('controlnet_conditioning_scale', 'guidance_scale')  # call settings saved in model_index.json
+DRAWING_DEFAULTS = ('controlnet_conditioning_scale', 'guidance_scale', 'noise_scale')  # call settings saved in model_index.json
 
 def _drawing_defaults(settings: dict, where: str = '') -> dict:
     "`settings` checked to be drawing defaults with numbers >= 0, as floats."
@@ -259,12 +259,13 @@ def warped_reference_latents(vae: AutoencoderKL, references: list[Image.Image], 
     return encode_with_warps(vae, [], references, reference_poses, poses)[1]
 
 # %% ../nbs/07a_pipeline.ipynb #e99cbc7f
-def _check_settings(num_inference_steps, guidance_scale, controlnet_conditioning_scale, reference_strength, batch_size):
+def _check_settings(num_inference_steps, guidance_scale, controlnet_conditioning_scale, reference_strength, batch_size,
+                    noise_scale):
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise TransferError(f'num_inference_steps must be a positive integer, got {num_inference_steps!r}')
     for name, value in (('guidance_scale', guidance_scale),
                         ('controlnet_conditioning_scale', controlnet_conditioning_scale),
-                        ('reference_strength', reference_strength)):
+                        ('reference_strength', reference_strength), ('noise_scale', noise_scale)):
         if not (isinstance(value, (int, float)) and value >= 0):
             raise TransferError(f'{name} must be a number >= 0, got {value!r}')
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -402,11 +403,12 @@ class PoseTransferPipeline(DiffusionPipeline):
                  # the ControlNet scale calls use by default (saved in model_index.json; see `anime-pose calibrate`)
                  controlnet_conditioning_scale: float = 1.0,
                  guidance_scale: float = 5.0, # the guidance calls use by default (saved likewise)
+                 noise_scale: float = 1.0, # the scale of the starting noise calls use by default (saved likewise)
                 ):
         super().__init__()
         check_components(vae, text_encoder, unet, controlnet, reference_net)
         defaults = _drawing_defaults(dict(controlnet_conditioning_scale=controlnet_conditioning_scale,
-                                          guidance_scale=guidance_scale))
+                                          guidance_scale=guidance_scale, noise_scale=noise_scale))
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
                               scheduler=scheduler, reference_net=reference_net)
         self.register_to_config(**defaults)
@@ -421,6 +423,8 @@ class PoseTransferPipeline(DiffusionPipeline):
                  num_inference_steps: int = 20,
                  guidance_scale: float | None = None, # classifier-free guidance; <= 1: off; None: the model's default
                  controlnet_conditioning_scale: float | None = None, # how strongly the skeleton steers; None: model's
+                 noise_scale: float | None = None, # the starting noise times this: 1 as trained, below 1 a lower sampling
+                                                   # temperature (steadier shapes and colours, less variety); None: model's
                  reference_strength: float = 1.0, # how strongly A's features are attended to; 0 ignores the reference
                  retarget: bool | None = None, # redraw poses with A's proportions (needs `reference_pose`)
                  reference_pose=None, # A's pose in `reference` (Pose or OpenPose JSON; or one per pose): for `retarget`, and for the
@@ -446,9 +450,10 @@ class PoseTransferPipeline(DiffusionPipeline):
         if guidance_scale is None: guidance_scale = self.config.guidance_scale
         if controlnet_conditioning_scale is None:
             controlnet_conditioning_scale = self.config.controlnet_conditioning_scale
+        if noise_scale is None: noise_scale = self.config.noise_scale
         check_size(height, width, self.vae_scale_factor)
         _check_settings(num_inference_steps, guidance_scale, controlnet_conditioning_scale, reference_strength,
-                        batch_size)
+                        batch_size, noise_scale)
         if output_type not in ('pil', 'latent'):
             raise TransferError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         check_prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
@@ -469,7 +474,7 @@ class PoseTransferPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.unet.dtype
         factor = self.vae_scale_factor
         shape = (count, self.vae.config.latent_channels, height // factor, width // factor)
-        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * noise_scale
         batches = sample_batches(count, batch_size)
         images = []
         with ReferenceAttention(self.unet, self.reference_net, reference_strength) as reference_path:
@@ -601,7 +606,7 @@ def vae_scale_factor(path: str | os.PathLike, # a model directory with vae/confi
 
 # %% ../nbs/07a_pipeline.ipynb #e18536bf
 def set_drawing_defaults(path: str | os.PathLike, # a saved pipeline's directory
-                         **settings: float, # controlnet_conditioning_scale and/or guidance_scale
+                         **settings: float, # any of DRAWING_DEFAULTS
                         ) -> Path:
     "Store `settings` as the model's drawing defaults in its `model_index.json` (atomically); return that file."
     settings = _drawing_defaults(settings)
@@ -717,6 +722,9 @@ def _add_common(parser: argparse.ArgumentParser):
                         help="classifier-free guidance scale (default: the model's calibrated guidance, else 5)")
     parser.add_argument('--controlnet-scale', type=float,
                         help="pose conditioning strength (default: the model's calibrated scale, else 1)")
+    parser.add_argument('--noise-scale', type=float,
+                        help="the starting noise times this: below 1 draws steadier shapes and colours with less variety "
+                             "(default: the model's calibrated scale, else 1)")
     parser.add_argument('--control-start', type=float, default=0.0,
                         help='fraction of the steps before the pose ControlNet starts acting (default 0)')
     parser.add_argument('--control-end', type=float, default=1.0,
@@ -765,7 +773,8 @@ def _transfer(args, poses) -> PoseTransferOutput:
     pipe = load_pipeline(args.model, args.controlnet, device, args.prediction_type, args.model_config, args.reference_only)
     return pipe(reference, poses, prompt=args.prompt, negative_prompt=args.negative_prompt,
                 num_inference_steps=args.steps, guidance_scale=args.guidance,
-                controlnet_conditioning_scale=args.controlnet_scale, reference_strength=args.reference_strength,
+                controlnet_conditioning_scale=args.controlnet_scale, noise_scale=args.noise_scale,
+                reference_strength=args.reference_strength,
                 retarget=args.retarget, reference_pose=reference_pose, pose_canvas=args.canvas, detector=args.detector, height=args.height,
                 width=args.width,
                 generator=torch.Generator().manual_seed(args.seed), batch_size=getattr(args, 'batch_size', None),

@@ -164,7 +164,8 @@ def test_app_synthetic_pose_sheet_generate_and_save(synthetic_app, tmp_path):
     ui.sheet_mode.value = 'pose sheet'
     assert len(ui.pose_view.children) == 3
     ui.steps.value, ui.retarget.value, ui.seed.value = 1, True, 3
-    assert ui.settings() == TransferSettings(steps=1, retarget=True, seed=3, guidance=5.0, controlnet_scale=1.0)  # the tiny model's uncalibrated defaults
+    assert ui.settings() == TransferSettings(steps=1, retarget=True, seed=3, guidance=5.0, controlnet_scale=1.0,
+                                             noise_scale=1.0)  # the tiny model's uncalibrated defaults
     ui.generate_button.click()
     assert ui.status.value == 'done: 3 images', ui.status.value
     assert len(ui.gallery.children) == 3 and ui.progress.value == ui.progress.max == 1
@@ -208,15 +209,17 @@ def test_the_widget_holds_every_control(synthetic_app):
     def walk(widget): return [widget, *[c for child in getattr(widget, 'children', ()) for c in walk(child)]]
     shown = walk(synthetic_app.widget())
     for control in ('character', 'reference_upload', 'reference_pose_upload', 'pose_choice', 'pose_upload', 'canvas', 'sheet_mode', 'retarget',
-                    'steps', 'guidance', 'controlnet_scale', 'reference_strength', 'seed', 'generate_button', 'progress', 'save_button', 'gallery'):
+                    'steps', 'guidance', 'controlnet_scale', 'noise_scale', 'reference_strength', 'seed', 'generate_button', 'progress', 'save_button', 'gallery'):
         assert getattr(synthetic_app, control) in shown, control
     assert isinstance(synthetic_app.widget(), w.VBox)
 
 
 def test_the_sliders_start_at_the_models_drawing_defaults(pipe):
     from anime_pose.pipeline import PoseTransferPipeline
-    calibrated = PoseTransferApp(PoseTransferPipeline(**pipe.components, controlnet_conditioning_scale=2.5, guidance_scale=1.5), synthetic_size=64)
-    assert (calibrated.controlnet_scale.value, calibrated.guidance.value) == (2.5, 1.5)
+    calibrated = PoseTransferApp(PoseTransferPipeline(**pipe.components, controlnet_conditioning_scale=2.5, guidance_scale=1.5,
+                                                      noise_scale=0.8), synthetic_size=64)
+    assert (calibrated.controlnet_scale.value, calibrated.guidance.value, calibrated.noise_scale.value) == (2.5, 1.5, 0.8)
+    assert calibrated.settings().noise_scale == 0.8
 
 
 def colab_cell():

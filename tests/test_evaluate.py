@@ -113,7 +113,8 @@ def test_demo_on_the_bundled_models_reports_every_method_and_metric(tmp_path):
     from anime_pose.core import bundled_path
     from anime_pose.pipeline import stored_drawing_defaults
     drawn = stored_drawing_defaults(bundled_path('model'))  # the report says how the models drew
-    assert f"ControlNet scale {drawn['controlnet_conditioning_scale']:g} and guidance {drawn['guidance_scale']:g} (calibrated)" in report
+    assert (f"ControlNet scale {drawn['controlnet_conditioning_scale']:g}, guidance {drawn['guidance_scale']:g} "
+            f"and noise scale {drawn['noise_scale']:g} (calibrated)") in report
 
 
 def test_batched_evaluation_draws_what_one_at_a_time_draws(triples):
@@ -164,14 +165,15 @@ def test_retrain_follows_a_recipe_and_the_result_evaluates(tmp_path):
     from anime_pose.train import TrainConfig, override_config
     recipe = load_recipe()
     shrink = dict(synthetic_characters=6, max_steps=2, base_steps=2, base_vae_steps=2, validate_every=1, sample_every=0, checkpoint_every=0)
-    small = {'anime_pose': {'config': {**recipe['anime_pose']['config'], **shrink}, 'calibration': dict(scales=[1, 2], guidances=[1, 3], count=1, num_inference_steps=1)},
+    small = {'anime_pose': {'config': {**recipe['anime_pose']['config'], **shrink}, 'calibration': dict(scales=[1, 2], guidances=[1, 3], noise_scales=[1, 0.8], count=1, num_inference_steps=1)},
              'gan': {'config': {**recipe['gan']['config'], **shrink}},
              'parser': dict(characters=6, poses_per_character=2, steps=2, batch_size=4, seed=1)}
     assert set(retrain_models(tmp_path / 'model-only', small, progress=False)) == {'model'}  # `--retrain`: the GAN and parser stay bundled
     models = retrain_models(tmp_path / 'models', small, baselines=True, progress=False)
     assert set(models) == {'model', 'gan', 'parser'} and all(path.is_dir() for path in models.values())
     assert (models['model'] / 'losses.csv').is_file() and (models['model'] / 'model_index.json').is_file()
-    assert json.loads((models['model'] / 'model_index.json').read_text())['controlnet_conditioning_scale'] in (1.0, 2.0)  # calibrated
+    calibrated = json.loads((models['model'] / 'model_index.json').read_text())
+    assert calibrated['controlnet_conditioning_scale'] in (1.0, 2.0) and calibrated['noise_scale'] in (1.0, 0.8)
     config = override_config(TrainConfig(), small['anime_pose']['config'], 'test')
     metrics = evaluate_models(tmp_path / 'report', models['model'], config, models['gan'], models['parser'],
                               {'anime_pose': models['model']}, count=1, num_inference_steps=1, progress=False)
@@ -438,15 +440,17 @@ def test_calibrate_cli_stores_the_chosen_settings_where_the_pipeline_finds_them(
     from anime_pose.cli import main
     from anime_pose.pipeline import PoseTransferPipeline
     run = _synthetic_run(tmp_path)
-    assert main(['calibrate', '--model', str(run), '--scales', '3', '1', '--guidances', '2', '1', '--count', '2', '--steps', '2']) == 0
+    assert main(['calibrate', '--model', str(run), '--scales', '3', '1', '--guidances', '2', '1', '--noise-scales', '1', '0.8',
+                 '--count', '2', '--steps', '2']) == 0
     out = capsys.readouterr().out
     stored = json.loads((run / 'final' / 'model_index.json').read_text())
-    scale, guidance = stored['controlnet_conditioning_scale'], stored['guidance_scale']
-    assert scale in (1.0, 3.0) and guidance in (1.0, 2.0)
-    assert f'ControlNet scale {scale:g} and guidance {guidance:g} chosen on 2 validation triples' in out
+    scale, guidance, noise = stored['controlnet_conditioning_scale'], stored['guidance_scale'], stored['noise_scale']
+    assert scale in (1.0, 3.0) and guidance in (1.0, 2.0) and noise in (1.0, 0.8)
+    assert f'ControlNet scale {scale:g}, guidance {guidance:g} and noise scale {noise:g} chosen on 2 validation triples' in out
     assert all(f'| scale {s}, guidance {g} (mean rank' in out for s in (1, 3) for g in (1, 2))
+    assert f'| scale {scale:g}, guidance {guidance:g}, noise 0.8 (mean rank' in out
     config = PoseTransferPipeline.from_pretrained(run / 'final').config
-    assert (config.controlnet_conditioning_scale, config.guidance_scale) == (scale, guidance)
+    assert (config.controlnet_conditioning_scale, config.guidance_scale, config.noise_scale) == (scale, guidance, noise)
 
 
 def test_calibrate_tries_every_pair_and_prefers_the_gentler_one_on_a_tie_whatever_the_model_stored(tmp_path, monkeypatch):
@@ -464,14 +468,35 @@ def test_calibrate_tries_every_pair_and_prefers_the_gentler_one_on_a_tie_whateve
     chosen = []
     for stored_guidance in (5, 1):  # the search does not start from what the model stored
         set_drawing_defaults(run / 'final', controlnet_conditioning_scale=2, guidance_scale=stored_guidance)
-        result = calibration.calibrate(run / 'final', load_config(run / 'config.json'), (4, 3, 2, 1), (5, 1), count=1,
-                                       progress=False)
+        result = calibration.calibrate(run / 'final', load_config(run / 'config.json'), (4, 3, 2, 1), (5, 1), (1,),
+                                       count=1, progress=False)
         chosen.append((result['controlnet_conditioning_scale'], result['guidance_scale']))
     assert chosen == [(3.0, 5.0), (3.0, 5.0)]
     assert result['mean_rank']['scale 3, guidance 5'] == result['mean_rank']['scale 4, guidance 5'] == 7.5
     assert sorted(drawn) == sorted(list(scores) * 2)  # every pair, each drawn once per calibration
     stored = json.loads((run / 'final' / 'model_index.json').read_text())
-    assert (stored['controlnet_conditioning_scale'], stored['guidance_scale']) == (3.0, 5.0)
+    assert (stored['controlnet_conditioning_scale'], stored['guidance_scale'], stored['noise_scale']) == (3.0, 5.0, 1.0)
+
+
+def test_calibrate_then_tries_the_noise_scales_at_the_chosen_pair_only(tmp_path, monkeypatch):
+    import anime_pose.calibrate as calibration
+    from anime_pose.train import load_config
+    run = _synthetic_run(tmp_path)
+    scores = {'scale 1, guidance 1': dict(pck=.5, ssim=.5), 'scale 2, guidance 1': dict(pck=.8, ssim=.6),
+              'scale 2, guidance 1, noise 0.8': dict(pck=.85, ssim=.65),  # better on both: chosen
+              'scale 2, guidance 1, noise 0.5': dict(pck=.9, ssim=.4)}
+    drawn = []
+    def evaluate_methods(methods, *args, **kwargs):
+        drawn.extend(methods)
+        return {name: scores[name] for name in methods}, {}
+    monkeypatch.setattr(calibration, 'evaluate_methods', evaluate_methods)
+    config = load_config(run / 'config.json')
+    result = calibration.calibrate(run / 'final', config, (1, 2), (1,), (1, 0.8, 0.5), count=1, progress=False)
+    assert (result['controlnet_conditioning_scale'], result['guidance_scale'], result['noise_scale']) == (2.0, 1.0, 0.8)
+    assert sorted(drawn) == sorted(scores)  # the pair at noise 1 is not drawn twice; the other pair at no other noise
+    assert json.loads((run / 'final' / 'model_index.json').read_text())['noise_scale'] == 0.8
+    scores['scale 2, guidance 1, noise 0.8'] = dict(pck=.8, ssim=.6)  # level with noise 1: the training noise wins the tie
+    assert calibration.calibrate(run / 'final', config, (1, 2), (1,), (0.8, 1), count=1, progress=False)['noise_scale'] == 1.0
 
 
 def test_calibrating_real_triples_scores_them_with_the_detector(real_run, tmp_path):

@@ -78,6 +78,16 @@ def test_same_seed_same_images_other_seed_other_images(pipe, reference, poses):
     assert not np.array_equal(arrays(first)[0], arrays(other)[0])
 
 
+def test_noise_scale_scales_the_starting_noise_and_a_stored_one_is_the_default(pipe, reference, poses):
+    default, one, half = (run(pipe, reference, poses[0], output_type='latent', **k).images
+                          for k in ({}, dict(noise_scale=1.0), dict(noise_scale=0.5)))
+    assert torch.equal(default, one) and not torch.allclose(default, half)
+    calm = PoseTransferPipeline(**pipe.components, noise_scale=0.5)  # as calibration stores it in model_index.json
+    calm.set_progress_bar_config(disable=True)
+    assert torch.equal(run(calm, reference, poses[0], output_type='latent').images, half)
+    assert torch.equal(run(calm, reference, poses[0], output_type='latent', noise_scale=1.0).images, default)
+
+
 def test_reference_strength_zero_ignores_the_reference(pipe, reference, poses):
     other = Image.new('RGB', (64, 64), (200, 30, 30))
     a, b = run(pipe, reference, poses[0], reference_strength=0), run(pipe, other, poses[0], reference_strength=0)
@@ -200,6 +210,7 @@ def test_bad_requests_fail_before_running(pipe, reference, poses, tmp_path):
              (dict(width=0), TransferError, 'width must be a positive multiple of 8'),
              (dict(num_inference_steps=0), TransferError, 'num_inference_steps must be a positive integer'),
              (dict(guidance_scale=-1), TransferError, 'guidance_scale must be a number >= 0'),
+             (dict(noise_scale=float('nan')), TransferError, 'noise_scale must be a number >= 0'),
              (dict(reference_strength=float('nan')), TransferError, 'reference_strength must be a number >= 0'),
              (dict(batch_size=0), TransferError, 'batch_size must be a positive integer'),
              (dict(output_type='np'), TransferError, "output_type must be 'pil' or 'latent'")]
