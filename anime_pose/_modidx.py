@@ -378,6 +378,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                                                                       'anime_pose/finetune.py'),
                                      'anime_pose.finetune.DiffusionMethod._loss': ( 'finetune.html#diffusionmethod._loss',
                                                                                     'anime_pose/finetune.py'),
+                                     'anime_pose.finetune.DiffusionMethod._reference_path': ( 'finetune.html#diffusionmethod._reference_path',
+                                                                                              'anime_pose/finetune.py'),
                                      'anime_pose.finetune.DiffusionMethod._warped': ( 'finetune.html#diffusionmethod._warped',
                                                                                       'anime_pose/finetune.py'),
                                      'anime_pose.finetune.DiffusionMethod.build': ( 'finetune.html#diffusionmethod.build',

@@ -308,8 +308,9 @@ class DiffusionMethod(TrainMethod):
             return prediction_loss(prediction, target, config.loss, config.huber_delta, weights)
         writer = self.accelerator.unwrap_model(self.reference_net) if self.reference_net is not None else None
         keep_in_graph = None
-        # the processors go on the UNet itself; calls go through `self.unet` (a DDP wrapper when it trains on several processes)
-        with ReferenceAttention(self.accelerator.unwrap_model(self.unet), writer, reference_strength) as reference:
+        reference = self._reference_path(writer)
+        reference.strength = reference_strength
+        try:
             if self.reference_net is not None and self.accelerator.num_processes > 1:  # DDP: whole net, in the graph
                 reference.state.mode = 'write'
                 keep_in_graph = self.reference_net(reference_input(writer, reference_latents), 0,
@@ -321,8 +322,19 @@ class DiffusionMethod(TrainMethod):
             with reference.read():
                 prediction = controlled_prediction(self.unet, self.controlnet, noisy.to(dtype), timesteps,
                                                    text.to(dtype), batch['condition'].to(dtype))
+        finally: reference.state.clear()  # this step's reference features
         loss = prediction_loss(prediction, target, config.loss, config.huber_delta, weights)
         return loss + 0 * keep_in_graph.float().mean() if keep_in_graph is not None else loss
+
+    def _reference_path(self, writer) -> ReferenceAttention:
+        "The reference path on the denoiser, attached once for the run (installing its processors every step cost ~5 %)."
+        # the processors go on the UNet itself; calls go through `self.unet` (a DDP wrapper when it trains on several
+        # processes); a pipeline drawing samples attaches its own processors and puts these back when it is done
+        unet = self.accelerator.unwrap_model(self.unet)
+        path = getattr(self, '_reference', None)
+        if path is None or path.unet is not unet or path.reference_net is not (writer if writer is not None else unet):
+            path = self._reference = ReferenceAttention(unet, writer)
+        return path.attach()
 
     def training_step(self, batch): return self._loss(batch, self.config.conditioning_dropout)
 
