@@ -330,11 +330,9 @@ class DiffusionMethod(TrainMethod):
         "The reference path on the denoiser, attached once for the run (installing its processors every step cost ~5 %)."
         # the processors go on the UNet itself; calls go through `self.unet` (a DDP wrapper when it trains on several
         # processes); a pipeline drawing samples attaches its own processors and puts these back when it is done
-        unet = self.accelerator.unwrap_model(self.unet)
-        path = getattr(self, '_reference', None)
-        if path is None or path.unet is not unet or path.reference_net is not (writer if writer is not None else unet):
-            path = self._reference = ReferenceAttention(unet, writer)
-        return path.attach()
+        if getattr(self, '_reference', None) is None:
+            self._reference = ReferenceAttention(self.accelerator.unwrap_model(self.unet), writer)
+        return self._reference.attach()  # (at once when still attached)
 
     def training_step(self, batch): return self._loss(batch, self.config.conditioning_dropout)
 
