@@ -24,9 +24,9 @@ from .diffusion import LOSSES
 __all__ = ['LR_SCHEDULES', 'MIXED_PRECISION', 'OPTIMIZERS', 'REPORT_TO', 'PRESETS', 'METHODS', 'METHOD_GROUP',
            'CHECKPOINT_PATTERN', 'OOM_ADVICE', 'LAUNCH_ADVICE', 'DAMAGE', 'SYNTHETIC_POSES', 'WEIGHT_DTYPES',
            'ConfigError', 'TrainConfig', 'override_config', 'load_config', 'make_optimizer', 'TrainMethod',
-           'register_method', 'load_method', 'ToyMethod', 'batch_indices', 'seed_step', 'list_checkpoints',
-           'save_checkpoint', 'load_checkpoint', 'LossLog', 'read_losses', 'plot_losses', 'TrainingDiverged',
-           'OutOfMemory', 'train', 'training_triples', 'held_out_split']
+           'register_method', 'load_method', 'ToyMethod', 'batch_indices', 'seed_step', 'checkpoint_step',
+           'list_checkpoints', 'save_checkpoint', 'load_checkpoint', 'LossLog', 'read_losses', 'plot_losses',
+           'TrainingDiverged', 'OutOfMemory', 'train', 'training_triples', 'held_out_split']
 
 # %% ../nbs/08_train.ipynb #4b257873
 class ConfigError(AnimePoseError):
@@ -356,12 +356,12 @@ def _optimizer_state(tensors: dict, meta: dict) -> dict:
 # %% ../nbs/08_train.ipynb #b27b8ce9
 CHECKPOINT_PATTERN = re.compile(r'checkpoint-(\d+)$')
 
+def checkpoint_step(path: str | os.PathLike) -> int: return int(CHECKPOINT_PATTERN.search(Path(path).name).group(1))
+
 def list_checkpoints(out: str | os.PathLike) -> list[Path]:
     "The complete checkpoints under run directory `out`, oldest first."
-    out = Path(out)
-    found = [(int(m.group(1)), p) for p in out.glob('checkpoint-*')
-             if p.is_dir() and (m := CHECKPOINT_PATTERN.search(p.name))]
-    return [p for _, p in sorted(found) if (p / 'trainer_state.json').exists()]
+    found = [p for p in Path(out).glob('checkpoint-*') if p.is_dir() and CHECKPOINT_PATTERN.search(p.name)]
+    return [p for p in sorted(found, key=checkpoint_step) if (p / 'trainer_state.json').exists()]
 
 def save_checkpoint(out: Path, step: int, modules: dict[str, nn.Module], optimizers: dict, schedulers: dict,
                     state: dict, keep: int = 2, ema=None) -> Path:
@@ -499,14 +499,20 @@ def _make_accelerator(config: TrainConfig, out: Path):
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
                        log_with=None if config.report_to == 'none' else config.report_to)
 
-def _start_checkpoint(out: Path, resume: bool) -> Path | None:
+def _start_checkpoint(out: Path, resume: bool,
+                      max_steps: int | None = None, # refuse a checkpoint past it (at it: only final/ is written)
+                     ) -> Path | None:
     "The checkpoint to resume from; refuse to overwrite a run that was not asked to resume."
     checkpoints = list_checkpoints(out)
     if not resume and (checkpoints or (out / 'final').exists() or (out / 'losses.csv').exists()):
         raise AnimePoseError(f"'{out}': already holds a training run; "
                              'pass --resume to continue it, or choose another --out')
+    latest = checkpoints[-1] if resume and checkpoints else None
+    if latest is not None and max_steps is not None and (step := checkpoint_step(latest)) > max_steps:
+        raise ConfigError(f"'{latest}' is at step {step}, past max_steps={max_steps}: "
+                          'resume with --max-steps of at least that, or start a new run')
     if resume: remove_partial_writes(out)  # what a killed run was writing when it died
-    return checkpoints[-1] if resume and checkpoints else None
+    return latest
 
 # %% ../nbs/08_train.ipynb #b9fc447c
 def _validate(method: TrainMethod, config: TrainConfig) -> float | None:
@@ -583,11 +589,10 @@ def _build(method_class: type[TrainMethod], config: TrainConfig, accelerator, ou
 
 DAMAGE = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)  # how a truncated or corrupt file fails to load
 
-def _step_of(checkpoint: Path) -> int: return int(CHECKPOINT_PATTERN.search(checkpoint.name).group(1))
 
 def _load_intact(method: TrainMethod, schedulers: dict, newest: Path) -> dict:
     "Load the newest checkpoint up to `newest` that loads whole, saying which damaged ones it passed over."
-    candidates = [c for c in reversed(list_checkpoints(newest.parent)) if _step_of(c) <= _step_of(newest)]
+    candidates = [c for c in reversed(list_checkpoints(newest.parent)) if checkpoint_step(c) <= checkpoint_step(newest)]
     damaged = []
     for checkpoint in candidates:
         try: state = load_checkpoint(checkpoint, method.modules(), method.optimizers, schedulers, method.ema)
@@ -658,7 +663,7 @@ def _finish(method: TrainMethod, out: Path):
 # %% ../nbs/08_train.ipynb #7f3d0229
 def _prepare_out(config: TrainConfig, out: Path, resume: bool, accelerator) -> Path | None:
     "Check `out`, write its config.json and clear half-written checkpoints; return the checkpoint to resume from."
-    latest = _start_checkpoint(out, resume)
+    latest = _start_checkpoint(out, resume, config.max_steps)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

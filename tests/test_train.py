@@ -208,6 +208,12 @@ def test_cli_trains_resumes_and_reports(tmp_path, capsys):
     assert (saved.seed, saved.loss, saved.max_steps, saved.validate_every) == (4, 'l1', 6, 3)
     assert main(['train', '--out', str(out), '--resume', '--max-steps', '8']) == 0  # the saved config is the base
     assert load_config(out / 'config.json').max_steps == 8 and load_config(out / 'config.json').seed == 4
+    capsys.readouterr()
+    assert main(['train', '--out', str(out), '--resume', '--max-steps', '6']) == 0  # checkpoint-6: final/ from it
+    assert 'nothing left to train: the run was at step 6' in capsys.readouterr().out
+    assert main(['train', '--out', str(out), '--resume', '--max-steps', '4']) == 1  # past it: refused, nothing written
+    assert "checkpoint-6' is at step 6, past max_steps=4" in capsys.readouterr().err
+    assert load_config(out / 'config.json').max_steps == 6
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
