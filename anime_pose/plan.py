@@ -475,13 +475,13 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     if not args.out: raise ConfigError('--out DIR is required to train (or pass --dry-run)')
     summary = train(config, args.out, resume=args.resume)
-    if PartialState().is_main_process and not summary['steps']:  # resumed at --max-steps: final/ from that checkpoint
+    if not PartialState().is_main_process: return 0
+    if not summary['steps']:  # resumed at --max-steps: final/ from that checkpoint
         print(f"nothing left to train: the run was at step {config.max_steps}; weights in {summary['final']}")
-    elif PartialState().is_main_process:
-        test = f", test loss {summary['test_loss']:.4g}" if summary['test_loss'] is not None else ''
-        print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s "
-              f"({summary['steps_per_second']:.2f} steps/s), "
-              f"train loss {summary['train_loss']:.4g}{test}; weights in {summary['final']}")
+        return 0
+    test = f", test loss {summary['test_loss']:.4g}" if summary['test_loss'] is not None else ''
+    print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s ({summary['steps_per_second']:.2f} steps/s), "
+          f"train loss {summary['train_loss']:.4g}{test}; weights in {summary['final']}")
     return 0
 
 # %% ../nbs/08c_plan.ipynb #670b99c1

@@ -589,7 +589,6 @@ def _build(method_class: type[TrainMethod], config: TrainConfig, accelerator, ou
 
 DAMAGE = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)  # how a truncated or corrupt file fails to load
 
-
 def _load_intact(method: TrainMethod, schedulers: dict, newest: Path) -> dict:
     "Load the newest checkpoint up to `newest` that loads whole, saying which damaged ones it passed over."
     candidates = [c for c in reversed(list_checkpoints(newest.parent)) if checkpoint_step(c) <= checkpoint_step(newest)]
