@@ -13,14 +13,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .controlnet import condition_tensor, controlled_prediction, controlnet_from_unet
+from diffusers import AutoencoderKL
+
+from .controlnet import condition_tensor, controlled_prediction, controlnet_from_unet, downsampling
 from .core import (AnimePoseError, add_output, add_threads, atomic_path, image_grid, load_image, tags_prompt,
                              use_threads)
 from .gan import load_gan
 from .metrics import (BOOTSTRAP, METRICS, LearnedMetrics, learned_scores, learned_truth, load_learned_metrics,
                                 score, score_real, summarize)
 from .parser import DETECTOR_HELP, SyntheticParser, load_detector, load_parser
-from .pipeline import (BATCH_SIZE, PoseTransferPipeline, add_batch_size, encode_images, model_drawing_defaults,
+from .pipeline import (BATCH_SIZE, PoseTransferPipeline, add_batch_size, decode_latents, encode_images,
+                                 model_drawing_defaults,
                                  reference_pose_from_image, sample_batches, stored_drawing_defaults,
                                  warped_reference_latents)
 from .warp import reads_warped_reference, warp_reference
@@ -31,11 +34,11 @@ from .tiny import encode_prompt, noise_scheduler
 from .train import held_out_split, load_config, plot_losses, training_triples
 
 # %% auto #0
-__all__ = ['METHODS', 'COLUMNS', 'LOWER_IS_BETTER', 'DECIMALS', 'PROBE_KEY', 'PROBE_REFERENCES', 'PROBE_HELP', 'TRIPLE_COLUMNS',
-           'pipeline_method', 'draw_triples', 'copy_reference', 'warp_method', 'gan_method', 'generate_images',
-           'evaluate_methods', 'metrics_table', 'probe_table', 'sample_grid', 'write_report', 'held_out_triples',
-           'saved_triples', 'build_methods', 'reference_probe', 'generation_speed', 'speed_table', 'evaluate_models',
-           'evaluate_cli']
+__all__ = ['METHODS', 'COLUMNS', 'LOWER_IS_BETTER', 'DECIMALS', 'CEILINGS', 'PROBE_KEY', 'PROBE_REFERENCES', 'PROBE_HELP',
+           'TRIPLE_COLUMNS', 'pipeline_method', 'draw_triples', 'copy_reference', 'warp_method', 'gan_method',
+           'vae_reconstruction', 'generate_images', 'evaluate_methods', 'metrics_table', 'probe_table', 'sample_grid',
+           'write_report', 'held_out_triples', 'saved_triples', 'build_methods', 'reference_probe', 'generation_speed',
+           'speed_table', 'evaluate_models', 'evaluate_cli']
 
 # %% ../nbs/09a_evaluate.ipynb #6089d487
 METHODS = ('copy_reference', 'warp_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose')
@@ -98,6 +101,25 @@ def gan_method(gan) -> callable:
     "A method drawing each triple with a `GanTransfer` (see `anime_pose.gan.load_gan`)."
     return lambda triple: gan.generate(triple['reference'], np.asarray(triple['pose'], np.float32))
 
+def vae_reconstruction(vae: AutoencoderKL, # a latent diffusion model's autoencoder
+                       batch_size: int = BATCH_SIZE, # targets encoded together by the method's `batch`
+                      ) -> callable:
+    "A method returning each triple's target encoded and decoded by `vae` (the mode of its latents)."
+    factor = downsampling(vae.config.block_out_channels)
+    def fitted(side: int) -> int: return max(factor, round(side / factor) * factor)  # a side the VAE maps back to itself
+    def batch(triples: list[dict]) -> list[Image.Image]:
+        targets = [load_image(triple['target']).convert('RGB') for triple in triples]
+        images = [None] * len(targets)
+        for width, height in dict.fromkeys(target.size for target in targets):
+            chosen = [i for i, target in enumerate(targets) if target.size == (width, height)]
+            inputs = [targets[i].resize((fitted(width), fitted(height)), Image.BICUBIC) for i in chosen]
+            with torch.no_grad(): decoded = decode_latents(vae, encode_images(vae, inputs))
+            for i, image in zip(chosen, decoded): images[i] = image.resize((width, height), Image.BICUBIC)
+        return images
+    def generate(triple: dict) -> Image.Image: return batch([triple])[0]
+    generate.batch, generate.batch_size = batch, batch_size
+    return generate
+
 # %% ../nbs/09a_evaluate.ipynb #3e9c7bef
 def generate_images(method, # a function from a triple to an image; with `batch` and `batch_size`, drawn in batches
                     rows: list[dict], # the triples
@@ -142,6 +164,7 @@ def evaluate_methods(methods: dict, # name -> function from a triple to an image
 COLUMNS = METRICS + ('detected', 'identity_cosine', 'reference_cosine', 'lpips', 'fid', 'kid')  # the table's order
 LOWER_IS_BETTER = {'identity_error', 'identity_parts_error', 'lpips', 'fid', 'kid'}
 DECIMALS = {'identity_error': 2, 'identity_parts_error': 2, 'psnr': 2, 'fid': 2, 'kid': 4}  # others: 3
+CEILINGS = ('ground_truth', 'vae_reconstruction')  # rows that bound the methods, never marked best
 PROBE_KEY = 'reference_probe'  # metrics.json's entry for `reference_probe`, beside the methods
 
 def _best(values: list[float], metric: str) -> float | None:
@@ -158,7 +181,7 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
     points = {name: {m: v for m, v in row.items() if not _is_bound(m, row)} for name, row in metrics.items()}
     found = {m for row in points.values() for m in row}
     columns = [m for m in COLUMNS if m in found] + sorted(found - set(COLUMNS))
-    best = {m: _best([points[k][m] for k in points if k != 'ground_truth' and m in points[k]], m) for m in columns}
+    best = {m: _best([points[k][m] for k in points if k not in CEILINGS and m in points[k]], m) for m in columns}
     header = ' | '.join(f"{m} {'↓' if m in LOWER_IS_BETTER else '↑'}" for m in columns)
     lines = [f'| method | {header} |', '|---' * (len(columns) + 1) + '|']
     for name, row in metrics.items():
@@ -166,7 +189,7 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
         for m in columns:
             if m not in row: cells.append('–'); continue
             value = lambda v: f'{v:.{DECIMALS.get(m, 3)}f}'
-            cell = f'**{value(row[m])}**' if name != 'ground_truth' and row[m] == best[m] else value(row[m])
+            cell = f'**{value(row[m])}**' if name not in CEILINGS and row[m] == best[m] else value(row[m])
             if f'{m}_low' in row: cell += f" [{value(row[f'{m}_low'])}, {value(row[f'{m}_high'])}]"
             cells.append(cell)
         lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
@@ -445,9 +468,11 @@ def evaluate_models(out: str | os.PathLike, # the report directory
         for note in not_used: print(f'not used: {note}', file=sys.stderr)
         for names, why in not_measured.items(): print(f'not measured: {names}: {why}', file=sys.stderr)
     methods = {'ground_truth': lambda triple: load_image(triple['target']),
+               'vae_reconstruction': vae_reconstruction(AutoencoderKL.from_pretrained(Path(pipeline) / 'vae',
+                                                                                      use_safetensors=True), batch_size),
                **build_methods(pipeline, gan, num_inference_steps, batch_size=batch_size)}
     metrics, images = evaluate_methods(methods, triples, parser, PART_LABELS, progress, detector, learned, intervals=True)
-    images.pop('ground_truth')
+    for name in CEILINGS: images.pop(name)
     reader = 'synthetic parser' if synthetic else 'pose detector'
     pose_columns = 'pck, oks and silhouette_iou' if synthetic else 'pck and oks'
     stored = stored_drawing_defaults(pipeline)
@@ -459,7 +484,8 @@ def evaluate_models(out: str | os.PathLike, # the report directory
     else: what = f'{len(triples)} held-out triples (the test split of the training data: characters no model saw)'
     notes = (f'{what}, '
              f'{num_inference_steps} denoising steps{drawing}. `ground_truth` scores the real targets: '
-             f'the ceiling the {reader} allows for {pose_columns}.\n\n'
+             f'the ceiling the {reader} allows for {pose_columns}; `vae_reconstruction` scores them encoded and decoded '
+             f'by the model\'s VAE: the most any drawing in its latent space can score.\n\n'
              f"Beside each value, its {BOOTSTRAP['level']:.0%} bootstrap interval over the triples "
              f"({BOOTSTRAP['resamples']} resamples, seed {BOOTSTRAP['seed']}, the same for every method)"
              f"{'; fid and kid compare whole sets and have none' if learned.inception is not None else ''}.\n")

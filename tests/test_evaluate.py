@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anime_pose.core import AnimePoseError
+from anime_pose.core import AnimePoseError, load_image
 from anime_pose.evaluate import evaluate_methods, metrics_table, write_report
 from anime_pose.metrics import METRICS, bootstrap_interval, identity_error, identity_parts_error, psnr, silhouette_iou, ssim
 from anime_pose.parser import SyntheticParser, _mirror, heatmap_keypoints, load_parser, parse
@@ -177,7 +177,7 @@ def test_retrain_follows_a_recipe_and_the_result_evaluates(tmp_path):
     config = override_config(TrainConfig(), small['anime_pose']['config'], 'test')
     metrics = evaluate_models(tmp_path / 'report', models['model'], config, models['gan'], models['parser'],
                               {'anime_pose': models['model']}, count=1, num_inference_steps=1, progress=False)
-    assert set(metrics) == {'ground_truth', 'copy_reference', 'warp_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose'}
+    assert set(metrics) == {'ground_truth', 'vae_reconstruction', 'copy_reference', 'warp_reference', 'pose_only', 'reference_only', 'gan', 'anime_pose'}
 
 
 # --- learned metrics (LPIPS, FID, KID, embeddings), real data without masks, and their CLI paths ---
@@ -334,6 +334,25 @@ def test_detector_directories(tmp_path):
     with pytest.raises(AnimePoseError, match='body_pose_model.pth'): load_detector(tmp_path)  # OpenPose weights missing
 
 
+def test_vae_reconstruction_rebuilds_targets_of_any_size_and_is_never_marked_best():
+    "The bundled VAE gives back a held-out target far closer than A's reference is, at the target's own size."
+    from anime_pose.core import bundled_path
+    from anime_pose.evaluate import CEILINGS, vae_reconstruction
+    from diffusers import AutoencoderKL
+    rebuild = vae_reconstruction(AutoencoderKL.from_pretrained(bundled_path('model') / 'vae'), batch_size=2)
+    rows = list(synthetic_dataset(3, 2, 64, seed=11, progress=False)['test'])
+    odd = dict(rows[0], target=load_image(rows[0]['target']).resize((70, 50)))  # not a multiple of the VAE's factor
+    images = rebuild.batch([*rows, odd])
+    assert [image.size for image in images] == [(64, 64)] * len(rows) + [(70, 50)]
+    error = lambda image, row: np.abs(np.asarray(image, np.float32) - np.asarray(load_image(row['target']).convert('RGB'), np.float32)).mean()
+    for image, row in zip(images, rows):
+        assert error(image, row) < error(load_image(row['reference']).convert('RGB'), row) / 3
+    single = np.asarray(rebuild(rows[1]), np.int16)  # one at a time as in a batch (to the rounding of a sum)
+    assert np.abs(single - np.asarray(images[1], np.int16)).max() <= 1
+    table = metrics_table({'vae_reconstruction': dict(ssim=0.9), 'a': dict(ssim=0.5)})
+    assert 'vae_reconstruction' in CEILINGS and '| vae_reconstruction | 0.900 |' in table and '| a | **0.500** |' in table
+
+
 def test_metrics_table_copes_with_missing_and_extra_columns():
     table = metrics_table({'ground_truth': dict(ssim=1.0, psnr=float('inf'), fid=0.0),
                            'a': dict(ssim=0.5, psnr=20.0, fid=30.0, kid=0.01), 'b': dict(ssim=0.6, psnr=float('nan'), fid=40.0)})
@@ -371,7 +390,7 @@ def test_evaluate_cli_on_real_data_without_weights_says_what_is_not_measured(rea
     assert f'not measured: fid, kid: {FID_HELP}' in err and 'not measured: pck, oks: needs a pose detector; pass --detector DIR' in err
     assert 'not used: --parser: triples without part masks are scored by the pose detector' in err
     metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
-    assert set(metrics) == {'ground_truth', 'copy_reference', 'warp_reference', 'pose_only', 'reference_only', 'anime_pose'}
+    assert set(metrics) == {'ground_truth', 'vae_reconstruction', 'copy_reference', 'warp_reference', 'pose_only', 'reference_only', 'anime_pose'}
     assert all(set(_points(row)) == {'ssim', 'psnr'} for row in metrics.values())
     report = (tmp_path / 'report' / 'report.md').read_text()
     assert '## Not measured' in report and '- lpips: needs LPIPS weights' in report and 'the ceiling the pose detector allows' in report
@@ -569,7 +588,7 @@ def test_evaluate_cli_scores_another_datasets_whole_split_with_intervals_and_the
     assert 'reference-information probe' in capsys.readouterr().out
     metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
     probe = metrics.pop('reference_probe')
-    assert set(metrics) == {'ground_truth', 'copy_reference', 'warp_reference', 'pose_only', 'reference_only', 'anime_pose'}
+    assert set(metrics) == {'ground_truth', 'vae_reconstruction', 'copy_reference', 'warp_reference', 'pose_only', 'reference_only', 'anime_pose'}
     for name, row in metrics.items():
         assert list(_points(row)) == list(METRICS)
         for metric in METRICS:
