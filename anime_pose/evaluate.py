@@ -8,12 +8,11 @@ import argparse, copy, json, os, statistics, sys, time
 from pathlib import Path
 
 import datasets
+from diffusers import AutoencoderKL
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-
-from diffusers import AutoencoderKL
 
 from .controlnet import condition_tensor, controlled_prediction, controlnet_from_unet, downsampling
 from .core import (AnimePoseError, add_output, add_threads, atomic_path, image_grid, load_image, tags_prompt,
@@ -23,9 +22,8 @@ from .metrics import (BOOTSTRAP, METRICS, LearnedMetrics, learned_scores, learne
                                 score, score_real, summarize)
 from .parser import DETECTOR_HELP, SyntheticParser, load_detector, load_parser
 from .pipeline import (BATCH_SIZE, PoseTransferPipeline, add_batch_size, decode_latents, encode_images,
-                                 model_drawing_defaults,
-                                 reference_pose_from_image, sample_batches, stored_drawing_defaults,
-                                 warped_reference_latents)
+                                 model_drawing_defaults, reference_pose_from_image, sample_batches,
+                                 stored_drawing_defaults, warped_reference_latents)
 from .warp import reads_warped_reference, warp_reference
 from .pose import Pose, PoseDetector
 from .reference import ReferenceAttention
@@ -485,7 +483,7 @@ def evaluate_models(out: str | os.PathLike, # the report directory
     notes = (f'{what}, '
              f'{num_inference_steps} denoising steps{drawing}. `ground_truth` scores the real targets: '
              f'the ceiling the {reader} allows for {pose_columns}; `vae_reconstruction` scores them encoded and decoded '
-             f'by the model\'s VAE: the most any drawing in its latent space can score.\n\n'
+             f'by the model\'s VAE: the ceiling of its latent space.\n\n'
              f"Beside each value, its {BOOTSTRAP['level']:.0%} bootstrap interval over the triples "
              f"({BOOTSTRAP['resamples']} resamples, seed {BOOTSTRAP['seed']}, the same for every method)"
              f"{'; fid and kid compare whole sets and have none' if learned.inception is not None else ''}.\n")
