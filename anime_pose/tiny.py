@@ -151,7 +151,7 @@ def subject_weights(images: torch.Tensor, # (n, 3, h, w) in [-1, 1]
 
 def _pretrain_vae(vae, images: torch.Tensor, steps: int, batch_size: int, generator: torch.Generator,
                   bar) -> torch.Tensor:
-    "Teach `vae` to reconstruct `images` (L1 weighted to the subject, a touch of KL); set its scaling factor; return their scaled latents."
+    "Teach `vae` to reconstruct `images` (subject-weighted L1, a touch of KL); return their latents, scaled to unit variance."
     vae.train(); optimizer, schedule = _one_cycle(vae.parameters(), 3e-3, steps)
     weights = subject_weights(images)
     for _ in range(steps):
