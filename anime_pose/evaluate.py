@@ -290,14 +290,14 @@ def saved_triples(path: str | os.PathLike, # a DatasetDict saved with `save_to_d
     return held.select(range(min(count, len(held)))) if count else held
 
 # %% ../nbs/09a_evaluate.ipynb #9f5b6f3e
-def build_methods(pipeline: str | os.PathLike, # a saved `PoseTransferPipeline` (a training run's final/)
+def build_methods(pipeline, # a `PoseTransferPipeline`, or the directory of a saved one (a training run's final/)
                   gan: str | os.PathLike | None = None, # a GAN run or generator directory; None leaves the GAN out
                   num_inference_steps: int = 20,
                   seed: int = 0,
                   batch_size: int = BATCH_SIZE, # triples the pipeline methods draw together
                  ) -> dict:
     "The methods of `METHODS` that these models make."
-    trained = PoseTransferPipeline.from_pretrained(pipeline)
+    trained = pipeline if isinstance(pipeline, PoseTransferPipeline) else PoseTransferPipeline.from_pretrained(pipeline)
     untrained_controlnet = controlnet_from_unet(trained.unet, vae_scale_factor=trained.vae_scale_factor)
     unet = trained.unet
     if reads_warped_reference(unet, trained.vae.config.latent_channels):  # its warp input closed: attention alone
@@ -465,10 +465,10 @@ def evaluate_models(out: str | os.PathLike, # the report directory
     if progress:
         for note in not_used: print(f'not used: {note}', file=sys.stderr)
         for names, why in not_measured.items(): print(f'not measured: {names}: {why}', file=sys.stderr)
+    trained = PoseTransferPipeline.from_pretrained(pipeline)  # loaded once: its methods, its VAE's ceiling, the probe
     methods = {'ground_truth': lambda triple: load_image(triple['target']),
-               'vae_reconstruction': vae_reconstruction(AutoencoderKL.from_pretrained(Path(pipeline) / 'vae',
-                                                                                      use_safetensors=True), batch_size),
-               **build_methods(pipeline, gan, num_inference_steps, batch_size=batch_size)}
+               'vae_reconstruction': vae_reconstruction(trained.vae, batch_size),
+               **build_methods(trained, gan, num_inference_steps, batch_size=batch_size)}
     metrics, images = evaluate_methods(methods, triples, parser, PART_LABELS, progress, detector, learned, intervals=True)
     for name in CEILINGS: images.pop(name)
     reader = 'synthetic parser' if synthetic else 'pose detector'
@@ -489,7 +489,7 @@ def evaluate_models(out: str | os.PathLike, # the report directory
              f"{'; fid and kid compare whole sets and have none' if learned.inception is not None else ''}.\n")
     found = None
     if probe:
-        found = reference_probe(PoseTransferPipeline.from_pretrained(pipeline), triples, probe_draws, batch_size=batch_size)
+        found = reference_probe(trained, triples, probe_draws, batch_size=batch_size)
         found = {**found, 'triples': len(triples), 'draws': probe_draws}
     write_report(out, metrics, triples, images, curves, notes, not_measured, found)
     return {**metrics, PROBE_KEY: found} if found else metrics

@@ -356,7 +356,9 @@ def _optimizer_state(tensors: dict, meta: dict) -> dict:
 # %% ../nbs/08_train.ipynb #b27b8ce9
 CHECKPOINT_PATTERN = re.compile(r'checkpoint-(\d+)$')
 
-def checkpoint_step(path: str | os.PathLike) -> int: return int(CHECKPOINT_PATTERN.search(Path(path).name).group(1))
+def checkpoint_step(path: str | os.PathLike) -> int:
+    "The optimizer step a checkpoint directory was written at: 1000 for `checkpoint-1000`."
+    return int(CHECKPOINT_PATTERN.search(Path(path).name).group(1))
 
 def list_checkpoints(out: str | os.PathLike) -> list[Path]:
     "The complete checkpoints under run directory `out`, oldest first."
