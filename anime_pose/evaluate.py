@@ -290,7 +290,7 @@ def saved_triples(path: str | os.PathLike, # a DatasetDict saved with `save_to_d
     return held.select(range(min(count, len(held)))) if count else held
 
 # %% ../nbs/09a_evaluate.ipynb #9f5b6f3e
-def build_methods(pipeline, # a `PoseTransferPipeline`, or the directory of a saved one (a training run's final/)
+def build_methods(pipeline: PoseTransferPipeline | str | os.PathLike, # a pipeline, or a saved one's directory (a run's final/)
                   gan: str | os.PathLike | None = None, # a GAN run or generator directory; None leaves the GAN out
                   num_inference_steps: int = 20,
                   seed: int = 0,
