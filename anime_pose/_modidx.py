@@ -410,6 +410,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/anime_pose', 'doc_host': '
                                                                                  'anime_pose/finetune.py'),
                                      'anime_pose.finetune.build_cache': ('finetune.html#build_cache', 'anime_pose/finetune.py'),
                                      'anime_pose.finetune.cache_features': ('finetune.html#cache_features', 'anime_pose/finetune.py'),
+                                     'anime_pose.finetune.latent_subject_weights': ( 'finetune.html#latent_subject_weights',
+                                                                                     'anime_pose/finetune.py'),
                                      'anime_pose.finetune.load_base': ('finetune.html#load_base', 'anime_pose/finetune.py'),
                                      'anime_pose.finetune.min_snr_weights': ('finetune.html#min_snr_weights', 'anime_pose/finetune.py'),
                                      'anime_pose.finetune.reference_poses': ('finetune.html#reference_poses', 'anime_pose/finetune.py'),

@@ -270,12 +270,17 @@ def prediction_loss(prediction: torch.Tensor, # the denoiser's output: ε or v, 
                     kind: str = 'l2', # 'l1', 'l2' or 'huber'
                     huber_delta: float = 0.1, # where Huber's loss turns from squared to absolute
                     weights: torch.Tensor | None = None, # one per sample (e.g. min-SNR-γ), or None
+                    pixel_weights: torch.Tensor | None = None, # broadcastable to `prediction` (e.g. N×1×h×w): each
+                                                               # element's weight, a sample's scaled to mean 1; or None
                    ) -> torch.Tensor:
     "The mean over samples of the per-sample `kind` loss, weighted by `weights` when given: the one loss training uses."
     prediction, target = prediction.float(), target.float()
     if _check_choice('loss', kind, LOSSES) == 'l1': per_element = F.l1_loss(prediction, target, reduction='none')
     elif kind == 'huber': per_element = F.huber_loss(prediction, target, reduction='none', delta=huber_delta)
     else: per_element = F.mse_loss(prediction, target, reduction='none')
+    if pixel_weights is not None:  # scaled to mean 1 per sample: they move the loss between elements, not its size
+        pixel_weights = pixel_weights.float()
+        per_element = per_element * pixel_weights / pixel_weights.mean(dim=tuple(range(1, pixel_weights.ndim)), keepdim=True)
     per_sample = per_element.mean(dim=tuple(range(1, per_element.ndim)))
     return (per_sample * weights).mean() if weights is not None else per_sample.mean()
 

@@ -21,15 +21,15 @@ from .single_file import is_single_file, load_single_file_components
 from .reference import ReferenceAttention, add_reference_lora, make_reference_net, reference_input
 from .warp import reads_warped_reference, widen_input
 from .parser import load_detector
-from .tiny import TINY_SHAPES, encode_prompt, noise_scheduler, pretrain_tiny_base
+from .tiny import TINY_SHAPES, encode_prompt, noise_scheduler, pretrain_tiny_base, subject_weights
 from .pipeline import (PoseTransferPipeline, check_model_dir, encode_images, reference_pose_from_image,
                                  warped_reference_latents)
 from .train import (PRESETS, WEIGHT_DTYPES, ConfigError, TrainConfig, TrainMethod, held_out_split,
                               make_optimizer, register_method, training_triples)
 
 # %% auto #0
-__all__ = ['IN_MEMORY_CACHE_BYTES', 'load_base', 'cache_features', 'reference_poses', 'squashed_warps', 'build_cache',
-           'min_snr_weights', 'DiffusionMethod']
+__all__ = ['IN_MEMORY_CACHE_BYTES', 'load_base', 'cache_features', 'reference_poses', 'squashed_warps', 'latent_subject_weights',
+           'build_cache', 'min_snr_weights', 'DiffusionMethod']
 
 # %% ../nbs/08a_finetune.ipynb #52ca1281
 def load_base(config: TrainConfig, out: Path, triples=None, progress: bool = True) -> dict:
@@ -72,12 +72,14 @@ def _wait_for_everyone():
 def cache_features(resolution: int, latent_channels: int, text_shape: tuple[int, int],
                    vae_scale_factor: int = 8, # pixels per latent
                    warped: bool = False, # also the latents of the reference warped to the target pose
+                   subject: bool = False, # also each target's loss weights per latent pixel (`latent_subject_weights`)
                   ):
     "The `datasets.Features` of a cache: latents, text embeddings and skeletons of each triple."
     import datasets
     side = resolution // vae_scale_factor
     return datasets.Features({
         **({'warped_latents': datasets.Array3D((latent_channels, side, side), 'float32')} if warped else {}),
+        **({'subject_weights': datasets.Array3D((1, side, side), 'float32')} if subject else {}),
         'target_latents': datasets.Array3D((latent_channels, side, side), 'float32'),
         'reference_latents': datasets.Array3D((latent_channels, side, side), 'float32'),
         'text': datasets.Array2D(tuple(text_shape), 'float16'),  # half precision halves the largest column
@@ -104,10 +106,18 @@ def squashed_warps(vae, # the VAE the warps are encoded with
     return warped_reference_latents(vae, references, [square(k) for k in reference_keypoints],
                                     [square(k) for k in target_keypoints]).float()
 
+def latent_subject_weights(images: torch.Tensor, # targets, (n, 3, h, w) in [-1, 1]
+                           weight: float, # of the character's pixels, against 1 for the background
+                           factor: int, # pixels per latent pixel
+                          ) -> torch.Tensor:
+    "Loss weights per latent pixel, (n, 1, h / factor, w / factor): `subject_weights` averaged over each one's pixels."
+    return nn.functional.avg_pool2d(subject_weights(images, weight), factor)
+
 def build_cache(split, # a `datasets.Dataset` of triples
                 components: dict, # vae, text_encoder, tokenizer
                 resolution: int, directory: Path, batch_size: int = 16, progress: bool = True,
                 warped: bool = False, # also cache the latents of each reference warped onto its target pose
+                subject_weight: float = 1.0, # not 1: also cache each target's `latent_subject_weights`
                ):
     "Encode every triple of `split` once into a memory-mapped `datasets.Dataset` saved at `directory` (or reuse it)."
     import datasets
@@ -117,7 +127,7 @@ def build_cache(split, # a `datasets.Dataset` of triples
     vae, text_encoder, tokenizer = components['vae'], components['text_encoder'], components['tokenizer']
     features = cache_features(resolution, vae.config.latent_channels,
                               (tokenizer.model_max_length, text_encoder.config.hidden_size),
-                              downsampling(vae.config.block_out_channels), warped)
+                              downsampling(vae.config.block_out_channels), warped, subject_weight != 1)
     poses = reference_poses(split, progress) if warped else None
     def rows():
         for start in tqdm(range(0, len(split), batch_size), desc=f'caching {directory.name}', unit='batch',
@@ -130,10 +140,14 @@ def build_cache(split, # a `datasets.Dataset` of triples
             target_latents, reference_latents = encode_images(vae, targets), encode_images(vae, references)
             text = encode_prompt(tokenizer, text_encoder, [tags_prompt(t) for t in batch['tags']], vae.device).half()
             if warped: warped_latents = squashed_warps(vae, references, poses[start:start + batch_size], batch['pose'], resolution)
+            if subject_weight != 1:
+                weights = latent_subject_weights(images_to_tensor(targets, None), subject_weight,
+                                                 downsampling(vae.config.block_out_channels))
             for i, keypoints in enumerate(batch['pose']):
                 pose = Pose(np.asarray(keypoints, np.float32), resolution, resolution)
                 skeleton = np.asarray(pose.skeleton_image(resolution, resolution))
                 yield dict(**({'warped_latents': warped_latents[i].float().cpu().numpy()} if warped else {}),
+                           **({'subject_weights': weights[i].numpy()} if subject_weight != 1 else {}),
                            target_latents=target_latents[i].float().cpu().numpy(),
                            reference_latents=reference_latents[i].float().cpu().numpy(),
                            text=text[i].cpu().numpy(), skeleton=skeleton)
@@ -155,6 +169,7 @@ def _cache_key(config: TrainConfig) -> str:
     import hashlib
     depends_on = [config.base_model, config.data, config.resolution, config.synthetic_characters]
     if config.warped_reference: depends_on.append('warped')  # (keys of caches without it stay as they were)
+    if config.subject_weight != 1: depends_on.append(['subject', config.subject_weight])
     return hashlib.sha1(json.dumps(depends_on).encode()).hexdigest()[:10]
 
 IN_MEMORY_CACHE_BYTES = 2 * 2**30  # caches up to this size are read into memory; larger ones stay memory-mapped
@@ -230,7 +245,7 @@ class DiffusionMethod(TrainMethod):
         if self.accelerator.is_main_process:
             for split, triples in self.triples.items():
                 build_cache(triples, self.modules_for_cache(), self.config.resolution, out / 'cache' / f'{split}-{key}',
-                            progress=True, warped=self.warped)
+                            progress=True, warped=self.warped, subject_weight=self.config.subject_weight)
         self.accelerator.wait_for_everyone()
         import datasets
         for split in self.triples:
@@ -251,6 +266,7 @@ class DiffusionMethod(TrainMethod):
                 else self.data[split][indices])
         if self.config.cache:
             return dict(**({'warped_latents': rows['warped_latents'].to(device)} if self.warped else {}),
+                        **({'subject_weights': rows['subject_weights'].to(device)} if 'subject_weights' in rows else {}),
                         target_latents=rows['target_latents'].to(device),
                         reference_latents=rows['reference_latents'].to(device),
                         text=rows['text'].to(device, torch.float32),
@@ -262,7 +278,11 @@ class DiffusionMethod(TrainMethod):
             references = [load_image(i).resize((size, size), Image.BICUBIC) for i in rows['reference']]
             sources = [self.reference_keypoints[split][i] for i in indices]
             warped['warped_latents'] = squashed_warps(self.vae, references, sources, rows['pose'], size).to(device)
-        return dict(**warped, target=images_to_tensor(rows['target'], size).to(device),
+        target = images_to_tensor(rows['target'], size).to(device)
+        if self.config.subject_weight != 1:
+            warped['subject_weights'] = latent_subject_weights(target, self.config.subject_weight,
+                                                               downsampling(self.vae.config.block_out_channels))
+        return dict(**warped, target=target,
                     reference=images_to_tensor(rows['reference'], size).to(device),
                     prompts=[tags_prompt(t) for t in rows['tags']],
                     condition=torch.from_numpy(np.stack(skeletons)).to(device).permute(0, 3, 1, 2).float() / 255)
@@ -305,7 +325,7 @@ class DiffusionMethod(TrainMethod):
         if not config.use_reference:
             prediction = controlled_prediction(self.unet, self.controlnet, noisy.to(dtype), timesteps, text.to(dtype),
                                                batch['condition'].to(dtype))
-            return prediction_loss(prediction, target, config.loss, config.huber_delta, weights)
+            return prediction_loss(prediction, target, config.loss, config.huber_delta, weights, batch.get('subject_weights'))
         writer = self.accelerator.unwrap_model(self.reference_net) if self.reference_net is not None else None
         keep_in_graph = None
         reference = self._reference_path(writer)
@@ -323,7 +343,7 @@ class DiffusionMethod(TrainMethod):
                 prediction = controlled_prediction(self.unet, self.controlnet, noisy.to(dtype), timesteps,
                                                    text.to(dtype), batch['condition'].to(dtype))
         finally: reference.state.clear()  # this step's reference features
-        loss = prediction_loss(prediction, target, config.loss, config.huber_delta, weights)
+        loss = prediction_loss(prediction, target, config.loss, config.huber_delta, weights, batch.get('subject_weights'))
         return loss + 0 * keep_in_graph.float().mean() if keep_in_graph is not None else loss
 
     def _reference_path(self, writer) -> ReferenceAttention:

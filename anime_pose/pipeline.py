@@ -355,7 +355,8 @@ DIFFUSERS_ENTRY = '# Lets diffusers find the class that loads this folder:\n' \
     'from anime_pose.pipeline import PoseTransferPipeline  # pip install anime_pose\n'
 SAVED_README = """# anime_pose pose-transfer model
 
-A `PoseTransferPipeline` (the `anime_pose` package): Stable Diffusion + a pose ControlNet + reference attention.
+A `PoseTransferPipeline` (the `anime_pose` package): Stable Diffusion + a pose ControlNet + a reference path (the reference
+warped onto the pose as extra input channels, and/or reference attention).
 Load it with any of:
 
 ```python

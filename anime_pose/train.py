@@ -56,6 +56,9 @@ class TrainConfig:
     loss: str = 'l2'  # one of LOSSES
     huber_delta: float = 0.1  # where the Huber loss turns from quadratic to linear
     min_snr_gamma: float = 0.0  # min-SNR weighting (Hang et al. 2023, γ=5 is usual); 0 turns it off
+    # the denoising loss where the character is, times this against 1 for the background (07_tiny's `subject_weights`,
+    # averaged over each latent pixel); 1: every latent pixel alike
+    subject_weight: float = 1.0
     train_controlnet: bool = True
     train_reference: bool = True
     train_unet: bool = False  # fine-tune the denoising UNet too, so it learns to read the reference (issue 22's (a))
@@ -111,6 +114,7 @@ def _check_config(config: TrainConfig, source: str = 'config') -> TrainConfig:
     if not 0 <= config.conditioning_dropout <= 1: bad('conditioning_dropout', 'a probability in [0, 1]')
     if not 0 <= config.ema_decay < 1: bad('ema_decay', 'zero (off) or a decay in (0, 1) such as 0.999')
     if config.min_snr_gamma < 0: bad('min_snr_gamma', 'zero (off) or a positive number such as 5')
+    if not config.subject_weight >= 1: bad('subject_weight', '1 (every pixel alike) or more, such as 4')
     return config
 
 # %% ../nbs/08_train.ipynb #50ea5575

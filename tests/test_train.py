@@ -362,6 +362,28 @@ def test_warped_training_reads_the_same_warps_with_and_without_a_cache(tmp_path)
     torch.testing.assert_close(warps[0], warps[1], atol=1e-4, rtol=1e-4)
 
 
+def test_subject_weighted_loss_reads_the_same_weights_with_and_without_a_cache(tmp_path):
+    "subject_weight caches each target's latent weights (a cache of its own) and the uncached path computes the same."
+    from accelerate import Accelerator
+    from anime_pose.finetune import DiffusionMethod, _cache_key
+    weights = []
+    for cache in (True, False):
+        method = DiffusionMethod(tiny_diffusion(subject_weight=4.0, cache=cache), Accelerator(cpu=True))
+        method.out = tmp_path / f'cache-{cache}'
+        method.build()
+        batch = method.get_batch('train', [0, 1])
+        assert batch['subject_weights'].shape == (2, 1, 8, 8)
+        assert batch['subject_weights'].min() == 1 and 2 < batch['subject_weights'].max() <= 4  # background; mostly character
+        assert torch.isfinite(method.training_step(batch))
+        weights.append(batch['subject_weights'])
+    torch.testing.assert_close(weights[0], weights[1])
+    assert _cache_key(tiny_diffusion(subject_weight=4.0)) not in (_cache_key(tiny_diffusion()), _cache_key(tiny_diffusion(subject_weight=2.0)))
+    plain = DiffusionMethod(tiny_diffusion(), Accelerator(cpu=True))
+    plain.out = tmp_path / 'plain'
+    plain.build()
+    assert 'subject_weights' not in plain.get_batch('train', [0, 1])
+
+
 def test_the_denoiser_has_its_own_learning_rate():
     from anime_pose.finetune import DiffusionMethod
     method = DiffusionMethod(tiny_diffusion(train_unet=True, learning_rate=1e-3, unet_learning_rate=1e-5), accelerator=None)
