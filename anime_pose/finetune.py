@@ -273,16 +273,16 @@ class DiffusionMethod(TrainMethod):
                         condition=rows['skeleton'].to(device).permute(0, 3, 1, 2).float() / 255)
         skeletons = [np.asarray(Pose(np.asarray(k, np.float32), size, size).skeleton_image(size, size))
                      for k in rows['pose']]
-        warped = {}
+        extra = {}  # the warps and the loss weights, where the run uses them
         if self.warped:
             references = [load_image(i).resize((size, size), Image.BICUBIC) for i in rows['reference']]
             sources = [self.reference_keypoints[split][i] for i in indices]
-            warped['warped_latents'] = squashed_warps(self.vae, references, sources, rows['pose'], size).to(device)
+            extra['warped_latents'] = squashed_warps(self.vae, references, sources, rows['pose'], size).to(device)
         target = images_to_tensor(rows['target'], size).to(device)
         if self.config.subject_weight != 1:
-            warped['subject_weights'] = latent_subject_weights(target, self.config.subject_weight,
-                                                               downsampling(self.vae.config.block_out_channels))
-        return dict(**warped, target=target,
+            extra['subject_weights'] = latent_subject_weights(target, self.config.subject_weight,
+                                                              downsampling(self.vae.config.block_out_channels))
+        return dict(**extra, target=target,
                     reference=images_to_tensor(rows['reference'], size).to(device),
                     prompts=[tags_prompt(t) for t in rows['tags']],
                     condition=torch.from_numpy(np.stack(skeletons)).to(device).permute(0, 3, 1, 2).float() / 255)
