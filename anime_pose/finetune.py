@@ -125,9 +125,9 @@ def build_cache(split, # a `datasets.Dataset` of triples
     directory = Path(directory)
     if (directory / 'dataset_info.json').exists(): return datasets.load_from_disk(str(directory))
     vae, text_encoder, tokenizer = components['vae'], components['text_encoder'], components['tokenizer']
+    factor = downsampling(vae.config.block_out_channels)
     features = cache_features(resolution, vae.config.latent_channels,
-                              (tokenizer.model_max_length, text_encoder.config.hidden_size),
-                              downsampling(vae.config.block_out_channels), warped, subject_weight != 1)
+                              (tokenizer.model_max_length, text_encoder.config.hidden_size), factor, warped, subject_weight != 1)
     poses = reference_poses(split, progress) if warped else None
     def rows():
         for start in tqdm(range(0, len(split), batch_size), desc=f'caching {directory.name}', unit='batch',
@@ -141,8 +141,7 @@ def build_cache(split, # a `datasets.Dataset` of triples
             text = encode_prompt(tokenizer, text_encoder, [tags_prompt(t) for t in batch['tags']], vae.device).half()
             if warped: warped_latents = squashed_warps(vae, references, poses[start:start + batch_size], batch['pose'], resolution)
             if subject_weight != 1:
-                weights = latent_subject_weights(images_to_tensor(targets, None), subject_weight,
-                                                 downsampling(vae.config.block_out_channels))
+                weights = latent_subject_weights(images_to_tensor(targets, None), subject_weight, factor)
             for i, keypoints in enumerate(batch['pose']):
                 pose = Pose(np.asarray(keypoints, np.float32), resolution, resolution)
                 skeleton = np.asarray(pose.skeleton_image(resolution, resolution))

@@ -34,10 +34,6 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, UniPCMultistepScheduler
 
-import anime_pose.evaluate as evaluate_module
-import anime_pose.finetune as finetune_module
-import anime_pose.pipeline as pipeline_module
-from anime_pose.controlnet import controlled_prediction
 from anime_pose.evaluate import evaluate_methods, pipeline_method, reference_probe, saved_triples
 from anime_pose.finetune import DiffusionMethod, load_base
 from anime_pose.parser import load_parser
@@ -55,19 +51,26 @@ def recipe_config(**changes) -> TrainConfig:
     return TrainConfig(**{**recipe['anime_pose']['config'], **changes})
 
 
-def read_warp_below(tau: int):
-    "Make every ControlNet call (training, drawing, probe) see the warp's channels only at timesteps below `tau`."
-    def gated(unet, controlnet, latents, timesteps, text, condition=None, conditioning_scale=1.0):
-        if controlnet is None or condition is None or conditioning_scale == 0:
-            return controlled_prediction(unet, controlnet, latents, timesteps, text, condition, conditioning_scale)
-        channels = unet.config.in_channels // 2
-        seen = (torch.as_tensor(timesteps, device=latents.device).reshape(-1) < tau).to(latents.dtype)
-        down, mid = controlnet(torch.cat([latents[:, :channels], latents[:, channels:] * seen.reshape(-1, 1, 1, 1)], 1),
-                               timesteps, encoder_hidden_states=text, controlnet_cond=condition.to(latents),
-                               conditioning_scale=conditioning_scale, return_dict=False)
-        return unet(latents, timesteps, encoder_hidden_states=text, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid).sample
-    for module in (finetune_module, pipeline_module, evaluate_module): module.controlled_prediction = gated
+def zero_warp_where(model, # a UNet or ControlNet reading the warp after the noisy latents (twice the latent channels)
+                    zeroed, # f(sample, timestep) -> (n,) bool: the samples whose warp channels are zeroed
+                   ):
+    "Hook `model` so that it reads zeros for the warp of the samples `zeroed` names; returns the hook's handle."
+    channels = model.config.in_channels // 2
+    def hook(module, args, kwargs):
+        sample, timestep = args[0], args[1]
+        keep = 1 - zeroed(sample, timestep).to(sample.dtype).reshape(-1, 1, 1, 1)
+        return (torch.cat([sample[:, :channels], sample[:, channels:] * keep], 1), timestep, *args[2:]), kwargs
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def warp_at_or_above(tau: int):
+    "`zeroed` for `zero_warp_where`: the samples at timesteps >= `tau` (the ControlNet then reads the warp only below)."
+    return lambda sample, timestep: torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(len(sample)) >= tau
+
+
+def negative_branch(sample, timestep):
+    "`zeroed` for `zero_warp_where`: the first half of a guided batch (the pipeline puts the negative branch first)."
+    return torch.arange(len(sample), device=sample.device) < len(sample) // 2
 
 
 class StochasticBelow(DDIMScheduler):
@@ -75,22 +78,6 @@ class StochasticBelow(DDIMScheduler):
     below = 1000
     def step(self, model_output, timestep, sample, eta=0.0, **kwargs):
         return super().step(model_output, timestep, sample, eta=eta if int(timestep) < self.below else 0.0, **kwargs)
-
-
-def amplify_warp():
-    "Classifier-free guidance whose negative branch also draws without the warp (zeros) instead of with it."
-    denoise = PoseTransferPipeline._denoise
-    def _denoise(self, noise, condition, text, reference_path, warped, *args, **kwargs):
-        if warped is None: return denoise(self, noise, condition, text, reference_path, warped, *args, **kwargs)
-        concatenate = torch.cat
-        def cat(tensors, dim=0):  # `_denoise` doubles the warp for the two branches: zeros in the negative one
-            if dim == 0 and len(tensors) == 2 and tensors[0] is warped and tensors[1] is warped:
-                return concatenate([torch.zeros_like(warped), warped])
-            return concatenate(tensors, dim)
-        torch.cat = cat
-        try: return denoise(self, noise, condition, text, reference_path, warped, *args, **kwargs)
-        finally: torch.cat = concatenate
-    PoseTransferPipeline._denoise = _denoise
 
 
 def build_base(args):
@@ -102,7 +89,6 @@ def build_base(args):
 def train_trial(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.warp_below is not None: read_warp_below(args.warp_below)
     # the seventh round's recipe (reference net on, every latent pixel alike) unless a flag says otherwise; the recipe
     # now bundled is `--no-reference-net --subject-weight 4 --steps 4200`
     changes = dict(max_steps=args.steps, use_reference=not args.no_reference_net, train_reference=not args.no_reference_net,
@@ -111,15 +97,19 @@ def train_trial(args):
     if out.exists(): sys.exit(f'{out} exists: give a new directory')
     out.mkdir(parents=True)
     shutil.copytree(Path(args.base) / 'base', out / 'base')  # the base is loaded from the run's own base/
-    summary = train(recipe_config(**changes), out, method=DiffusionMethod)
+    class Trial(DiffusionMethod):
+        def build(self):
+            super().build()
+            if args.warp_below is not None: zero_warp_where(self.controlnet, warp_at_or_above(args.warp_below))
+    summary = train(recipe_config(**changes), out, method=Trial)
     print({k: v for k, v in summary.items() if k != 'final'}, summary['final'])
 
 
 def score(args):
     torch.set_num_threads(args.threads)
-    if args.warp_below is not None: read_warp_below(args.warp_below)
-    if args.warp_guidance: amplify_warp()
     pipe = PoseTransferPipeline.from_pretrained(args.model)
+    if args.warp_below is not None: zero_warp_where(pipe.controlnet, warp_at_or_above(args.warp_below))
+    guidance = [zero_warp_where(model, negative_branch) for model in (pipe.unet, pipe.controlnet)] if args.warp_guidance else []
     scheduler = SCHEDULERS[args.scheduler]
     if args.eta_below is not None: scheduler = type('StochasticBelow', (StochasticBelow,), {'below': args.eta_below})
     pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
@@ -132,6 +122,7 @@ def score(args):
     print(f"{args.model} ({len(rows)} triples): identity {m['identity_error']:.2f} [{m['identity_error_low']:.2f}, "
           f"{m['identity_error_high']:.2f}], parts {m['identity_parts_error']:.2f}, PCK {m['pck']:.3f} [{m['pck_low']:.3f}, "
           f"{m['pck_high']:.3f}], OKS {m['oks']:.3f}, SSIM {m['ssim']:.3f}, PSNR {m['psnr']:.2f}", flush=True)
+    for handle in guidance: handle.remove()  # the probe draws unguided
     if args.probe: print('probe (test eps-MSE):', {k: round(v, 4) for k, v in reference_probe(pipe, rows).items()})
 
 
